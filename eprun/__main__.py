@@ -1,0 +1,3 @@
+from eprun.cli import main
+
+main()

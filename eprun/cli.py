@@ -1,0 +1,171 @@
+"""The ``eprun`` command line: parse, call the runner, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from eprun import catalog
+from eprun.errors import EprunError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Experiment runner for Equilibrium Propagation, its variants, and their baselines.")
+recipes_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                          help="List the bundled recipes, or show one.")
+app.add_typer(recipes_app, name="recipes")
+
+err = Console(stderr=True)
+
+
+def _out() -> Console:
+    """stdout; when piped, wide enough that tables are not wrapped."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def user_errors(fn):
+    """Print an :class:`EprunError` as one line on stderr and exit with its code (2 for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EprunError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a bundled recipe."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a value: -s rule.beta=0.2 (repeatable)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Parent folder of the run directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log lines only, no progress bar."),
+    fast_dev_run: bool = typer.Option(False, "--fast-dev-run",
+                                      help="Validate, run 2 training + 1 eval batch on synthetic data; write nothing."),
+):
+    """Train a recipe; prints the new run directory on the last line."""
+    from eprun import runner
+    from eprun.recipe import load_recipe
+
+    resolved = load_recipe(catalog.resolve(recipe), set_)
+    if fast_dev_run:
+        result = runner.fast_dev_run(resolved)
+        losses = ", ".join(f"{v:.4f}" for v in result["train_losses"])
+        print(f"fast-dev-run ok: {resolved.name}: train losses [{losses}], eval loss {result['loss']:.4f} "
+              f"on {result['n']} synthetic examples")
+        return
+    run_dir = runner.train(resolved, out_dir, quiet=quiet, argv=sys.argv)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    err.print(f"test accuracy {summary['test_accuracy']:.4f}, best val accuracy "
+              f"{_fmt(summary.get('best_val_accuracy'))}, {summary['samples_per_s']:,.0f} samples/s, "
+              f"{summary['wall_time_s']:.1f} s", highlight=False)
+    print(run_dir)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint, e.g. runs/NAME/checkpoints/last.pt."),
+    split: str = typer.Option("test", "--split", help="test, val or train."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Rebuild the network from this recipe instead."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda[:n]; default: the recipe's."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
+):
+    """Re-score a checkpoint on a split."""
+    from eprun import runner
+
+    if split not in ("test", "val", "train"):
+        raise EprunError(f"--split: expected test, val or train, got {split!r}")
+    result = runner.evaluate_checkpoint(checkpoint, split, recipe, device)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  (n = {result['n']})")
+
+
+@app.command()
+@user_errors
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write overlaid learning curves to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+):
+    """Put runs side by side."""
+    from eprun import plots, runs
+
+    infos = [runs.open_run(p) for p in run_dirs]
+    rows = [_compare_row(i) for i in infos]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(show_header=True, header_style="bold")
+        for col in ("name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"):
+            table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
+        for r in rows:
+            table.add_row(r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
+                          _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"),
+                          _fmt(r["samples_per_s"], ",.0f"))
+        _out().print(table)
+    if plot is not None:
+        plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
+        err.print(f"plot written to {plot}")
+
+
+def _compare_row(info) -> dict:
+    s, recipe = info.summary, info.recipe or {}
+    rule = recipe.get("rule", {}) if isinstance(recipe, dict) else {}
+    label = s.get("rule") or (rule.get("kind", "?") + (f"/{rule['estimator']}" if rule.get("estimator") else ""))
+    return {"name": info.name, "path": str(info.path), "status": s.get("status", "running"), "rule": label,
+            "epochs": s.get("epochs_completed", 0), "best_val_accuracy": s.get("best_val_accuracy"),
+            "test_accuracy": s.get("test_accuracy"), "wall_time_s": s.get("wall_time_s"),
+            "samples_per_s": s.get("samples_per_s")}
+
+
+def _fmt(value, spec: str = ".4f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+@recipes_app.callback()
+@user_errors
+def recipes_list(ctx: typer.Context):
+    """List the bundled recipes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    found = catalog.bundled()
+    if not found:
+        raise EprunError("no recipes folder found (looked in $EPRUN_RECIPES, ./recipes and beside the package)")
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("recipe")
+    table.add_column("description")
+    for r in found:
+        table.add_row(r.name, r.description)
+    _out().print(table)
+
+
+@recipes_app.command("show")
+@user_errors
+def recipes_show(name: str = typer.Argument(..., help="A bundled recipe name, e.g. quickstart.")):
+    """Print one bundled recipe."""
+    path = catalog.resolve(name)
+    if sys.stdout.isatty():
+        _out().print(Syntax(path.read_text(), "yaml"))
+    else:
+        print(path.read_text(), end="")
+
+
+def main():
+    app()

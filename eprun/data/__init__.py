@@ -1,0 +1,28 @@
+"""Datasets as whole tensors: the registry, splits and the file formats behind them.
+
+The runner needs only::
+
+    from eprun.data import DATASETS, load_splits, synthetic_like
+
+Files: ``datasets.py`` (registry), ``splits.py`` (train/val/test, normalisation),
+``idx.py`` (IDX format), ``mnist.py`` (MNIST, Fashion-MNIST, embedded mnist-mini),
+``synthetic.py`` (generated data for tests and ``--fast-dev-run``).
+"""
+
+from eprun.data.datasets import DATASETS, DatasetInfo, dataset_info
+from eprun.data.idx import read_idx, write_idx
+from eprun.data.splits import Split, Splits, load_splits, synthetic_like
+from eprun.data.synthetic import make_synthetic
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "Split",
+    "Splits",
+    "dataset_info",
+    "load_splits",
+    "make_synthetic",
+    "read_idx",
+    "synthetic_like",
+    "write_idx",
+]

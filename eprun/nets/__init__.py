@@ -1,0 +1,17 @@
+"""Networks, keyed by the recipe's ``model.kind``.
+
+A network knows its state shapes, one step of its dynamics given (x, state, β, y), Φ and
+∂Φ/∂θ in closed form, and its read-out. It knows nothing of optimisers, files or the CLI.
+Adding a network is one file plus one line here.
+"""
+
+from eprun.nets.mlp import PrototypicalMLP
+
+NETWORKS = {
+    "mlp": PrototypicalMLP,
+}
+
+
+def network_configs() -> dict[str, type]:
+    """``{kind: ConfigClass}`` for the recipe validator."""
+    return {kind: cls.Config for kind, cls in NETWORKS.items()}

@@ -1,0 +1,293 @@
+"""The prototypical (discrete-time) fully connected EP network of Ernoult et al. 2019.
+
+Layers s = (s¹ … s^N), static input x = s⁰, parameters θ = (W_n, b_{n+1}), n = 0 … N−1.
+
+Primitive function (per example)::
+
+    Φ(x, s, θ) = Σ_n s^{n+1} · (W_n s^n + b_{n+1})
+
+Free dynamics ``s_{t+1} = σ(∂Φ/∂s(x, s_t, θ))``, i.e. for every layer at once::
+
+    s^n_{t+1} = σ(W_{n−1} s^{n−1}_t + W_nᵀ s^{n+1}_t + b_n)
+
+Nudged dynamics add −β ℓ(s^N, y) to Φ. With the MSE loss ℓ = ½‖y − s^N‖² this adds
+β (y − s^N) to the output layer's pre-activation. With ``readout: softmax`` (Laborieux et al.
+2021) the last layer of Φ is the last hidden layer and the prediction is
+softmax(W_out s^N + b_out), a read-out outside Φ; the nudge on s^N is β W_outᵀ (y − p).
+
+The hot path (:meth:`relax`) is closed form: no autograd, the drive from the static input
+``W_0 x + b_1`` computed once per phase, scratch buffers reused across steps.
+:meth:`phi` exists as the oracle the tests differentiate with autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eprun.nets.activations import ACTIVATIONS
+
+ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
+
+
+@dataclass
+class MLPConfig:
+    """``model:`` section for ``kind: mlp``."""
+
+    kind: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [512])
+    activation: ActivationName = "sigmoid"
+    readout: Literal["mse", "softmax"] = "mse"
+    weight_scale: Union[float, list[float]] = 1.0
+
+    def check(self):
+        if not self.hidden:
+            yield "hidden", "needs at least one hidden layer size, e.g. [512]"
+        for size in self.hidden:
+            if size <= 0:
+                yield "hidden", f"layer sizes must be positive, got {size}"
+        n_layers = len(self.hidden) + 1
+        if isinstance(self.weight_scale, list) and len(self.weight_scale) != n_layers:
+            yield "weight_scale", (
+                f"a list needs one entry per weight layer ({n_layers} for hidden={self.hidden}), "
+                f"got {len(self.weight_scale)}"
+            )
+
+
+def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
+    return list(value) if isinstance(value, list) else [float(value)] * n
+
+
+class PrototypicalMLP(nn.Module):
+    """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
+
+    Config = MLPConfig
+
+    @staticmethod
+    def layer_count(cfg: MLPConfig) -> int:
+        """Number of weight layers (the length of per-layer lists such as learning rates)."""
+        return len(cfg.hidden) + 1
+
+    def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int,
+                 generator: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.act = ACTIVATIONS[cfg.activation]
+        self.num_classes = num_classes
+        self.softmax_readout = cfg.readout == "softmax"
+        n_in = math.prod(input_shape)
+        out_sizes = list(cfg.hidden) if self.softmax_readout else list(cfg.hidden) + [num_classes]
+        self.sizes = [n_in] + out_sizes  # sizes of s⁰ (= x) … s^N
+        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+
+        def uniform(shape, fan_in, scale):  # torch.nn.Linear's default: U(−1/√fan_in, 1/√fan_in)
+            bound = 1.0 / math.sqrt(fan_in)
+            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for n in range(len(self.sizes) - 1):
+            fan_in = self.sizes[n]
+            self.weights.append(uniform((self.sizes[n + 1], fan_in), fan_in, scales[n]))
+            self.biases.append(uniform((self.sizes[n + 1],), fan_in, 1.0))
+        if self.softmax_readout:
+            fan_in = self.sizes[-1]
+            self.readout_weight = uniform((num_classes, fan_in), fan_in, scales[-1])
+            self.readout_bias = uniform((num_classes,), fan_in, 1.0)
+        self._scratch: dict = {}
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def num_state_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped by weight layer, in order (for per-layer learning rates)."""
+        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
+        if self.softmax_readout:
+            groups.append([self.readout_weight, self.readout_bias])
+        return groups
+
+    def phi_parameters(self) -> list[nn.Parameter]:
+        """θ of Φ in the order :meth:`dphi_dtheta` returns: W_0, b_1, W_1, b_2, …"""
+        return [p for w, b in zip(self.weights, self.biases) for p in (w, b)]
+
+    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """s_0 = 0 for every layer."""
+        return [like.new_zeros(batch, size) for size in self.sizes[1:]]
+
+    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One-hot targets in the state dtype."""
+        return F.one_hot(y, self.num_classes).to(like.dtype)
+
+    @staticmethod
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    # ------------------------------------------------------------------ Φ and its closed-form derivatives
+
+    def phi(self, x: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        """Φ(x, s, θ) = Σ_n s^{n+1}·(W_n s^n + b_{n+1}), one value per example (autograd oracle)."""
+        layers = [self.flatten(x)] + list(state)
+        total = 0.0
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            total = total + (layers[n + 1] * (layers[n] @ w.T + b)).sum(dim=1)
+        return total
+
+    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂Φ/∂s^n = W_{n−1} s^{n−1} + b_n + W_nᵀ s^{n+1}, per layer (closed form)."""
+        layers = [self.flatten(x)] + list(state)
+        grads = []
+        for n in range(1, len(layers)):
+            g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
+            if n + 1 < len(layers):
+                g = g + layers[n + 1] @ self.weights[n]
+            grads.append(g)
+        return grads
+
+    def dphi_dtheta(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Batch mean of ∂Φ/∂W_n = s^{n+1} s^nᵀ and ∂Φ/∂b_{n+1} = s^{n+1}, in :meth:`phi_parameters` order."""
+        layers = [self.flatten(x)] + list(state)
+        batch = layers[0].shape[0]
+        out = []
+        for n in range(len(layers) - 1):
+            out.append(layers[n + 1].T @ layers[n] / batch)
+            out.append(layers[n + 1].mean(dim=0))
+        return out
+
+    @torch.no_grad()
+    def accumulate_dphi_dtheta_(self, x: torch.Tensor, state: list[torch.Tensor], scale: float) -> None:
+        """θ.grad += scale · ∂Φ/∂θ(x, s, θ) (batch mean), written straight into ``.grad``.
+
+        EP's one-sided estimate is two calls:  grad = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)) = −Δθ.
+        """
+        layers = [self.flatten(x)] + list(state)
+        c = scale / layers[0].shape[0]
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            _grad_of(w).addmm_(layers[n + 1].T, layers[n], alpha=c)
+            _grad_of(b).add_(layers[n + 1].sum(dim=0), alpha=c)
+
+    # ------------------------------------------------------------------ read-out and loss
+
+    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out)."""
+        if self.softmax_readout:
+            return state[-1] @ self.readout_weight.T + self.readout_bias
+        return state[-1]
+
+    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
+        out = self.logits(state)
+        if self.softmax_readout:
+            return F.cross_entropy(out, y, reduction="none")
+        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
+
+    @torch.no_grad()
+    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
+        """For the softmax read-out (outside Φ): W_out.grad += ∂ℓ/∂W_out = (p − y) s^Nᵀ (batch mean)."""
+        if not self.softmax_readout:
+            return
+        s_last = state[-1]
+        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
+        _grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
+        _grad_of(self.readout_bias).add_(err.mean(dim=0))
+
+    # ------------------------------------------------------------------ dynamics (hot path)
+
+    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = (state[0].shape[0], state[0].dtype, state[0].device)
+        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
+            self._scratch[key] = [torch.empty_like(s) for s in state]
+        return self._scratch[key]
+
+    @torch.no_grad()
+    def relax(self, x: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
+              target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
+
+        One step, all layers synchronously from s_t (a = σ's scale, c = its shift)::
+
+            z^n = a·(W_{n−1} s^{n−1} + W_nᵀ s^{n+1} + b_n) + c  [+ a·β(y − s^N) at n = N]
+            s^n_{t+1} = g(z^n)
+
+        The constant part a·(W_0 x + b_1) + c, a·b_n + c and a·β·y is computed once here.
+        """
+        a, c = self.act.scale, self.act.shift
+        n_layers = len(state)
+        nudged = beta != 0.0 and target is not None
+        x = self.flatten(x)
+        const = [torch.addmm(self.biases[0], x, self.weights[0].T).mul_(a).add_(c)]
+        const += [(b * a + c) for b in self.biases[1:n_layers]]
+        if nudged and not self.softmax_readout:
+            const[-1] = const[-1] + (a * beta) * target
+        cur, nxt = state, self._scratch_for(state)
+        weights = list(self.weights)
+        weights_t = [w.T for w in weights]
+        for _ in range(steps):
+            for i in range(n_layers):
+                out = nxt[i]
+                if i == 0:
+                    if n_layers > 1:
+                        torch.addmm(const[0], cur[1], weights[1], alpha=a, out=out)
+                    else:
+                        out.copy_(const[0])
+                else:
+                    torch.addmm(const[i], cur[i - 1], weights_t[i], alpha=a, out=out)
+                    if i + 1 < n_layers:
+                        out.addmm_(cur[i + 1], weights[i + 1], alpha=a)
+                if nudged and i == n_layers - 1:
+                    self._nudge_(out, cur[i], beta, target)
+                self.act.apply_to_affine_(out)
+            cur, nxt = nxt, cur
+        if cur is not state:
+            for s, new in zip(state, cur):
+                s.copy_(new)
+        return state
+
+    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
+        """Add a·β·∂(−ℓ)/∂s^N (without the constant a·β·y of MSE, already folded in)."""
+        a = self.act.scale
+        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out))
+            p = torch.softmax(torch.addmm(self.readout_bias, s_last, self.readout_weight.T), dim=1)
+            out.addmm_(p - target, self.readout_weight, alpha=-a * beta)
+        else:  # −∂ℓ/∂s^N = y − s^N
+            out.add_(s_last, alpha=-a * beta)
+
+    def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
+             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s).
+
+        Used by BPTT and as the readable reference of :meth:`relax`.
+        """
+        drive = self.dphi_ds(x, state)
+        if beta != 0.0 and target is not None:
+            s_last = state[-1]
+            if self.softmax_readout:
+                p = torch.softmax(self.logits(state), dim=1)
+                drive[-1] = drive[-1] + beta * (target - p) @ self.readout_weight
+            else:
+                drive[-1] = drive[-1] + beta * (target - s_last)
+        return [self.act(d) for d in drive]
+
+    # ------------------------------------------------------------------ feed-forward twin (BP baseline)
+
+    def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up: the equivalent feed-forward MLP."""
+        h = self.flatten(x)
+        state = []
+        for w, b in zip(self.weights, self.biases):
+            h = self.act(h @ w.T + b)
+            state.append(h)
+        return state
+
+
+def _grad_of(p: nn.Parameter) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad

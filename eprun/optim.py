@@ -1,0 +1,35 @@
+"""Optimisers with per-layer learning rates and weight decays, and epoch-length schedules."""
+
+from __future__ import annotations
+
+import torch
+
+from eprun.recipe import OptimConfig, ScheduleConfig
+
+
+def _per_layer(value, n: int) -> list[float]:
+    return list(value) if isinstance(value, list) else [float(value)] * n
+
+
+def build_optimizer(cfg: OptimConfig, layer_groups: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """One parameter group per weight layer, with its own ``lr`` and ``weight_decay``."""
+    lrs = _per_layer(cfg.lr, len(layer_groups))
+    decays = _per_layer(cfg.weight_decay, len(layer_groups))
+    groups = [{"params": params, "lr": lr, "weight_decay": wd}
+              for params, lr, wd in zip(layer_groups, lrs, decays)]
+    if cfg.kind == "sgd":
+        return torch.optim.SGD(groups, lr=lrs[0], momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.kind == "adam":
+        return torch.optim.Adam(groups, lr=lrs[0], betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lrs[0], betas=tuple(cfg.betas), eps=cfg.eps)
+    raise ValueError(f"unknown optimiser {cfg.kind!r}")
+
+
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int):
+    """A scheduler stepped once per epoch; a cosine schedule spans exactly ``epochs`` epochs."""
+    if cfg.kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
+    if cfg.kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None

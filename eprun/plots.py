@@ -1,0 +1,164 @@
+"""Plots of a run's metrics: learning curves of one run, and several runs side by side.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (``Figure`` +
+``FigureCanvasAgg``), never through pyplot: no GUI backend, no global figure registry to leak
+into, nothing to close, safe in threads and headless CI. PNG bytes are rendered in memory and
+written with :func:`eprun.runs.atomic_write_bytes` (temp file + ``os.replace``).
+
+Metric records (from the runner)::
+
+    {"event": "train", "epoch": 0.25, "step": 12, "loss": ..., "accuracy": ..., ...}
+    {"event": "eval",  "epoch": 1.0,  "step": 48, "split": "val" | "test", "loss": ..., ...}
+
+Other events and keys are ignored; missing or non-numeric values are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from eprun.runs import atomic_write_bytes
+
+Series = tuple[list[float], list[float]]
+
+_SPLIT_STYLE = {
+    "train": dict(color="C0", linestyle="-", linewidth=1.0, alpha=0.8),
+    "val": dict(color="C1", linestyle="-", marker="o", markersize=4),
+    "test": dict(color="C2", linestyle="none", marker="s", markersize=5),
+}
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, bool, non-numeric, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _split_of(record: dict[str, Any]) -> str | None:
+    """"train" for train events, the split ("val"/"test"/…) for eval events, else None."""
+    event = record.get("event")
+    if event == "train":
+        return "train"
+    if event == "eval":
+        split = record.get("split")
+        return split if isinstance(split, str) and split else None
+    return None
+
+
+def series(metrics: Iterable[dict[str, Any]], split: str, metric: str) -> Series:
+    """(epochs, values) of ``metric`` for ``split``, in epoch order, skipping unusable records."""
+    points = []
+    for record in metrics:
+        if not isinstance(record, dict) or _split_of(record) != split:
+            continue
+        x, y = _number(record.get("epoch")), _number(record.get(metric))
+        if x is not None and y is not None:
+            points.append((x, y))
+    points.sort(key=lambda p: p[0])
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    """Render ``fig`` to PNG and write it atomically to ``out``; return ``out``."""
+    out = Path(out)
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(out, buffer.getvalue())
+    return out
+
+
+def _no_data(ax: Any) -> None:
+    """Mark an axis that has nothing to show."""
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.5")
+
+
+def _panel(ax: Any, metrics: list[dict[str, Any]], metric: str, splits: tuple[str, ...]) -> bool:
+    """Draw ``metric`` against epoch for each split on ``ax``; return whether anything was drawn."""
+    drawn = False
+    for split in splits:
+        xs, ys = series(metrics, split, metric)
+        if xs:
+            ax.plot(xs, ys, label=split, **_SPLIT_STYLE.get(split, {}))
+            drawn = True
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if drawn:
+        ax.legend()
+    else:
+        _no_data(ax)
+    return drawn
+
+
+def _eval_splits(metrics: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Eval splits present in ``metrics``: val and test first, then any others."""
+    found = {s for r in metrics if isinstance(r, dict) and (s := _split_of(r)) and s != "train"}
+    known = [s for s in ("val", "test") if s in found]
+    return tuple(known + sorted(found - set(known)))
+
+
+def plot_curves(metrics: list[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """Learning curves: loss and accuracy against epoch, train as a line, eval splits marked.
+
+    Two panels (loss, accuracy). With no usable data a panel says "no data"; the figure is
+    always written. Returns ``out``.
+    """
+    metrics = list(metrics or [])
+    splits = ("train", *_eval_splits(metrics))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    _panel(loss_ax, metrics, "loss", splits)
+    _panel(acc_ax, metrics, "accuracy", splits)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)
+
+
+def _compare_legend(ax: Any, names: list[tuple[str, str]], metric: str) -> None:
+    """Legend: one coloured entry per run, plus grey entries for the line styles."""
+    handles = [Line2D([], [], color=color, label=name) for name, color in names]
+    handles += [
+        Line2D([], [], color="0.4", linestyle="-", marker="o", markersize=3, label=f"val {metric}"),
+        Line2D([], [], color="0.4", linestyle="--", label=f"train {metric}"),
+    ]
+    ax.legend(handles=handles, fontsize="small")
+
+
+def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], out: Path,
+                 metric: str = "accuracy") -> Path:
+    """Overlay several runs: val ``metric`` (solid, markers) and train ``metric`` (dashed).
+
+    One colour per run, legend with the run names. Runs without usable data are listed
+    in the legend but draw nothing; with no data at all the figure says "no data".
+    """
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    names, drawn = [], False
+    for i, (name, metrics) in enumerate(runs or []):
+        color = f"C{i % 10}"
+        names.append((str(name), color))
+        val_x, val_y = series(metrics or [], "val", metric)
+        train_x, train_y = series(metrics or [], "train", metric)
+        if val_x:
+            ax.plot(val_x, val_y, color=color, linestyle="-", marker="o", markersize=3)
+        if train_x:
+            ax.plot(train_x, train_y, color=color, linestyle="--", linewidth=1.0, alpha=0.7)
+        drawn = drawn or bool(val_x or train_x)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if names:
+        _compare_legend(ax, names, metric)
+    if not drawn:
+        _no_data(ax)
+    return _save(fig, out)

@@ -1,0 +1,153 @@
+"""The recipe: a YAML file describing one experiment, and its typed schema.
+
+Sections: ``data``, ``model``, ``rule``, ``optim``, ``schedule``, ``train``, and ``seed``.
+``model`` and ``rule`` are chosen by their ``kind:`` among the registries of
+:mod:`eprun.nets` and :mod:`eprun.rules`, so a new network or rule is validated, listed
+and documented without edits here. Every value can be overridden from the command line
+with a dotted path: ``-s rule.beta=0.2 -s train.epochs=3``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from eprun import schema
+from eprun.errors import RecipeError
+from eprun.nets import NETWORKS, network_configs
+from eprun.rules import rule_configs
+
+PerLayer = Union[float, list[float]]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    root: Optional[str] = None
+    val_size: int = 5000
+    batch_size: int = 50
+    eval_batch_size: int = 1000
+    normalize: Literal["none", "standard"] = "none"
+    train_subset: Optional[int] = None
+
+    def check(self):
+        from eprun.data import DATASETS
+
+        if self.dataset not in DATASETS:
+            yield "dataset", f"unknown dataset {self.dataset!r} (allowed: {', '.join(sorted(DATASETS))})"
+        if self.val_size < 0:
+            yield "val_size", f"must be ≥ 0, got {self.val_size}"
+        if self.batch_size < 1:
+            yield "batch_size", f"must be ≥ 1, got {self.batch_size}"
+        if self.eval_batch_size < 1:
+            yield "eval_batch_size", f"must be ≥ 1, got {self.eval_batch_size}"
+        if self.train_subset is not None and self.train_subset < 1:
+            yield "train_subset", f"must be ≥ 1 or null, got {self.train_subset}"
+
+
+@dataclass
+class OptimConfig:
+    kind: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: PerLayer = 1e-3
+    weight_decay: PerLayer = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def check(self):
+        for name in ("lr", "weight_decay"):
+            values = getattr(self, name)
+            for v in values if isinstance(values, list) else [values]:
+                if v < 0:
+                    yield name, f"must be ≥ 0, got {v}"
+        if self.nesterov and (self.kind != "sgd" or self.momentum <= 0):
+            yield "nesterov", "needs kind: sgd and momentum > 0"
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per epoch; its length is ``train.epochs``."""
+
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    min_lr: float = 0.0
+    step_size: int = 1
+    gamma: float = 0.1
+
+    def check(self):
+        if self.step_size < 1:
+            yield "step_size", f"must be ≥ 1 epoch, got {self.step_size}"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    log_every: int = 50
+    max_batches: Optional[int] = None
+
+    def check(self):
+        if self.epochs < 1:
+            yield "epochs", f"must be ≥ 1, got {self.epochs}"
+        if self.log_every < 1:
+            yield "log_every", f"must be ≥ 1, got {self.log_every}"
+        if self.max_batches is not None and self.max_batches < 1:
+            yield "max_batches", f"must be ≥ 1 or null, got {self.max_batches}"
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    description: str = ""
+    paper: str = ""
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = schema.polymorphic(network_configs, "mlp")
+    rule: Any = schema.polymorphic(rule_configs, "ep")
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            yield "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}"
+        if self.seed < 0:
+            yield "seed", f"must be ≥ 0, got {self.seed}"
+        n_layers = NETWORKS[self.model.kind].layer_count(self.model)
+        for name in ("lr", "weight_decay"):
+            values = getattr(self.optim, name)
+            if isinstance(values, list) and len(values) != n_layers:
+                yield f"optim.{name}", (
+                    f"a list needs one entry per weight layer of the model ({n_layers}), "
+                    f"got {len(values)}"
+                )
+
+
+def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file; errors name file, line and key path."""
+    data, source = schema.read_yaml(Path(path))
+    return recipe_from_data(data, source, overrides, default_name=Path(path).stem)
+
+
+def recipe_from_data(data: dict, source: schema.Source, overrides: list[str] = (),
+                     default_name: str = "run") -> Recipe:
+    for assignment in overrides:
+        schema.apply_override(data, assignment, source)
+    recipe = schema.build(Recipe, data, source)
+    if not recipe.name:
+        recipe.name = default_name
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults and overrides applied) as YAML."""
+    return yaml.safe_dump(schema.to_plain(recipe), sort_keys=False)
+
+
+def from_plain(data: dict, name: str = "recipe") -> Recipe:
+    """Rebuild a recipe from the plain data stored in a run or checkpoint."""
+    return recipe_from_data(dict(data), schema.Source(name))

@@ -1,0 +1,47 @@
+"""Backpropagation on the network's feed-forward twin: the baseline EP is measured against.
+
+For the prototypical MLP the twin is s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up, with the same
+parameters, read-out and loss, so ``rule.kind: bp`` and ``rule.kind: ep`` swap in one recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BPConfig:
+    """``rule:`` section for ``kind: bp``."""
+
+    kind: str = "bp"
+
+
+class BP:
+    Config = BPConfig
+
+    def __init__(self, cfg: BPConfig, net, generator: torch.Generator):
+        self.cfg = cfg
+        self.net = net
+        self.generator = generator
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate ∂(mean ℓ)/∂θ into ``.grad`` by autograd; return logits and per-example loss."""
+        with torch.enable_grad():
+            state = self.net.feedforward(x)
+            loss = self.net.loss(state, y)
+            loss.mean().backward()
+        with torch.no_grad():
+            return self.net.logits(state).detach(), loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.net.feedforward(x)
+        return self.net.logits(state), self.net.loss(state, y)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,110 @@
+"""Equilibrium Propagation (Scellier & Bengio 2017; Ernoult et al. 2019; Laborieux et al. 2021).
+
+Free phase: T steps of the dynamics from s_0 = 0 give s*. Nudged phase: K steps with
+−β ℓ added to Φ, starting from s*, give s^β. The parameter update is::
+
+    Δθ = (1/β) (∂Φ/∂θ(x, s^β, θ) − ∂Φ/∂θ(x, s*, θ))                       one-sided
+    Δθ = (1/2β)(∂Φ/∂θ(x, s^β, θ) − ∂Φ/∂θ(x, s^{−β}, θ))                   symmetric (third phase)
+
+and −Δθ is written into ``.grad`` so that any ``torch.optim`` optimiser applies it.
+Estimators (Scellier et al. 2023 names in brackets):
+
+* ``one-sided`` [``positive``]: β > 0.
+* ``negative``: one-sided with −β.
+* ``random-sign``: one-sided with the sign of β drawn per mini-batch (Laborieux et al. 2021);
+  the draw uses the rule's own seeded generator.
+* ``symmetric`` [``centered``]: the ±β estimate with a third phase.
+
+A softmax read-out (outside Φ) is trained on the exact gradient of its loss at s*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Estimator = Literal["one-sided", "positive", "negative", "random-sign", "symmetric", "centered"]
+
+
+@dataclass
+class EPConfig:
+    """``rule:`` section for ``kind: ep``."""
+
+    kind: str = "ep"
+    T: int = 30
+    K: int = 10
+    beta: float = 0.1
+    estimator: Estimator = "one-sided"
+    sign_probability: float = 0.5
+
+    def check(self):
+        if self.T < 1:
+            yield "T", f"the free phase needs at least 1 step, got {self.T}"
+        if self.K < 1:
+            yield "K", f"the nudged phase needs at least 1 step, got {self.K}"
+        if self.beta == 0.0:
+            yield "beta", "must be non-zero: EP divides by β"
+        if not 0.0 <= self.sign_probability <= 1.0:
+            yield "sign_probability", f"a probability in [0, 1], got {self.sign_probability}"
+
+
+class EP:
+    """EP on any network with ``relax``, ``accumulate_dphi_dtheta_`` and a read-out."""
+
+    Config = EPConfig
+
+    def __init__(self, cfg: EPConfig, net, generator: torch.Generator):
+        self.cfg = cfg
+        self.net = net
+        self.generator = generator  # β-sign draws
+
+    def _beta(self) -> float:
+        """β for this mini-batch: its sign is drawn for ``random-sign``, negated for ``negative``."""
+        beta = self.cfg.beta
+        if self.cfg.estimator == "negative":
+            return -abs(beta)
+        if self.cfg.estimator == "random-sign":
+            draw = torch.rand((), generator=self.generator)
+            return -abs(beta) if float(draw) < self.cfg.sign_probability else abs(beta)
+        return beta
+
+    @torch.no_grad()
+    def free_phase(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """s* after T steps from s_0 = 0."""
+        state = self.net.init_state(x.shape[0], like=x)
+        return self.net.relax(x, state, self.cfg.T)
+
+    @torch.no_grad()
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write −Δθ into ``.grad`` (assumed zeroed); return the free-phase logits and per-example loss."""
+        net, cfg = self.net, self.cfg
+        target = net.target(y, x)
+        free = self.free_phase(x)
+        logits, loss = net.logits(free), net.loss(free, y)
+        beta = self._beta()
+        nudged = net.relax(x, [s.clone() for s in free], cfg.K, beta, target)
+        if cfg.estimator in ("symmetric", "centered"):
+            anti = net.relax(x, [s.clone() for s in free], cfg.K, -beta, target)
+            # −Δθ = (1/2β)(∂Φ/∂θ(s^{−β}) − ∂Φ/∂θ(s^β))
+            net.accumulate_dphi_dtheta_(x, anti, 1.0 / (2 * beta))
+            net.accumulate_dphi_dtheta_(x, nudged, -1.0 / (2 * beta))
+        else:
+            # −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β))
+            net.accumulate_dphi_dtheta_(x, free, 1.0 / beta)
+            net.accumulate_dphi_dtheta_(x, nudged, -1.0 / beta)
+        net.accumulate_readout_grad_(free, y)
+        return logits, loss
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prediction from the free fixed point: logits and per-example loss."""
+        free = self.free_phase(x)
+        return self.net.logits(free), self.net.loss(free, y)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

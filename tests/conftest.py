@@ -1,0 +1,43 @@
+import pytest
+
+TINY_RECIPE = """\
+name: tiny
+description: tiny EP net on synthetic data
+seed: 1
+device: cpu
+data:
+  dataset: synthetic
+  val_size: 200
+  batch_size: 25
+  eval_batch_size: 100
+model:
+  kind: mlp
+  hidden: [24]
+rule:
+  kind: ep
+  T: 12
+  K: 5
+  beta: 0.2
+optim:
+  kind: adam
+  lr: 0.002
+schedule:
+  kind: cosine
+train:
+  epochs: 2
+  log_every: 10
+  max_batches: 30
+"""
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Tests never download anything."""
+    monkeypatch.setenv("EPRUN_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path
