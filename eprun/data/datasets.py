@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from eprun.data.cifar import load_cifar
 from eprun.data.mnist import load_mnist, load_mnist_mini
 from eprun.data.synthetic import make_synthetic
 from eprun.errors import DataError
@@ -51,6 +52,14 @@ def _mnist_mini(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -
     return load_mnist_mini()
 
 
+def _cifar10(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> RawData:
+    return load_cifar("cifar10", root)
+
+
+def _cifar100(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> RawData:
+    return load_cifar("cifar100", root)
+
+
 def _synthetic(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> RawData:
     n_train, n_test = synthetic_sizes
     return make_synthetic(n_train, n_test, (1, 28, 28), 10, seed)
@@ -71,6 +80,16 @@ _ENTRIES: dict[str, tuple[DatasetInfo, Loader]] = {
         DatasetInfo("mnist-mini", (1, 28, 28), 10,
                     "embedded MNIST subset: first 10000 train / 2000 test images"),
         _mnist_mini,
+    ),
+    "cifar10": (
+        DatasetInfo("cifar10", (3, 32, 32), 10,
+                    "CIFAR-10 colour images: 50000 train / 10000 test, python pickle batches"),
+        _cifar10,
+    ),
+    "cifar100": (
+        DatasetInfo("cifar100", (3, 32, 32), 100,
+                    "CIFAR-100 colour images (fine labels): 50000 train / 10000 test, python pickle batches"),
+        _cifar100,
     ),
     "synthetic": (
         DatasetInfo("synthetic", (1, 28, 28), 10,

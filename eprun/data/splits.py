@@ -8,7 +8,9 @@ permutation π of the n training indices from ``torch.Generator().manual_seed(sp
 Images become float32 in [0, 1] (uint8 / 255), shaped (n, *input_shape), and move to the
 device once. ``normalize="standard"`` then maps x ↦ (x − μ_c) / σ_c with μ_c, σ_c the mean
 and (population) standard deviation of channel c over the *training* split only, applied to
-every split.
+every split. ``normalize="cifar10"`` uses fixed constants instead: the well-known CIFAR-10
+training-set per-channel mean (0.4914, 0.4822, 0.4465) and std (0.2470, 0.2435, 0.2616), for
+any 3-channel dataset (:data:`NORMALIZE_CONSTANTS`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from eprun.data.datasets import LOADERS, DatasetInfo, dataset_info
 from eprun.data.synthetic import make_synthetic
 from eprun.errors import DataError
 
-NORMALIZE_MODES = ("none", "standard")
+#: Fixed per-channel (mean, std) by ``data.normalize`` value; x ↦ (x − mean_c) / std_c.
+NORMALIZE_CONSTANTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+NORMALIZE_MODES = ("none", "standard", *NORMALIZE_CONSTANTS)
 
 
 @dataclass
@@ -58,7 +65,7 @@ def load_splits(
 ) -> Splits:
     """Load ``dataset`` whole, carve the validation split, convert, normalise, move to ``device``."""
     info = dataset_info(dataset)
-    _check_normalize(normalize)
+    _check_normalize(normalize, info)
     x_train, y_train, x_test, y_test = LOADERS[dataset](root, split_seed, synthetic_sizes)
     train_idx, val_idx = split_indices(len(y_train), val_size, split_seed, train_subset, dataset)
 
@@ -66,8 +73,7 @@ def load_splits(
     train = _to_split(x_train[train_idx], y_train[train_idx], info, device)
     val = _to_split(x_train[val_idx], y_train[val_idx], info, device) if val_size > 0 else None
     test = _to_split(x_test, y_test, info, device)
-    if normalize == "standard":
-        train, val, test = _standardize(train, val, test)
+    train, val, test = _normalize(normalize, train, val, test)
     return Splits(train=train, val=val, test=test, info=info)
 
 
@@ -118,6 +124,23 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def _normalize(normalize: str, train: Split, val: Split | None, test: Split) -> tuple[Split, Split | None, Split]:
+    """Apply ``data.normalize`` to every split: "none", "standard" or a :data:`NORMALIZE_CONSTANTS` key."""
+    if normalize == "standard":
+        return _standardize(train, val, test)
+    if normalize in NORMALIZE_CONSTANTS:
+        mean, std = (
+            torch.tensor(values, device=train.x.device).view(1, -1, 1, 1)
+            for values in NORMALIZE_CONSTANTS[normalize]
+        )
+
+        def apply(split: Split | None) -> Split | None:
+            return None if split is None else Split((split.x - mean) / std, split.y)
+
+        return apply(train), apply(val), apply(test)
+    return train, val, test
+
+
 def _standardize(train: Split, val: Split | None, test: Split) -> tuple[Split, Split | None, Split]:
     """(x − μ_c) / σ_c on every split, with μ, σ from the training split."""
     mean, std = channel_stats(train.x)
@@ -141,6 +164,13 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_normalize(normalize: str) -> None:
+def _check_normalize(normalize: str, info: DatasetInfo) -> None:
     if normalize not in NORMALIZE_MODES:
         raise DataError(f"data.normalize: unknown value {normalize!r}; allowed: {', '.join(NORMALIZE_MODES)}")
+    if normalize in NORMALIZE_CONSTANTS:
+        channels = len(NORMALIZE_CONSTANTS[normalize][0])
+        if info.input_shape[0] != channels:
+            raise DataError(
+                f"data.normalize = {normalize!r} has constants for {channels} channels but {info.name} "
+                f"images have {info.input_shape[0]} (shape {info.input_shape}); use 'standard' or 'none'"
+            )
