@@ -5,10 +5,12 @@ A network knows its state shapes, one step of its dynamics given (x, state, β, 
 Adding a network is one file plus one line here.
 """
 
+from eprun.nets.energy_mlp import EnergyMLP
 from eprun.nets.mlp import PrototypicalMLP
 
 NETWORKS = {
     "mlp": PrototypicalMLP,
+    "energy_mlp": EnergyMLP,
 }
 
 

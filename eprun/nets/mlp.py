@@ -162,16 +162,23 @@ class PrototypicalMLP(nn.Module):
         return out
 
     @torch.no_grad()
-    def accumulate_dphi_dtheta_(self, x: torch.Tensor, state: list[torch.Tensor], scale: float) -> None:
-        """θ.grad += scale · ∂Φ/∂θ(x, s, θ) (batch mean), written straight into ``.grad``.
+    def accumulate_dphi_dtheta_difference_(self, x: torch.Tensor, state_a: list[torch.Tensor],
+                                           state_b: list[torch.Tensor], scale: float) -> None:
+        """θ.grad += scale · (∂Φ/∂θ(x, s_a, θ) − ∂Φ/∂θ(x, s_b, θ)) (batch mean), straight into ``.grad``.
 
-        EP's one-sided estimate is two calls:  grad = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)) = −Δθ.
+        EP's one-sided estimate is  grad = −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)):  s_a = s*, s_b = s^β.
+        For W_0 the input is shared, so its term is one product: (s¹_a − s¹_b)ᵀ x.
         """
-        layers = [self.flatten(x)] + list(state)
-        c = scale / layers[0].shape[0]
+        layers_a = [self.flatten(x)] + list(state_a)
+        layers_b = [layers_a[0]] + list(state_b)
+        c = scale / layers_a[0].shape[0]
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
-            _grad_of(w).addmm_(layers[n + 1].T, layers[n], alpha=c)
-            _grad_of(b).add_(layers[n + 1].sum(dim=0), alpha=c)
+            if n == 0:
+                _grad_of(w).addmm_((layers_a[1] - layers_b[1]).T, layers_a[0], alpha=c)
+            else:
+                _grad_of(w).addmm_(layers_a[n + 1].T, layers_a[n], alpha=c)
+                _grad_of(w).addmm_(layers_b[n + 1].T, layers_b[n], alpha=-c)
+            _grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
 
     # ------------------------------------------------------------------ read-out and loss
 
@@ -207,23 +214,32 @@ class PrototypicalMLP(nn.Module):
         return self._scratch[key]
 
     @torch.no_grad()
-    def relax(self, x: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
+    def input_drive(self, x: torch.Tensor) -> torch.Tensor:
+        """The constant part of the first layer's pre-activation, a·(W_0 x + b_1) + c.
+
+        The input is static, so this — most of the arithmetic of a step — is computed once
+        per batch and shared by every phase.
+        """
+        a, c = self.act.scale, self.act.shift
+        return torch.addmm(self.biases[0], self.flatten(x), self.weights[0].T).mul_(a).add_(c)
+
+    @torch.no_grad()
+    def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
               target: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
 
-        One step, all layers synchronously from s_t (a = σ's scale, c = its shift)::
+        ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
+        s_t (a = σ's scale, c = its shift)::
 
             z^n = a·(W_{n−1} s^{n−1} + W_nᵀ s^{n+1} + b_n) + c  [+ a·β(y − s^N) at n = N]
             s^n_{t+1} = g(z^n)
 
-        The constant part a·(W_0 x + b_1) + c, a·b_n + c and a·β·y is computed once here.
+        The constants a·b_n + c and a·β·y are computed once here, not per step.
         """
-        a, c = self.act.scale, self.act.shift
+        a = self.act.scale
         n_layers = len(state)
         nudged = beta != 0.0 and target is not None
-        x = self.flatten(x)
-        const = [torch.addmm(self.biases[0], x, self.weights[0].T).mul_(a).add_(c)]
-        const += [(b * a + c) for b in self.biases[1:n_layers]]
+        const = [drive] + [(b * a + self.act.shift) for b in self.biases[1:n_layers]]
         if nudged and not self.softmax_readout:
             const[-1] = const[-1] + (a * beta) * target
         cur, nxt = state, self._scratch_for(state)
