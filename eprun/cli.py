@@ -50,25 +50,34 @@ def user_errors(fn):
 @app.command()
 @user_errors
 def train(
-    recipe: str = typer.Argument(..., help="Recipe file, or the name of a bundled recipe."),
+    recipe: Optional[str] = typer.Argument(None, help="Recipe file, or the name of a bundled recipe."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a value: -s rule.beta=0.2 (repeatable)."),
     out_dir: Path = typer.Option(Path("runs"), "--out", help="Parent folder of the run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log lines only, no progress bar."),
     fast_dev_run: bool = typer.Option(False, "--fast-dev-run",
                                       help="Validate, run 2 training + 1 eval batch on synthetic data; write nothing."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="With --resume: accept a recipe edited since the start."),
 ):
-    """Train a recipe; prints the new run directory on the last line."""
+    """Train a recipe (or --resume a run); prints the run directory on the last line."""
     from eprun import runner
     from eprun.recipe import load_recipe
 
-    resolved = load_recipe(catalog.resolve(recipe), set_)
-    if fast_dev_run:
-        result = runner.fast_dev_run(resolved)
-        losses = ", ".join(f"{v:.4f}" for v in result["train_losses"])
-        print(f"fast-dev-run ok: {resolved.name}: train losses [{losses}], eval loss {result['loss']:.4f} "
-              f"on {result['n']} synthetic examples")
-        return
-    run_dir = runner.train(resolved, out_dir, quiet=quiet, argv=sys.argv)
+    if resume is not None:
+        if recipe is not None or fast_dev_run:
+            raise EprunError("--resume takes the run directory only: no RECIPE argument and no --fast-dev-run")
+        run_dir = runner.resume(resume, force=force, overrides=set_, quiet=quiet)
+    else:
+        if recipe is None:
+            raise EprunError("train: give a RECIPE (file or bundled name), or --resume RUN_DIR")
+        resolved = load_recipe(catalog.resolve(recipe), set_)
+        if fast_dev_run:
+            result = runner.fast_dev_run(resolved)
+            losses = ", ".join(f"{v:.4f}" for v in result["train_losses"])
+            print(f"fast-dev-run ok: {resolved.name}: train losses [{losses}], eval loss {result['loss']:.4f} "
+                  f"on {result['n']} synthetic examples")
+            return
+        run_dir = runner.train(resolved, out_dir, quiet=quiet, argv=sys.argv)
     summary = json.loads((run_dir / "summary.json").read_text())
     err.print(f"test accuracy {summary['test_accuracy']:.4f}, best val accuracy "
               f"{_fmt(summary.get('best_val_accuracy'))}, {summary['samples_per_s']:,.0f} samples/s, "

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from eprun import schema
+from eprun.data.augment import AugmentConfig
 from eprun.errors import RecipeError
 from eprun.nets import NETWORKS, network_configs
 from eprun.rules import rule_configs
@@ -31,8 +32,9 @@ class DataConfig:
     val_size: int = 5000
     batch_size: int = 50
     eval_batch_size: int = 1000
-    normalize: Literal["none", "standard"] = "none"
+    normalize: Literal["none", "standard", "cifar10"] = "none"
     train_subset: Optional[int] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def check(self):
         from eprun.data import DATASETS
@@ -88,6 +90,7 @@ class TrainConfig:
     epochs: int = 1
     log_every: int = 50
     max_batches: Optional[int] = None
+    checkpoint_every: int = 0  # batches between mid-epoch checkpoints (0: at epoch ends only)
 
     def check(self):
         if self.epochs < 1:
@@ -96,6 +99,8 @@ class TrainConfig:
             yield "log_every", f"must be ≥ 1, got {self.log_every}"
         if self.max_batches is not None and self.max_batches < 1:
             yield "max_batches", f"must be ≥ 1 or null, got {self.max_batches}"
+        if self.checkpoint_every < 0:
+            yield "checkpoint_every", f"must be ≥ 0 (0: only at epoch ends), got {self.checkpoint_every}"
 
 
 @dataclass

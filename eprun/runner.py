@@ -1,16 +1,24 @@
 """Training and evaluation loops: the only place that loops over epochs and writes run files.
 
-``train`` reads top to bottom: load data, assemble the experiment, create the run
-directory, then for each epoch shuffle, step the rule and the optimiser on every batch,
+``train`` reads top to bottom: load data, assemble the experiment, create the run directory,
+then :func:`run_loop`: for each epoch shuffle, step the rule and the optimiser on every batch,
 score the validation split, checkpoint; finally score the test split with the final model.
+
+Every checkpoint holds the exact position in training (epoch, batch, the shuffling
+generator's state at the start of the epoch, the running metric sums, every RNG), so
+``resume`` continues a run — killed at any moment — to the same weights and metrics, bit for
+bit on CPU, as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import random
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,10 +26,25 @@ import torch
 from eprun import plots, runs, schema
 from eprun.assemble import build_network, build_rule, generator, resolve_device
 from eprun.data import Split, Splits, load_splits, synthetic_like
-from eprun.errors import CheckpointError, EprunError
+from eprun.data.augment import augment
+from eprun.errors import CheckpointError, EprunError, RecipeError, RunDirError
 from eprun.optim import build_optimizer, build_scheduler
 from eprun.progress import TrainProgress
-from eprun.recipe import Recipe, from_plain, to_yaml
+from eprun.recipe import Recipe, from_plain, load_recipe, to_yaml
+
+
+class Diverged(EprunError):
+    """NaN or Inf appeared; the run stops with status ``diverged``, its last good checkpoint kept."""
+
+    exit_code = 1
+
+
+class Interrupted(EprunError):
+    """SIGINT / SIGTERM: the run stopped at a batch boundary after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 @dataclass
@@ -36,22 +59,7 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     scheduler: object
     shuffle: torch.Generator
-
-    def state_dict(self, **counters) -> dict:
-        """A checkpoint: tensors and plain data only (loadable with ``weights_only=True``)."""
-        return {
-            "recipe": schema.to_plain(self.recipe),
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rule": self.rule.state_dict(),
-            "rng": {"shuffle": self.shuffle.get_state(), "torch": torch.get_rng_state()},
-            **counters,
-        }
-
-
-class Diverged(EprunError):
-    exit_code = 1
+    augment: torch.Generator
 
 
 def load_data(recipe: Recipe, device: torch.device) -> Splits:
@@ -64,13 +72,14 @@ def load_data(recipe: Recipe, device: torch.device) -> Splits:
 
 def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment:
     torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
     info = splits.info
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
     optimizer = build_optimizer(recipe.optim, net.layer_groups())
     scheduler = build_scheduler(recipe.schedule, optimizer, recipe.train.epochs)
     return Experiment(recipe, device, splits, net, rule, optimizer, scheduler,
-                      generator(recipe.seed, "shuffle"))
+                      generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -92,54 +101,17 @@ def evaluate(rule, split: Split, batch_size: int, max_batches: int | None = None
     return {"accuracy": int(correct) / max(n, 1), "loss": float(loss_sum) / max(n, 1), "n": n}
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- training state
 
 
-def batches_per_epoch(recipe: Recipe, n_train: int) -> int:
-    n = math.ceil(n_train / recipe.data.batch_size)
-    return min(n, recipe.train.max_batches) if recipe.train.max_batches else n
-
-
-def train_epoch(exp: Experiment, epoch: int, step: int, progress: TrainProgress, log) -> tuple[int, dict]:
-    """One pass over the shuffled training split; returns the new global step and epoch stats."""
-    recipe, train = exp.recipe, exp.splits.train
-    bs, n_batches = recipe.data.batch_size, batches_per_epoch(recipe, len(train))
-    order = torch.randperm(len(train), generator=exp.shuffle).to(train.x.device)
-    window = _Window(train.x.device)
-    epoch_stats = _Window(train.x.device)
-    start = time.perf_counter()
-    for b in range(n_batches):
-        idx = order[b * bs:(b + 1) * bs]
-        x, y = train.x[idx], train.y[idx]
-        exp.optimizer.zero_grad(set_to_none=False)
-        logits, loss = exp.rule.train_step(x, y)
-        exp.optimizer.step()
-        window.add(logits, loss, y)
-        epoch_stats.add(logits, loss, y)
-        step += 1
-        progress.advance()
-        if (b + 1) % recipe.train.log_every == 0 or b + 1 == n_batches:
-            stats = window.flush()
-            if not math.isfinite(stats["loss"]):
-                raise Diverged(f"training diverged: non-finite loss at epoch {epoch + 1}, batch {b + 1}")
-            elapsed = time.perf_counter() - start
-            stats["samples_per_s"] = epoch_stats.n / elapsed if elapsed > 0 else 0.0
-            progress.show(epoch + (b + 1) / n_batches, stats["loss"], stats["accuracy"], stats["samples_per_s"])
-            log({"event": "train", "epoch": epoch + (b + 1) / n_batches, "step": step, **stats})
-    elapsed = time.perf_counter() - start
-    stats = epoch_stats.flush()
-    stats["time_s"] = elapsed
-    return step, stats
-
-
-class _Window:
+class Window:
     """Running sums of loss and correct predictions, kept on the device (no sync per batch)."""
 
     def __init__(self, device):
         self.device = device
-        self._reset()
+        self.reset()
 
-    def _reset(self):
+    def reset(self):
         self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.n = 0
@@ -152,13 +124,265 @@ class _Window:
     def flush(self) -> dict:
         out = {"loss": float(self.loss) / max(self.n, 1), "accuracy": int(self.correct) / max(self.n, 1),
                "samples": self.n}
-        self._reset()
+        self.reset()
         return out
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss = state["loss"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.n = state["n"]
+
+
+@dataclass
+class Position:
+    """Where training is: the next batch to run, and what has been accumulated so far."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    batch: int = 0  # next batch index within the epoch
+    step: int = 0  # optimiser steps taken
+    epoch_shuffle_state: torch.Tensor | None = None  # shuffling generator at the start of `epoch`
+    train_time_s: float = 0.0
+    samples: int = 0
+    metrics_records: int = 0
+    summary: dict = field(default_factory=dict)
+
+
+def checkpoint_state(exp: Experiment, pos: Position, window: Window, epoch_window: Window) -> dict:
+    """A checkpoint: tensors and plain data only (loadable with ``weights_only=True``)."""
+    rng = {"torch": torch.get_rng_state(), "python": _python_rng_state(), "shuffle": exp.shuffle.get_state(),
+           "augment": exp.augment.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "recipe": schema.to_plain(exp.recipe),
+        "model": exp.net.state_dict(),
+        "optimizer": exp.optimizer.state_dict(),
+        "scheduler": exp.scheduler.state_dict() if exp.scheduler is not None else None,
+        "rule": exp.rule.state_dict(),
+        "rng": rng,
+        "epoch": pos.epoch, "batch": pos.batch, "step": pos.step,
+        "epoch_shuffle_state": pos.epoch_shuffle_state,
+        "train_time_s": pos.train_time_s, "samples": pos.samples,
+        "metrics_records": pos.metrics_records,
+        "window": window.state_dict(), "epoch_window": epoch_window.state_dict(),
+        "summary": dict(pos.summary),
+    }
+
+
+def restore(exp: Experiment, state: dict, window: Window, epoch_window: Window, where: str) -> Position:
+    """Load a checkpoint into a freshly assembled experiment; return the training position."""
+    try:
+        exp.net.load_state_dict(state["model"])
+        exp.optimizer.load_state_dict(state["optimizer"])
+        if exp.scheduler is not None and state.get("scheduler") is not None:
+            exp.scheduler.load_state_dict(state["scheduler"])
+        exp.rule.load_state_dict(state["rule"])
+        exp.shuffle.set_state(state["rng"]["shuffle"])
+        exp.augment.set_state(state["rng"]["augment"])
+        torch.set_rng_state(state["rng"]["torch"])
+        _set_python_rng_state(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        window.load_state_dict(state["window"])
+        epoch_window.load_state_dict(state["epoch_window"])
+        return Position(epoch=state["epoch"], batch=state["batch"], step=state["step"],
+                        epoch_shuffle_state=state["epoch_shuffle_state"],
+                        train_time_s=state["train_time_s"], samples=state["samples"],
+                        metrics_records=state["metrics_records"], summary=dict(state["summary"]))
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where}: does not fit this run's network or format ({first})") from None
+
+
+def _python_rng_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def batches_per_epoch(recipe: Recipe, n_train: int) -> int:
+    n = math.ceil(n_train / recipe.data.batch_size)
+    return min(n, recipe.train.max_batches) if recipe.train.max_batches else n
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop stops at the next batch boundary. A second signal
+    gets the default behaviour (immediate stop)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _first_non_finite(exp: Experiment, loss: torch.Tensor) -> str | None:
+    """Where NaN/Inf appeared in this batch: the loss (i.e. the states), an update, or a weight."""
+    checks = [torch.isfinite(loss).all()]
+    params = list(exp.net.named_parameters())
+    checks += [torch.isfinite(p.grad).all() for _, p in params if p.grad is not None]
+    checks += [torch.isfinite(p).all() for _, p in params]
+    if bool(torch.stack(checks).all()):
+        return None
+    if not bool(torch.isfinite(loss).all()):
+        return "the loss (the network's states)"
+    for name, p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the update of {name}"
+    for name, p in params:
+        if not bool(torch.isfinite(p).all()):
+            return f"the parameter {name}"
+    return "an unknown place"
+
+
+def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
+             quiet: bool) -> None:
+    """Train from ``pos`` to the end of the recipe, checkpointing and logging into ``run_dir``."""
+    recipe, splits = exp.recipe, exp.splits
+    train, bs = splits.train, recipe.data.batch_size
+    n_batches = batches_per_epoch(recipe, len(train))
+    every = recipe.train.checkpoint_every
+    summary = pos.summary
+    ckpt_dir = run_dir / "checkpoints"
+
+    def save_last():
+        runs.save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(exp, pos, window, epoch_window))
+
+    progress = TrainProgress(recipe.train.epochs * n_batches, quiet)
+    progress.advance(pos.epoch * n_batches + pos.batch)
+    with runs.MetricsWriter(run_dir / "metrics.jsonl") as metrics, progress, _StopFlag() as stop:
+
+        def log(record):
+            metrics.log(record)
+            pos.metrics_records += 1
+
+        while pos.epoch < recipe.train.epochs:
+            if pos.batch == 0:
+                pos.epoch_shuffle_state = exp.shuffle.get_state()
+            else:  # resuming mid-epoch: replay the epoch's permutation
+                exp.shuffle.set_state(pos.epoch_shuffle_state)
+            order = torch.randperm(len(train), generator=exp.shuffle).to(train.x.device)
+            start = time.perf_counter()
+            while pos.batch < n_batches:
+                idx = order[pos.batch * bs:(pos.batch + 1) * bs]
+                x, y = augment(train.x[idx], recipe.data.augment, exp.augment), train.y[idx]
+                exp.optimizer.zero_grad(set_to_none=False)
+                logits, loss = exp.rule.train_step(x, y)
+                where = _first_non_finite(exp, loss)
+                if where is not None:
+                    message = (f"diverged at epoch {pos.epoch + 1}, batch {pos.batch + 1} (step {pos.step + 1}): "
+                               f"NaN/Inf in {where}; the last good checkpoint is {ckpt_dir / 'last.pt'}")
+                    summary.update(status="diverged", error=message)
+                    raise Diverged(message)
+                exp.optimizer.step()
+                window.add(logits, loss, y)
+                epoch_window.add(logits, loss, y)
+                pos.batch += 1
+                pos.step += 1
+                progress.advance()
+                if pos.batch % recipe.train.log_every == 0 or pos.batch == n_batches:
+                    stats = window.flush()
+                    elapsed = pos.train_time_s + time.perf_counter() - start
+                    stats["samples_per_s"] = (pos.samples + epoch_window.n) / elapsed if elapsed > 0 else 0.0
+                    epoch_float = pos.epoch + pos.batch / n_batches
+                    progress.show(epoch_float, stats["loss"], stats["accuracy"], stats["samples_per_s"])
+                    log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})
+                mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
+                stopping = stop.signum is not None and mid_epoch
+                if mid_epoch and (stopping or (every and pos.step % every == 0)):
+                    pos.train_time_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save_last()
+                if stopping:
+                    name = signal.Signals(stop.signum).name
+                    summary.update(status="interrupted", interrupted_by=name)
+                    raise Interrupted(f"{name}: stopped at epoch {pos.epoch + 1}, batch {pos.batch}; "
+                                      f"resume with: eprun train --resume {run_dir}", stop.signum)
+            pos.train_time_s += time.perf_counter() - start
+            stats = epoch_window.flush()
+            pos.samples += stats["samples"]
+            if exp.scheduler is not None:
+                exp.scheduler.step()
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            record = {"epoch": pos.epoch, "step": pos.step}
+            if splits.val is not None:
+                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size)
+                log({"event": "eval", "split": "val", **record, **_scores(val)})
+                summary["val_accuracy"] = val["accuracy"]
+                if summary.get("best_val_accuracy") is None or val["accuracy"] > summary["best_val_accuracy"]:
+                    summary.update(best_val_accuracy=val["accuracy"], best_epoch=pos.epoch)
+                    runs.save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(exp, pos, window, epoch_window))
+            summary.update(epochs_completed=pos.epoch, train_accuracy=stats["accuracy"], train_loss=stats["loss"],
+                           train_time_s=pos.train_time_s,
+                           samples_per_s=pos.samples / pos.train_time_s if pos.train_time_s > 0 else 0.0)
+            save_last()
+            runs.write_summary(run_dir, summary)
+            progress.log(_epoch_line(pos.epoch, recipe.train.epochs, stats, summary.get("val_accuracy")))
+            if stop.signum is not None:
+                name = signal.Signals(stop.signum).name
+                summary.update(status="interrupted", interrupted_by=name)
+                raise Interrupted(f"{name}: stopped after epoch {pos.epoch}; resume with: "
+                                  f"eprun train --resume {run_dir}", stop.signum)
+        test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size)
+        log({"event": "eval", "split": "test", "epoch": pos.epoch, "step": pos.step, **_scores(test)})
+        summary.update(status="finished", test_accuracy=test["accuracy"], test_loss=test["loss"])
+
+
+def _finish(run_dir: Path, recipe: Recipe, summary: dict, wall_start: float, wall_before: float) -> None:
+    """Write the final summary and the learning-curve plot, whatever the outcome."""
+    summary["wall_time_s"] = wall_before + time.perf_counter() - wall_start
+    summary.setdefault("best_val_accuracy", None)
+    runs.write_summary(run_dir, summary)
+    plots.plot_curves(runs.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "curves.png",
+                      title=recipe.name)
+
+
+def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
+           quiet: bool, wall_before: float) -> Path:
+    wall_start = time.perf_counter()
+    pos.summary["status"] = "running"
+    runs.write_summary(run_dir, pos.summary)
+    try:
+        with _RunLock(run_dir):
+            run_loop(exp, run_dir, pos, window, epoch_window, quiet)
+    except BaseException as exc:
+        if pos.summary.get("status") == "running":
+            pos.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    finally:
+        _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
+    return run_dir
 
 
 def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
     """Train a recipe into a new run directory and return its path."""
-    wall_start = time.perf_counter()
     device = resolve_device(recipe.device)
     splits = load_data(recipe, device)  # data errors surface before anything is written
     exp = assemble(recipe, splits, device)
@@ -171,51 +395,99 @@ def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[s
                "n_train": len(splits.train), "n_val": len(splits.val) if splits.val else 0,
                "n_test": len(splits.test)}
     runs.write_summary(run_dir, summary)
-    total = recipe.train.epochs * batches_per_epoch(recipe, len(splits.train))
-    progress = TrainProgress(total, quiet)
-    step, best_val, train_time, samples = 0, None, 0.0, 0
-    with runs.MetricsWriter(run_dir / "metrics.jsonl") as metrics, progress:
+    pos, window, epoch_window = Position(summary=summary), Window(device), Window(device)
+    # a step-0 checkpoint: a run killed at any moment, even before its first batch, resumes
+    runs.save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint_state(exp, pos, window, epoch_window))
+    return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before=0.0)
+
+
+def resume(run_path: Path, *, force: bool = False, overrides: list[str] = (), quiet: bool = False) -> Path:
+    """Continue an interrupted or killed run from ``checkpoints/last.pt``, in the same directory.
+
+    A recipe edited since the run started (its ``recipe.yaml`` or ``overrides``) is refused
+    unless ``force``; with ``force`` the edit is recorded in ``summary.json``.
+    """
+    run_dir = runs.run_dir_of(Path(run_path))
+    summary_now = runs.read_summary(run_dir) if (run_dir / "summary.json").exists() else {}
+    if summary_now.get("status") == "finished":
+        raise RunDirError(f"{run_dir}: the run has finished; there is nothing to resume")
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise RunDirError(f"{run_dir}: no checkpoints/last.pt to resume from (the run was stopped before "
+                          f"it started training; start it again)")
+    state = runs.load_checkpoint(last)
+    recipe = load_recipe(run_dir / "recipe.yaml", list(overrides))
+    original = from_plain(state["recipe"], f"{last} (embedded recipe)")
+    edited = schema.to_plain(recipe) != schema.to_plain(original)
+    if edited and not force:
+        raise RecipeError(f"{run_dir / 'recipe.yaml'}: the recipe differs from the one the run was started "
+                          f"with ({_first_difference(schema.to_plain(original), schema.to_plain(recipe))}); "
+                          f"resume with --force to continue with the edited recipe")
+    device = resolve_device(recipe.device)
+    splits = load_data(recipe, device)
+    exp = assemble(recipe, splits, device)
+    window, epoch_window = Window(device), Window(device)
+    pos = restore(exp, state, window, epoch_window, str(last))
+    runs.truncate_metrics(run_dir / "metrics.jsonl", pos.metrics_records)
+    resumes = list(pos.summary.get("resumes", []))
+    resumes.append({"from_step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
+                    "edited_recipe": edited, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    pos.summary["resumes"] = resumes
+    if edited:
+        runs.atomic_write_text(run_dir / "recipe.yaml", to_yaml(recipe))
+    wall_before = float(summary_now.get("wall_time_s") or 0.0)
+    return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before)
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+    return f"{path}: {a!r} → {b!r}"
+
+
+class _RunLock:
+    """One process writes a run at a time: ``.lock`` holds the writer's pid; a stale lock (dead
+    pid) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _pid_alive(self._owner()):
+                    raise RunDirError(f"{self.path.parent}: another process (pid {self._owner()}) is writing this run")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise RunDirError(f"{self.path}: cannot take the run's lock")
+
+    def _owner(self) -> int:
         try:
-            for epoch in range(recipe.train.epochs):
-                step, stats = train_epoch(exp, epoch, step, progress, metrics.log)
-                train_time += stats["time_s"]
-                samples += stats["samples"]
-                if exp.scheduler is not None:
-                    exp.scheduler.step()
-                record = {"epoch": epoch + 1, "step": step}
-                if splits.val is not None:
-                    val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size)
-                    metrics.log({"event": "eval", "split": "val", **record, **_scores(val)})
-                    if best_val is None or val["accuracy"] > best_val:
-                        best_val = val["accuracy"]
-                        summary.update(best_val_accuracy=best_val, best_epoch=epoch + 1)
-                        runs.save_checkpoint(run_dir / "checkpoints" / "best.pt",
-                                             exp.state_dict(epoch=epoch + 1, step=step, best_val_accuracy=best_val))
-                    summary["val_accuracy"] = val["accuracy"]
-                runs.save_checkpoint(run_dir / "checkpoints" / "last.pt",
-                                     exp.state_dict(epoch=epoch + 1, step=step, best_val_accuracy=best_val))
-                summary.update(epochs_completed=epoch + 1, train_accuracy=stats["accuracy"],
-                               train_loss=stats["loss"], train_time_s=train_time,
-                               samples_per_s=samples / train_time if train_time > 0 else 0.0,
-                               wall_time_s=time.perf_counter() - wall_start)
-                runs.write_summary(run_dir, summary)
-                progress.log(_epoch_line(epoch + 1, recipe.train.epochs, stats, summary.get("val_accuracy")))
-            test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size)
-            metrics.log({"event": "eval", "split": "test", "epoch": recipe.train.epochs, "step": step, **_scores(test)})
-            summary.update(status="finished", test_accuracy=test["accuracy"], test_loss=test["loss"])
-        except Diverged as exc:
-            summary.update(status="diverged", error=str(exc))
-            raise
-        except KeyboardInterrupt:
-            summary.update(status="interrupted")
-            raise
-        finally:
-            summary["wall_time_s"] = time.perf_counter() - wall_start
-            summary.setdefault("best_val_accuracy", None)
-            runs.write_summary(run_dir, summary)
-            plots.plot_curves(runs.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "curves.png",
-                              title=recipe.name)
-    return run_dir
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _scores(result: dict) -> dict:
@@ -229,8 +501,7 @@ def _rule_label(recipe: Recipe) -> str:
 
 def _epoch_line(epoch: int, epochs: int, stats: dict, val_acc) -> str:
     val = f"  val acc {val_acc:.4f}" if val_acc is not None else ""
-    return (f"epoch {epoch}/{epochs}: train loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}"
-            f"{val}  ({stats['samples'] / stats['time_s']:,.0f} samples/s)")
+    return (f"epoch {epoch}/{epochs}: train loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}{val}")
 
 
 # --------------------------------------------------------------------------- fast dev run
@@ -250,11 +521,12 @@ def fast_dev_run(recipe: Recipe) -> dict:
         y = splits.train.y[b * recipe.data.batch_size:(b + 1) * recipe.data.batch_size]
         exp.optimizer.zero_grad(set_to_none=False)
         _, loss = exp.rule.train_step(x, y)
+        where = _first_non_finite(exp, loss)
+        if where is not None:
+            raise Diverged(f"fast-dev-run: NaN/Inf in {where} at batch {b + 1}")
         exp.optimizer.step()
         losses.append(float(loss.mean()))
     result = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, max_batches=1)
-    if not all(math.isfinite(v) for v in losses + [result["loss"]]):
-        raise Diverged(f"fast-dev-run: non-finite loss {losses + [result['loss']]}")
     return {"train_losses": losses, **result}
 
 
@@ -264,18 +536,15 @@ def fast_dev_run(recipe: Recipe) -> dict:
 def evaluate_checkpoint(checkpoint: Path, split: str = "test", recipe_path: Path | None = None,
                         device: str | None = None) -> dict:
     """Rebuild the network of a checkpoint's run (or of ``recipe_path``) and score it on ``split``."""
-    from eprun.recipe import load_recipe
-
     state = runs.load_checkpoint(Path(checkpoint))
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
+    elif (runs.run_dir_of(Path(checkpoint)) / "recipe.yaml").exists():
+        recipe = load_recipe(runs.run_dir_of(Path(checkpoint)) / "recipe.yaml")
+    elif "recipe" in state:
+        recipe = from_plain(state["recipe"], f"{checkpoint} (embedded recipe)")
     else:
-        try:
-            recipe = load_recipe(runs.run_dir_of(Path(checkpoint)) / "recipe.yaml")
-        except EprunError:
-            if "recipe" not in state:
-                raise CheckpointError(f"{checkpoint}: no recipe in its run or in the checkpoint; pass --recipe")
-            recipe = from_plain(state["recipe"], f"{checkpoint} (embedded recipe)")
+        raise CheckpointError(f"{checkpoint}: no recipe in its run or in the checkpoint; pass --recipe")
     dev = resolve_device(device or recipe.device)
     splits = load_data(recipe, dev)
     exp = assemble(recipe, splits, dev)
