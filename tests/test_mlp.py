@@ -40,12 +40,14 @@ def test_dphi_dtheta_matches_autograd(hidden, readout):
     expected = torch.autograd.grad(net.phi(x, state).mean(), net.phi_parameters())
     for got, want in zip(net.dphi_dtheta(x, state), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # the in-place accumulation used by EP writes the same values, scaled
+    # the in-place accumulation used by EP writes the scaled difference at two states
+    _, _, other = random_batch(net, seed=2)
+    at_other = net.dphi_dtheta(x, other)
     for p in net.parameters():
         p.grad = None
-    net.accumulate_dphi_dtheta_(x, state, 2.5)
-    for p, want in zip(net.phi_parameters(), expected):
-        torch.testing.assert_close(p.grad, 2.5 * want, rtol=1e-12, atol=1e-12)
+    net.accumulate_dphi_dtheta_difference_(x, state, other, 2.5)
+    for p, want, want_other in zip(net.phi_parameters(), expected, at_other):
+        torch.testing.assert_close(p.grad, 2.5 * (want - want_other), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -72,7 +74,7 @@ def test_fast_relax_equals_reference_steps(activation, readout, hidden):
     target = net.target(y, x)
     for beta, steps in [(0.0, 7), (0.4, 4), (-0.3, 3)]:
         fast = [s.clone() for s in state]
-        net.relax(x, fast, steps, beta, target)
+        net.relax(net.input_drive(x), fast, steps, beta, target)
         ref = [s.clone() for s in state]
         with torch.no_grad():
             for _ in range(steps):
@@ -86,7 +88,7 @@ def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
     for batch in (6, 3, 6):
         x, _, state = random_batch(net, batch)
         ids = [id(s) for s in state]
-        out = net.relax(x, state, 5)
+        out = net.relax(net.input_drive(x), state, 5)
         assert [id(s) for s in out] == ids
 
 

@@ -71,36 +71,35 @@ class EP:
         return beta
 
     @torch.no_grad()
-    def free_phase(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def free_phase(self, drive: torch.Tensor) -> list[torch.Tensor]:
         """s* after T steps from s_0 = 0."""
-        state = self.net.init_state(x.shape[0], like=x)
-        return self.net.relax(x, state, self.cfg.T)
+        state = self.net.init_state(drive.shape[0], like=drive)
+        return self.net.relax(drive, state, self.cfg.T)
 
     @torch.no_grad()
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write −Δθ into ``.grad`` (assumed zeroed); return the free-phase logits and per-example loss."""
         net, cfg = self.net, self.cfg
         target = net.target(y, x)
-        free = self.free_phase(x)
+        drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
+        free = self.free_phase(drive)
         logits, loss = net.logits(free), net.loss(free, y)
         beta = self._beta()
-        nudged = net.relax(x, [s.clone() for s in free], cfg.K, beta, target)
+        nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target)
         if cfg.estimator in ("symmetric", "centered"):
-            anti = net.relax(x, [s.clone() for s in free], cfg.K, -beta, target)
+            anti = net.relax(drive, [s.clone() for s in free], cfg.K, -beta, target)
             # −Δθ = (1/2β)(∂Φ/∂θ(s^{−β}) − ∂Φ/∂θ(s^β))
-            net.accumulate_dphi_dtheta_(x, anti, 1.0 / (2 * beta))
-            net.accumulate_dphi_dtheta_(x, nudged, -1.0 / (2 * beta))
+            net.accumulate_dphi_dtheta_difference_(x, anti, nudged, 1.0 / (2 * beta))
         else:
             # −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β))
-            net.accumulate_dphi_dtheta_(x, free, 1.0 / beta)
-            net.accumulate_dphi_dtheta_(x, nudged, -1.0 / beta)
+            net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta)
         net.accumulate_readout_grad_(free, y)
         return logits, loss
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prediction from the free fixed point: logits and per-example loss."""
-        free = self.free_phase(x)
+        free = self.free_phase(self.net.input_drive(x))
         return self.net.logits(free), self.net.loss(free, y)
 
     def state_dict(self) -> dict:
