@@ -78,11 +78,20 @@ def train(
                   f"on {result['n']} synthetic examples")
             return
         run_dir = runner.train(resolved, out_dir, quiet=quiet, argv=sys.argv)
+        twin = runner.paired_recipe(resolved)
+        if twin is not None:  # rule.pair_with: the same initial weights trained by BPTT
+            _report(run_dir)
+            print(run_dir)
+            run_dir = runner.train(twin, out_dir, quiet=quiet, argv=sys.argv)
+    _report(run_dir)
+    print(run_dir)
+
+
+def _report(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
-    err.print(f"test accuracy {summary['test_accuracy']:.4f}, best val accuracy "
+    err.print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f}, best val accuracy "
               f"{_fmt(summary.get('best_val_accuracy'))}, {summary['samples_per_s']:,.0f} samples/s, "
               f"{summary['wall_time_s']:.1f} s", highlight=False)
-    print(run_dir)
 
 
 @app.command("eval")

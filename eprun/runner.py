@@ -401,6 +401,19 @@ def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[s
     return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before=0.0)
 
 
+def paired_recipe(recipe: Recipe) -> Recipe | None:
+    """The BPTT twin of an EP-type recipe with ``rule.pair_with: bptt``: same seed (so the same
+    initial weights and data order), same network and T, the rule swapped for BPTT."""
+    if getattr(recipe.rule, "pair_with", None) != "bptt":
+        return None
+    from eprun.rules.bptt import BPTTConfig
+
+    plain = schema.to_plain(recipe)
+    plain["name"] = f"{recipe.name}-bptt"
+    plain["rule"] = schema.to_plain(BPTTConfig(T=recipe.rule.T))
+    return from_plain(plain, f"{recipe.name} (paired BPTT run)")
+
+
 def resume(run_path: Path, *, force: bool = False, overrides: list[str] = (), quiet: bool = False) -> Path:
     """Continue an interrupted or killed run from ``checkpoints/last.pt``, in the same directory.
 

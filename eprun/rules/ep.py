@@ -21,7 +21,7 @@ A softmax read-out (outside Φ) is trained on the exact gradient of its loss at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -38,6 +38,7 @@ class EPConfig:
     beta: float = 0.1
     estimator: Estimator = "one-sided"
     sign_probability: float = 0.5
+    pair_with: Optional[Literal["bptt"]] = None  # also train BPTT from the same initial weights
 
     def check(self):
         if self.T < 1:

@@ -1,0 +1,67 @@
+"""Backpropagation through time: the ground truth the GDU theorem is stated against.
+
+The network runs T steps of its own dynamics from s_0 = 0 (``net.step``, the out-of-place,
+autograd-friendly step), the loss ℓ(s_T, y) is taken on the last state, and autograd carries
+∂ℓ/∂θ back through all T steps::
+
+    s_{t+1} = F(x, s_t, θ),   s_0 = 0,     L = ℓ(s_T, y),     ∇_θ L = Σ_t ∂L/∂s_{t+1} · ∂F/∂θ(x, s_t, θ)
+
+``rule.kind: bptt`` and ``rule.kind: ep`` swap in one recipe: the same network, dynamics,
+read-out and loss; prediction from the free phase (the same T steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BPTTConfig:
+    """``rule:`` section for ``kind: bptt``."""
+
+    kind: str = "bptt"
+    T: int = 30
+
+    def check(self):
+        if self.T < 1:
+            yield "T", f"needs at least 1 step, got {self.T}"
+
+
+class BPTT:
+    Config = BPTTConfig
+
+    def __init__(self, cfg: BPTTConfig, net, generator: torch.Generator):
+        self.cfg = cfg
+        self.net = net
+        self.generator = generator
+
+    def unroll(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """s_T after T steps of ``net.step`` from s_0 = 0, with the autograd graph kept."""
+        state = self.net.init_state(x.shape[0], like=x)
+        for _ in range(self.cfg.T):
+            state = self.net.step(x, state)
+        return state
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate ∂(mean ℓ(s_T))/∂θ into ``.grad``; return logits and per-example loss at s_T."""
+        with torch.enable_grad():
+            state = self.unroll(x)
+            loss = self.net.loss(state, y)
+            loss.mean().backward()
+        with torch.no_grad():
+            return self.net.logits(state).detach(), loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The free phase, closed form: the same T steps of the same dynamics."""
+        state = self.net.init_state(x.shape[0], like=x)
+        state = self.net.relax(self.net.input_drive(x), state, self.cfg.T)
+        return self.net.logits(state), self.net.loss(state, y)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
