@@ -30,6 +30,21 @@ def _out() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+@app.callback()
+def main_options(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", envvar="EPRUN_THREADS",
+        help="CPU threads for torch (default: torch's). 1 is fastest for small nets on a busy machine."),
+):
+    """Experiment runner for Equilibrium Propagation, its variants, and their baselines."""
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"--threads must be ≥ 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def user_errors(fn):
     """Print an :class:`EprunError` as one line on stderr and exit with its code (2 for bad input)."""
 
@@ -131,12 +146,14 @@ def compare(
         print(json.dumps(rows, indent=2))
     else:
         table = Table(show_header=True, header_style="bold")
-        for col in ("name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"):
+        with_angle = any(r["angle_to_bptt_deg"] is not None for r in rows)
+        columns = ["name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"]
+        for col in columns + (["angle to BPTT"] if with_angle else []):
             table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
         for r in rows:
-            table.add_row(r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
-                          _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"),
-                          _fmt(r["samples_per_s"], ",.0f"))
+            cells = [r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
+                     _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"), _fmt(r["samples_per_s"], ",.0f")]
+            table.add_row(*cells, *([_fmt(r["angle_to_bptt_deg"], ".1f", "°")] if with_angle else []))
         _out().print(table)
     if plot is not None:
         plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
@@ -150,11 +167,56 @@ def _compare_row(info) -> dict:
     return {"name": info.name, "path": str(info.path), "status": s.get("status", "running"), "rule": label,
             "epochs": s.get("epochs_completed", 0), "best_val_accuracy": s.get("best_val_accuracy"),
             "test_accuracy": s.get("test_accuracy"), "wall_time_s": s.get("wall_time_s"),
-            "samples_per_s": s.get("samples_per_s")}
+            "samples_per_s": s.get("samples_per_s"), "angle_to_bptt_deg": _last(info.metrics, "gdu", "angle_deg")}
+
+
+def _last(metrics: list[dict], event: str, key: str):
+    """The last value of ``key`` among ``event`` records (e.g. the final angle to BPTT)."""
+    values = [m.get(key) for m in metrics if m.get("event") == event and m.get(key) is not None]
+    return values[-1] if values else None
 
 
 def _fmt(value, spec: str = ".4f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+@app.command()
+@user_errors
+def gdu(
+    recipe_or_run: str = typer.Argument(..., help="A recipe (file or bundled name) or a run directory."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Check at these weights (default: initial)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="K: second-phase steps compared (default: rule.K)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="β (default: rule.beta)."),
+    batch: int = typer.Option(20, "--batch", help="Examples from the training split."),
+    dtype: str = typer.Option("float64", "--dtype", help="float32 or float64."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/gdu-NAME-TIME)."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a recipe value (repeatable)."),
+):
+    """The GDU check: EP's step-by-step updates against BPTT's gradients (gdu.json, gdu.csv, plots)."""
+    from eprun import gdu as gdu_check
+    from eprun.recipe import load_recipe
+
+    if dtype not in ("float32", "float64"):
+        raise EprunError(f"--dtype: expected float32 or float64, got {dtype!r}")
+    path = Path(recipe_or_run)
+    recipe_file = path / "recipe.yaml" if path.is_dir() else catalog.resolve(recipe_or_run)
+    if path.is_dir() and checkpoint is None and (path / "checkpoints" / "last.pt").exists():
+        checkpoint = path / "checkpoints" / "last.pt"
+    recipe = load_recipe(recipe_file, set_)
+    result, _, out = gdu_check.run_check(recipe, checkpoint=checkpoint, steps=steps, beta=beta, batch=batch,
+                                         dtype=dtype, out_dir=out_dir)
+    table = Table(show_header=True, header_style="bold",
+                  title=f"GDU: {recipe.name}, T={result['T']}, K={result['K']}, β={result['beta']}, batch {result['batch']}")
+    for col in ("tensor", "rel. RMSE", "sign agree", "cosine", "rel. RMSE ±β", "sign agree ±β"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    one, sym = result["estimators"]["one-sided"], result["estimators"]["symmetric"]
+    for name in one:
+        table.add_row(name, f"{one[name]['relative_rmse']:.4f}", f"{one[name]['sign_agreement']:.3f}",
+                      f"{one[name]['cosine']:.4f}", f"{sym[name]['relative_rmse']:.4f}",
+                      f"{sym[name]['sign_agreement']:.3f}")
+    _out().print(table)
+    err.print(f"{result['seconds']:.1f} s; gdu.json, gdu.csv, gdu-traces.png, gdu-rmse.png in {out}")
+    print(out)
 
 
 @recipes_app.callback()

@@ -162,3 +162,52 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], out: Path,
     if not drawn:
         _no_data(ax)
     return _save(fig, out)
+
+
+def plot_gdu_traces(ep: dict, bptt: dict, out: Path, units: int = 3, title: str = "") -> Path:
+    """Like the GDU figures of Ernoult et al. 2019: for a few units of each tensor, EP's update
+    (dashed) and BPTT's negated gradient (solid) against the second-phase step t.
+
+    ``ep`` / ``bptt``: name → (K, *shape) tensors (first example for neurons)."""
+    names = list(bptt)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        e, b = ep[name].reshape(ep[name].shape[0], -1), bptt[name].reshape(bptt[name].shape[0], -1)
+        strongest = b.abs().sum(0).argsort(descending=True)[:units]
+        steps = list(range(e.shape[0]))
+        for j, unit in enumerate(strongest.tolist()):
+            color = f"C{j}"
+            ax.plot(steps, b[:, unit].tolist(), color=color, linestyle="-", linewidth=1.5)
+            ax.plot(steps, e[:, unit].tolist(), color=color, linestyle="--", linewidth=1.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("t (second-phase step)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.legend([Line2D([], [], color="k", linestyle="-"), Line2D([], [], color="k", linestyle="--")],
+               ["BPTT  −∂L/∂· (T−t)", "EP  Δ(t)"], loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.92, 0.95))
+    return _save(fig, out)
+
+
+def plot_gdu_rmse(metrics_by_estimator: dict[str, dict[str, dict]], out: Path, title: str = "") -> Path:
+    """Bar chart of the relative RMSE between EP and BPTT per tensor, one bar group per estimator."""
+    estimators = list(metrics_by_estimator)
+    names = list(next(iter(metrics_by_estimator.values())))
+    fig = Figure(figsize=(max(5.0, 0.8 * len(names) + 2), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(estimators), 1)
+    for j, estimator in enumerate(estimators):
+        values = [metrics_by_estimator[estimator][n]["relative_rmse"] for n in names]
+        ax.bar([i + j * width for i in range(len(names))], values, width=width, label=estimator, color=f"C{j}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("relative RMSE (EP vs BPTT)")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -91,6 +91,9 @@ class TrainConfig:
     log_every: int = 50
     max_batches: Optional[int] = None
     checkpoint_every: int = 0  # batches between mid-epoch checkpoints (0: at epoch ends only)
+    gdu_every: int = 0  # batches between logs of the angle between the update and the BPTT gradient (0: never)
+    diagnostics_every: int = 0  # batches between relaxation diagnostics (0: never)
+    convergence_tol: float = 1e-3  # free-phase residual above which a warning is logged
 
     def check(self):
         if self.epochs < 1:
@@ -99,6 +102,9 @@ class TrainConfig:
             yield "log_every", f"must be ≥ 1, got {self.log_every}"
         if self.max_batches is not None and self.max_batches < 1:
             yield "max_batches", f"must be ≥ 1 or null, got {self.max_batches}"
+        for key in ("gdu_every", "diagnostics_every"):
+            if getattr(self, key) < 0:
+                yield key, f"must be ≥ 0 (0: never), got {getattr(self, key)}"
         if self.checkpoint_every < 0:
             yield "checkpoint_every", f"must be ≥ 0 (0: only at epoch ends), got {self.checkpoint_every}"
 

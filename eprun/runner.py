@@ -301,6 +301,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                                f"NaN/Inf in {where}; the last good checkpoint is {ckpt_dir / 'last.pt'}")
                     summary.update(status="diverged", error=message)
                     raise Diverged(message)
+                _monitor(exp, x, y, pos, n_batches, log, progress)
                 exp.optimizer.step()
                 window.add(logits, loss, y)
                 epoch_window.add(logits, loss, y)
@@ -353,6 +354,31 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
         test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size)
         log({"event": "eval", "split": "test", "epoch": pos.epoch, "step": pos.step, **_scores(test)})
         summary.update(status="finished", test_accuracy=test["accuracy"], test_loss=test["loss"])
+
+
+def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress) -> None:
+    """``train.gdu_every`` / ``train.diagnostics_every``: log the update's angle to the BPTT
+    gradient and the relaxation's convergence on this batch (before the optimiser step)."""
+    from eprun import diagnostics
+
+    cfg, rule = exp.recipe.train, exp.recipe.rule
+    step = pos.step + 1
+    if not hasattr(rule, "T"):
+        return
+    record = {"epoch": pos.epoch + (pos.batch + 1) / n_batches, "step": step}
+    if cfg.gdu_every and step % cfg.gdu_every == 0:
+        log({"event": "gdu", **record, **diagnostics.update_angles(exp.net, x, y, rule.T)})
+    if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
+        beta = getattr(rule, "beta", 0.0) or 0.0
+        found = diagnostics.relaxation(exp.net, x, y, rule.T, getattr(rule, "K", 1), beta)
+        log({"event": "diagnostics", **record, **found})
+        if found["free_residual"] > cfg.convergence_tol:
+            warning = (f"free phase not converged at step {step}: residual {found['free_residual']:.2e} > "
+                       f"train.convergence_tol {cfg.convergence_tol:.0e} (raise rule.T?)")
+            pos.summary.setdefault("warnings", [])
+            if len(pos.summary["warnings"]) < 20:
+                pos.summary["warnings"].append(warning)
+            progress.log(f"warning: {warning}")
 
 
 def _finish(run_dir: Path, recipe: Recipe, summary: dict, wall_start: float, wall_before: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ class _Mismatch(Exception):
     pass
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value: Any, tp: Any, path: KeyPath, source: Source) -> Any:
     """Check ``value`` against annotation ``tp``; return it converted (int → float, list → tuple)."""
     origin = typing.get_origin(tp)
@@ -202,6 +206,8 @@ def _convert(value: Any, tp: Any, path: KeyPath, source: Source) -> Any:
             raise _Mismatch
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the number meant
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Mismatch
         return float(value)

@@ -157,3 +157,9 @@ def test_resolved_yaml_round_trips(tmp_path):
     again = from_plain(yaml.safe_load(text))
     assert again == r
     assert to_yaml(again) == text
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD.replace("lr: [0.01, 0.005]", "lr: [1e-2, 5e-3]")), ["rule.beta=1e-1"])
+    assert r.optim.lr == [0.01, 0.005] and r.rule.beta == 0.1
+    assert "rule.T: expected an integer, got '1e3'" in error_of(tmp_path, GOOD.replace("T: 8", "T: 1e3"))

@@ -65,6 +65,15 @@ def _synthetic(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) ->
     return make_synthetic(n_train, n_test, (1, 28, 28), 10, seed)
 
 
+def _toy_random(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> RawData:
+    """The toy task of Ernoult et al. 2019 (Fig. 2): x ~ U[0, 1]^5, a random class of 10."""
+    g = torch.Generator().manual_seed(seed)
+    n_train, n_test = synthetic_sizes
+    x = torch.rand(n_train + n_test, 5, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
 _ENTRIES: dict[str, tuple[DatasetInfo, Loader]] = {
     "mnist": (
         DatasetInfo("mnist", (1, 28, 28), 10,
@@ -90,6 +99,11 @@ _ENTRIES: dict[str, tuple[DatasetInfo, Loader]] = {
         DatasetInfo("cifar100", (3, 32, 32), 100,
                     "CIFAR-100 colour images (fine labels): 50000 train / 10000 test, python pickle batches"),
         _cifar100,
+    ),
+    "toy-random": (
+        DatasetInfo("toy-random", (5,), 10,
+                    "random inputs in [0,1]^5 with random labels (the GDU toy task of Ernoult et al. 2019)"),
+        _toy_random,
     ),
     "synthetic": (
         DatasetInfo("synthetic", (1, 28, 28), 10,

@@ -125,6 +125,7 @@ class EnergyMLP(nn.Module):
         self.cfg = cfg
         self.act = ACTIVATIONS[cfg.activation]
         self.eps = float(cfg.dt)
+        self.nudge_scale = self.eps  # the nudge is εβ(y − s^N): neural updates are divided by εβ (see eprun.gdu)
         self.num_classes = num_classes
         n_in = math.prod(input_shape)
         self.sizes = [n_in] + list(cfg.hidden) + [num_classes]  # sizes of s⁰ (= x) … s^N
