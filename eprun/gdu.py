@@ -49,13 +49,22 @@ def _neuron_names(net) -> list[str]:
     return [f"s{n + 1}" for n in range(len(net.init_state(1, torch.zeros(1))))]
 
 
-def ep_updates(net, x, y, T: int, K: int, beta: float, symmetric: bool = False) -> dict[str, torch.Tensor]:
-    """ΔEP_s(t) and ΔEP_θ(t) for t = 0…K−1 (symmetric: the ±β average of the increments)."""
+def free_phase(net, x, steps: int, start: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """``steps`` free steps from ``start`` (default s_0 = 0), without a graph."""
+    with torch.no_grad():
+        state = [s.clone() for s in start] if start is not None else net.init_state(x.shape[0], like=x)
+        return net.relax(net.input_drive(x), state, steps)
+
+
+def ep_updates(net, x, y, T: int, K: int, beta: float, symmetric: bool = False,
+               free: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """ΔEP_s(t) and ΔEP_θ(t) for t = 0…K−1 (symmetric: the ±β average of the increments).
+    ``free``: s* if already computed (T free steps from 0)."""
     scale = getattr(net, "nudge_scale", 1.0)
     target = net.target(y, x)
     with torch.no_grad():
         drive = net.input_drive(x)
-        free = net.relax(drive, net.init_state(x.shape[0], like=x), T)
+        free = free if free is not None else free_phase(net, x, T)
         betas = (beta, -beta) if symmetric else (beta,)
         runs = []
         for b in betas:
@@ -79,11 +88,11 @@ def _param_names(net) -> list[str]:
     return [by_id[id(p)] for p in net.phi_parameters()]
 
 
-def bptt_gradients(net, x, y, T: int, K: int) -> dict[str, torch.Tensor]:
-    """−∂L/∂s_{T−t} and −∂L/∂θ_{T−t} for t = 0…K−1, in O(T) (one backward pass)."""
+def bptt_gradients(net, x, y, T: int, K: int, start: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """−∂L/∂s_{T−t} and −∂L/∂θ_{T−t} for t = 0…K−1, in O(T) (one backward pass).
+    ``start``: s_{T−K} if already computed."""
     params = list(net.phi_parameters())
-    with torch.no_grad():
-        state = net.relax(net.input_drive(x), net.init_state(x.shape[0], like=x), T - K)
+    state = start if start is not None else free_phase(net, x, T - K)
     states = [[s.clone().requires_grad_() for s in state]]
     with torch.enable_grad():
         for _ in range(K):
@@ -151,11 +160,13 @@ def metrics(ep: torch.Tensor, g: torch.Tensor) -> dict:
 
 def check(net, x, y, T: int, K: int, beta: float) -> dict:
     """The full comparison: trajectories and metrics for the one-sided and the symmetric estimate."""
-    bptt = bptt_gradients(net, x, y, T, K)
+    before = free_phase(net, x, T - K)  # s_{T−K}: where BPTT's graph starts
+    free = free_phase(net, x, K, start=before)  # s* = s_T
+    bptt = bptt_gradients(net, x, y, T, K, start=before)
     result = {"T": T, "K": K, "beta": beta, "batch": int(x.shape[0]), "estimators": {}}
     trajectories = {}
     for estimator, symmetric in (("one-sided", False), ("symmetric", True)):
-        ep = ep_updates(net, x, y, T, K, beta, symmetric)
+        ep = ep_updates(net, x, y, T, K, beta, symmetric, free=free)
         result["estimators"][estimator] = {name: metrics(ep[name], bptt[name]) for name in bptt}
         trajectories[estimator] = Trajectories(list(bptt), ep, bptt)
     return result, trajectories
