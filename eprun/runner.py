@@ -77,6 +77,8 @@ def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
     optimizer = build_optimizer(recipe.optim, net.layer_groups())
+    if hasattr(rule, "attach_optimizer"):  # C-EP steps the optimiser itself, during the nudged phase
+        rule.attach_optimizer(optimizer)
     scheduler = build_scheduler(recipe.schedule, optimizer, recipe.train.epochs)
     return Experiment(recipe, device, splits, net, rule, optimizer, scheduler,
                       generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"))
@@ -302,7 +304,8 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     summary.update(status="diverged", error=message)
                     raise Diverged(message)
                 _monitor(exp, x, y, pos, n_batches, log, progress)
-                exp.optimizer.step()
+                if not getattr(exp.rule, "steps_optimizer", False):
+                    exp.optimizer.step()
                 window.add(logits, loss, y)
                 epoch_window.add(logits, loss, y)
                 pos.batch += 1
@@ -314,6 +317,8 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     stats["samples_per_s"] = (pos.samples + epoch_window.n) / elapsed if elapsed > 0 else 0.0
                     epoch_float = pos.epoch + pos.batch / n_batches
                     progress.show(epoch_float, stats["loss"], stats["accuracy"], stats["samples_per_s"])
+                    if hasattr(exp.net, "angles"):  # vector-field nets: angle between B_n and W_nᵀ
+                        stats.update({f"vf_angle_deg/{k}": v for k, v in exp.net.angles().items()})
                     log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})
                 mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
                 stopping = stop.signum is not None and mid_epoch
@@ -563,7 +568,8 @@ def fast_dev_run(recipe: Recipe) -> dict:
         where = _first_non_finite(exp, loss)
         if where is not None:
             raise Diverged(f"fast-dev-run: NaN/Inf in {where} at batch {b + 1}")
-        exp.optimizer.step()
+        if not getattr(exp.rule, "steps_optimizer", False):
+            exp.optimizer.step()
         losses.append(float(loss.mean()))
     result = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, max_batches=1)
     return {"train_losses": losses, **result}

@@ -7,10 +7,12 @@ Adding a network is one file plus one line here.
 
 from eprun.nets.energy_mlp import EnergyMLP
 from eprun.nets.mlp import PrototypicalMLP
+from eprun.nets.vf_mlp import VectorFieldMLP
 
 NETWORKS = {
     "mlp": PrototypicalMLP,
     "energy_mlp": EnergyMLP,
+    "vf_mlp": VectorFieldMLP,
 }
 
 

@@ -6,11 +6,13 @@ applies them) and scores a batch. Adding a rule is one file plus one line here.
 
 from eprun.rules.bp import BP
 from eprun.rules.bptt import BPTT
+from eprun.rules.cep import CEP
 from eprun.rules.ep import EP
 
 RULES = {
     "ep": EP,
     "bp": BP,
+    "cep": CEP,
     "bptt": BPTT,
 }
 

@@ -1,0 +1,395 @@
+"""The prototypical fully connected net with separate forward and backward weights ("vector field").
+
+Scellier et al. 2018 (vector-field EP), Ernoult et al. 2020 (arXiv:2005.04168, VF and C-VF).
+Layers s = (s¹ … s^N), static input x = s⁰. Parameters: forward weights W_n (layer n → n+1,
+shape |s^{n+1}| × |s^n|), biases b_{n+1}, n = 0 … N−1, and backward weights B_n (layer n+1 → n,
+shape |s^n| × |s^{n+1}|), n = 1 … N−1 (the input is clamped, so there is no B_0). The dynamics::
+
+    s^n_{t+1} = σ(W_{n−1} s^{n−1}_t + B_n s^{n+1}_t + b_n)            [+ β(y − s^N) at n = N]
+
+is :class:`~eprun.nets.mlp.PrototypicalMLP`'s with W_nᵀ replaced by B_n. When B_n ≠ W_nᵀ it
+derives from no primitive function Φ: it is a vector field, not a gradient. The nudge and the
+read-outs (MSE on s^N, or softmax(W_out s^N + b_out) outside the dynamics) are the MLP's.
+
+Initial angle. ``initial_angle: α`` (degrees) builds each B_n from W_nᵀ and a random matrix R
+made orthogonal to W_nᵀ in the Frobenius inner product (Gram–Schmidt)::
+
+    R⊥  = R − (⟨R, W_nᵀ⟩ / ‖W_n‖²) W_nᵀ
+    B_n = cos(α) W_nᵀ + sin(α) ‖W_n‖ R⊥ / ‖R⊥‖
+
+so ‖B_n‖ = ‖W_n‖ and the angle between vec(B_n) and vec(W_nᵀ) is exactly α. α = 0 gives
+B_n = W_nᵀ, and then the dynamics are exactly the prototypical MLP's. W, b (and the read-out)
+are drawn first, in the MLP's order, so a ``vf_mlp`` and an ``mlp`` with the same seed and
+sizes start from the same W; R is drawn after them, for every α (an angle sweep with one
+seed shares R). :meth:`angles` measures the angles during training.
+
+The VF update (MISSION.md: "the update of a layer uses (s^β_post − s*_post)·s_preᵀ"), with s*
+the free state and s^β the nudged one, batch means::
+
+    ΔW_n     = (1/β) (s^{n+1,β} − s^{n+1,*}) s^{n,*ᵀ}        post n+1, pre n
+    ΔB_n     = (1/β) (s^{n,β}   − s^{n,*})   s^{n+1,*ᵀ}      post n,   pre n+1
+    Δb_{n+1} = (1/β) (s^{n+1,β} − s^{n+1,*})
+
+Each weight moves with the change of its post-synaptic unit times its pre-synaptic unit at the
+free state: local in space, and defined whatever B is.
+
+``same_update: true`` ties the two directions: W_n and B_n both receive the symmetrised
+update U_n = ΔW_n + ΔB_nᵀ (B_n gets U_nᵀ), so B_n − W_nᵀ never changes under SGD and a net
+started at α = 0 stays symmetric. With B_n = W_nᵀ this *is* EP to first order in β (see
+:meth:`accumulate_dphi_dtheta_difference_`). Applying ΔW_n alone to both (B's update = ΔW_nᵀ)
+would keep the symmetry too, but it drops the s^{n+1} (ds^n)ᵀ half of EP's update of the
+tied weight, so it is not EP at α = 0; the sum is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eprun.nets.activations import ACTIVATIONS
+from eprun.nets.mlp import MLPConfig
+
+
+@dataclass
+class VFMLPConfig(MLPConfig):
+    """``model:`` section for ``kind: vf_mlp``: ``mlp``'s keys plus the backward weights' set-up."""
+
+    kind: str = "vf_mlp"
+    initial_angle: float = 0.0  # degrees between vec(B_n) and vec(W_nᵀ) at initialisation
+    same_update: bool = False  # tie the updates: W_n gets ΔW_n + ΔB_nᵀ, B_n its transpose
+
+    def check(self):
+        yield from super().check()
+        if not 0.0 <= self.initial_angle <= 180.0:
+            yield "initial_angle", f"an angle in degrees in [0, 180], got {self.initial_angle}"
+
+
+def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
+    return list(value) if isinstance(value, list) else [float(value)] * n
+
+
+def backward_at_angle(forward: torch.Tensor, degrees: float, noise: torch.Tensor) -> torch.Tensor:
+    """B = cos(α) Wᵀ + sin(α) ‖W‖ R⊥/‖R⊥‖, R⊥ = ``noise`` made Frobenius-orthogonal to Wᵀ.
+
+    Computed in float64 and returned in ``forward``'s dtype; α = 0 returns Wᵀ exactly.
+    """
+    wt = forward.detach().T.to(torch.float64)
+    if degrees == 0.0:
+        return wt.to(forward.dtype).contiguous()
+    r = noise.to(torch.float64).clone()
+    norm2 = (wt * wt).sum()
+    for _ in range(2):  # Gram–Schmidt, twice for orthogonality to rounding ("twice is enough")
+        r -= ((r * wt).sum() / norm2) * wt
+    alpha = math.radians(degrees)
+    b = math.cos(alpha) * wt + (math.sin(alpha) * norm2.sqrt() / r.norm()) * r
+    return b.to(forward.dtype).contiguous()
+
+
+def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The angle between vec(a) and vec(b) in degrees, as atan2(‖a⊥‖·‖b‖, ⟨a, b⟩) (exact near 0 and 180)."""
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    nb2 = (b * b).sum()
+    dot = (a * b).sum()
+    perp = a - (dot / nb2) * b
+    return math.degrees(math.atan2(float(perp.norm() * nb2.sqrt()), float(dot)))
+
+
+class VectorFieldMLP(nn.Module):
+    """Fully connected net with the prototypical dynamics, forward weights W and backward weights B."""
+
+    Config = VFMLPConfig
+
+    @staticmethod
+    def layer_count(cfg: VFMLPConfig) -> int:
+        """Number of weight layers (the length of per-layer lists such as learning rates)."""
+        return len(cfg.hidden) + 1
+
+    def __init__(self, cfg: VFMLPConfig, input_shape: tuple[int, ...], num_classes: int,
+                 generator: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.act = ACTIVATIONS[cfg.activation]
+        self.num_classes = num_classes
+        self.softmax_readout = cfg.readout == "softmax"
+        self.same_update = bool(cfg.same_update)
+        n_in = math.prod(input_shape)
+        out_sizes = list(cfg.hidden) if self.softmax_readout else list(cfg.hidden) + [num_classes]
+        self.sizes = [n_in] + out_sizes  # sizes of s⁰ (= x) … s^N
+        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+
+        def uniform(shape, fan_in, scale):  # torch.nn.Linear's default: U(−1/√fan_in, 1/√fan_in)
+            bound = 1.0 / math.sqrt(fan_in)
+            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+
+        # W, b and the read-out in PrototypicalMLP's order: same seed, same W
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for n in range(len(self.sizes) - 1):
+            fan_in = self.sizes[n]
+            self.weights.append(uniform((self.sizes[n + 1], fan_in), fan_in, scales[n]))
+            self.biases.append(uniform((self.sizes[n + 1],), fan_in, 1.0))
+        if self.softmax_readout:
+            fan_in = self.sizes[-1]
+            self.readout_weight = uniform((num_classes, fan_in), fan_in, scales[-1])
+            self.readout_bias = uniform((num_classes,), fan_in, 1.0)
+        # backward weights: feedback[n − 1] is B_n, n = 1 … N−1
+        self.feedback = nn.ParameterList()
+        for n in range(1, len(self.weights)):
+            noise = torch.randn(self.weights[n].T.shape, generator=generator, dtype=torch.float64)
+            self.feedback.append(nn.Parameter(backward_at_angle(self.weights[n], cfg.initial_angle, noise)))
+        self._scratch: dict = {}
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def num_state_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def backward_weight(self, n: int) -> nn.Parameter:
+        """B_n (layer n+1 → n), n = 1 … N−1."""
+        return self.feedback[n - 1]
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Per weight layer n: [W_n, b_{n+1}] and B_n when it exists (n ≥ 1); then the read-out."""
+        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
+        for n in range(1, len(groups)):
+            groups[n].append(self.backward_weight(n))
+        if self.softmax_readout:
+            groups.append([self.readout_weight, self.readout_bias])
+        return groups
+
+    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """s_0 = 0 for every layer."""
+        return [like.new_zeros(batch, size) for size in self.sizes[1:]]
+
+    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One-hot targets in the state dtype."""
+        return F.one_hot(y, self.num_classes).to(like.dtype)
+
+    @staticmethod
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    @torch.no_grad()
+    def angles(self) -> dict[str, float]:
+        """Angle in degrees between vec(B_n) and vec(W_nᵀ), per layer: ``{"B1": …, "B2": …}``."""
+        return {f"B{n}": angle_degrees(self.backward_weight(n), self.weights[n].T)
+                for n in range(1, len(self.weights))}
+
+    # ------------------------------------------------------------------ the vector field and the VF update
+
+    def pre_activations(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """W_{n−1} s^{n−1} + B_n s^{n+1} + b_n per layer: the role ∂Φ/∂s plays in the MLP (no Φ here)."""
+        layers = [self.flatten(x)] + list(state)
+        out = []
+        for n in range(1, len(layers)):
+            g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
+            if n + 1 < len(layers):
+                g = g + layers[n + 1] @ self.backward_weight(n).T
+            out.append(g)
+        return out
+
+    def vf_update(self, x: torch.Tensor, state_a: list[torch.Tensor],
+                  state_b: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The "pseudo ∂Φ/∂θ difference" V(a, b), batch means, by parameter name (readable reference)::
+
+            V_{W_n}(a, b)     = (s^{n+1}_a − s^{n+1}_b) s^{n}_aᵀ
+            V_{b_{n+1}}(a, b) = s^{n+1}_a − s^{n+1}_b
+            V_{B_n}(a, b)     = (s^{n}_a − s^{n}_b) s^{n+1}_aᵀ
+
+        With ``same_update`` W_n gets V_{W_n} + V_{B_n}ᵀ and B_n its transpose.
+        """
+        layers_a = [self.flatten(x)] + list(state_a)
+        layers_b = [layers_a[0]] + list(state_b)
+        batch = layers_a[0].shape[0]
+        diff = [a - b for a, b in zip(layers_a, layers_b)]  # diff[0] = 0: the input is clamped
+        out = {}
+        for n in range(len(self.weights)):
+            out[f"weights.{n}"] = diff[n + 1].T @ layers_a[n] / batch
+            out[f"biases.{n}"] = diff[n + 1].mean(dim=0)
+        for n in range(1, len(self.weights)):
+            out[f"feedback.{n - 1}"] = diff[n].T @ layers_a[n + 1] / batch
+        if self.same_update:
+            for n in range(1, len(self.weights)):
+                tied = out[f"weights.{n}"] + out[f"feedback.{n - 1}"].T
+                out[f"weights.{n}"], out[f"feedback.{n - 1}"] = tied, tied.T
+        return out
+
+    @torch.no_grad()
+    def accumulate_dphi_dtheta_difference_(self, x: torch.Tensor, state_a: list[torch.Tensor],
+                                           state_b: list[torch.Tensor], scale: float) -> None:
+        """θ.grad += scale · V(a, b), the VF update, in place (the interface EP's rule calls).
+
+        The net has no Φ; the name is the EP interface's. What is written is the "pseudo
+        ∂Φ/∂θ difference" V(a, b) of :meth:`vf_update`: for each weight, the difference of its
+        post-synaptic units between the states a and b times its pre-synaptic units *at a*::
+
+            W_n.grad     += scale · (s^{n+1}_a − s^{n+1}_b) s^{n}_aᵀ
+            b_{n+1}.grad += scale · (s^{n+1}_a − s^{n+1}_b)
+            B_n.grad     += scale · (s^{n}_a − s^{n}_b) s^{n+1}_aᵀ
+
+        It is *not* "f(a) − f(b)" of one function f: (s^{n+1} s^{nᵀ})(a) − (s^{n+1} s^{nᵀ})(b)
+        would use each state's own pre-synaptic units; the VF update uses s_a's for both.
+        The rules pass the state to take the pre-synaptic units from as ``state_a``:
+
+        * EP (``rules/ep.py``) calls it with (s*, s^β, 1/β): grad = −ΔW_n =
+          (1/β)(s^{n+1,*} − s^{n+1,β}) s^{n,*ᵀ}, the VF update of the module docstring.
+        * C-EP / C-VF (``rules/cep.py``) calls it at each nudged step with (s_t, s_{t+1}, 1/β):
+          the increment (η/β)(s^{post}_{t+1} − s^{post}_t) s^{pre ᵀ}_t of C-VF.
+
+        Reduction to EP. For a PrototypicalMLP (Φ = Σ s^{n+1}·(W_n s^n + b_{n+1})), with
+        Δ = s_a − s_b::
+
+            ∂Φ/∂W_n(a) − ∂Φ/∂W_n(b) = s^{n+1}_a s^{nᵀ}_a − s^{n+1}_b s^{nᵀ}_b
+                                    = V_{W_n}(a, b) + V_{B_n}(a, b)ᵀ − Δ^{n+1} Δ^{nᵀ}
+
+        (expand s_b = s_a − Δ). With B_n = W_nᵀ (``initial_angle: 0``) the dynamics are the
+        MLP's, and with ``same_update`` W_n receives V_{W_n} + V_{B_n}ᵀ: EP's update up to
+        scale·Δ^{n+1}Δ^{nᵀ} = (1/β)·O(β²) = O(β). Biases and W_0 (the input is clamped, Δ⁰ = 0)
+        get exactly EP's update at any β, with or without ``same_update``. Without it, W_n
+        (n ≥ 1) gets V_{W_n} alone, which differs from EP's update at O(1).
+        """
+        layers_a = [self.flatten(x)] + list(state_a)
+        layers_b = [layers_a[0]] + list(state_b)
+        c = scale / layers_a[0].shape[0]
+        diff_post_prev = None  # s^n_a − s^n_b of the layer below (None for the clamped input)
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            diff_post = layers_a[n + 1] - layers_b[n + 1]
+            _grad_of(b).add_(diff_post.sum(dim=0), alpha=c)  # s^{n+1}_a − s^{n+1}_b
+            if n >= 1 and self.same_update:  # tied: W_n and B_nᵀ both get V_{W_n} + V_{B_n}ᵀ
+                tied = torch.mm(diff_post.T, layers_a[n]).addmm_(layers_a[n + 1].T, diff_post_prev)
+                _grad_of(w).add_(tied, alpha=c)
+                _grad_of(self.backward_weight(n)).add_(tied.T, alpha=c)
+            else:
+                _grad_of(w).addmm_(diff_post.T, layers_a[n], alpha=c)  # (s^{n+1}_a − s^{n+1}_b) s^{nᵀ}_a
+                if n >= 1:  # (s^n_a − s^n_b) s^{n+1 ᵀ}_a
+                    _grad_of(self.backward_weight(n)).addmm_(diff_post_prev.T, layers_a[n + 1], alpha=c)
+            diff_post_prev = diff_post
+
+    # ------------------------------------------------------------------ read-out and loss
+
+    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out)."""
+        if self.softmax_readout:
+            return state[-1] @ self.readout_weight.T + self.readout_bias
+        return state[-1]
+
+    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
+        out = self.logits(state)
+        if self.softmax_readout:
+            return F.cross_entropy(out, y, reduction="none")
+        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
+
+    @torch.no_grad()
+    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
+        """For the softmax read-out (outside the dynamics): W_out.grad += (p − y) s^Nᵀ (batch mean)."""
+        if not self.softmax_readout:
+            return
+        s_last = state[-1]
+        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
+        _grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
+        _grad_of(self.readout_bias).add_(err.mean(dim=0))
+
+    # ------------------------------------------------------------------ dynamics (hot path)
+
+    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = (state[0].shape[0], state[0].dtype, state[0].device)
+        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
+            self._scratch[key] = [torch.empty_like(s) for s in state]
+        return self._scratch[key]
+
+    @torch.no_grad()
+    def input_drive(self, x: torch.Tensor) -> torch.Tensor:
+        """The constant part of the first layer's pre-activation, a·(W_0 x + b_1) + c, once per batch."""
+        a, c = self.act.scale, self.act.shift
+        return torch.addmm(self.biases[0], self.flatten(x), self.weights[0].T).mul_(a).add_(c)
+
+    @torch.no_grad()
+    def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
+              target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
+
+        ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
+        s_t (a = σ's scale, c = its shift)::
+
+            z^n = a·(W_{n−1} s^{n−1} + B_n s^{n+1} + b_n) + c  [+ a·β(y − s^N) at n = N]
+            s^n_{t+1} = g(z^n)
+
+        The MLP's loop with W_nᵀ replaced by B_n; constants computed once per call.
+        """
+        a = self.act.scale
+        n_layers = len(state)
+        nudged = beta != 0.0 and target is not None
+        const = [drive] + [(b * a + self.act.shift) for b in self.biases[1:n_layers]]
+        if nudged and not self.softmax_readout:
+            const[-1] = const[-1] + (a * beta) * target
+        cur, nxt = state, self._scratch_for(state)
+        forward_t = [w.T for w in self.weights]  # row-major: s^n @ W_nᵀ = (W_n s^n)ᵀ
+        feedback_t = [f.T for f in self.feedback]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
+        for _ in range(steps):
+            for i in range(n_layers):  # state index i is layer n = i + 1
+                out = nxt[i]
+                if i == 0:
+                    if n_layers > 1:
+                        torch.addmm(const[0], cur[1], feedback_t[0], alpha=a, out=out)
+                    else:
+                        out.copy_(const[0])
+                else:
+                    torch.addmm(const[i], cur[i - 1], forward_t[i], alpha=a, out=out)
+                    if i + 1 < n_layers:
+                        out.addmm_(cur[i + 1], feedback_t[i], alpha=a)
+                if nudged and i == n_layers - 1:
+                    self._nudge_(out, cur[i], beta, target)
+                self.act.apply_to_affine_(out)
+            cur, nxt = nxt, cur
+        if cur is not state:
+            for s, new in zip(state, cur):
+                s.copy_(new)
+        return state
+
+    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
+        """Add a·β·∂(−ℓ)/∂s^N (without the constant a·β·y of MSE, already folded in)."""
+        a = self.act.scale
+        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out))
+            p = torch.softmax(torch.addmm(self.readout_bias, s_last, self.readout_weight.T), dim=1)
+            out.addmm_(p - target, self.readout_weight, alpha=-a * beta)
+        else:  # −∂ℓ/∂s^N = y − s^N
+            out.add_(s_last, alpha=-a * beta)
+
+    def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
+             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One step, out of place and autograd-friendly: s^n_{t+1} = σ(W_{n−1}s^{n−1} + B_n s^{n+1} + b_n − β∂ℓ/∂s^n).
+
+        Used by BPTT and as the readable reference of :meth:`relax`.
+        """
+        pre = self.pre_activations(x, state)
+        if beta != 0.0 and target is not None:
+            if self.softmax_readout:
+                p = torch.softmax(self.logits(state), dim=1)
+                pre[-1] = pre[-1] + beta * (target - p) @ self.readout_weight
+            else:
+                pre[-1] = pre[-1] + beta * (target - state[-1])
+        return [self.act(p) for p in pre]
+
+    # ------------------------------------------------------------------ feed-forward twin (BP baseline)
+
+    def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up with the forward weights only."""
+        h = self.flatten(x)
+        state = []
+        for w, b in zip(self.weights, self.biases):
+            h = self.act(h @ w.T + b)
+            state.append(h)
+        return state
+
+
+def _grad_of(p: nn.Parameter) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad

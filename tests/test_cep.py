@@ -1,0 +1,291 @@
+"""C-EP / C-VF: continual updates during the nudged phase, against hand-written references (float64)."""
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eprun import catalog
+from eprun.cli import app
+from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+from eprun.nets.vf_mlp import VectorFieldMLP, VFMLPConfig
+from eprun.optim import build_optimizer
+from eprun.recipe import OptimConfig
+from eprun.rules.cep import CEP, CEPConfig
+from eprun.rules.ep import EP, EPConfig
+
+
+def make_net(kind="mlp", hidden=(8, 6), readout="mse", angle=30.0, scale=0.5, seed=0):
+    if kind == "mlp":
+        cfg = MLPConfig(hidden=list(hidden), readout=readout, weight_scale=scale)
+        net = PrototypicalMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(seed))
+    else:
+        cfg = VFMLPConfig(hidden=list(hidden), readout=readout, weight_scale=scale, initial_angle=angle)
+        net = VectorFieldMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(seed))
+    return net.double()
+
+
+def batch(n=5, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def params_of(net):
+    return {name: p.detach().clone() for name, p in net.named_parameters()}
+
+
+def relative_error(got: dict, want: dict) -> float:
+    num = math.sqrt(sum(((got[k] - want[k]) ** 2).sum().item() for k in want))
+    return num / math.sqrt(sum((want[k] ** 2).sum().item() for k in want))
+
+
+def cep_rule(net, lrs, T=40, K=15, beta=0.2, estimator="one-sided", seed=0):
+    rule = CEP(CEPConfig(T=T, K=K, beta=beta, estimator=estimator), net, torch.Generator().manual_seed(seed))
+    rule.attach_optimizer(build_optimizer(OptimConfig(kind="sgd", lr=lrs), net.layer_groups()))
+    return rule
+
+
+def lr_by_name(net, lrs):
+    """The learning rate of each parameter, from its layer group."""
+    by_id = {id(p): lr for group, lr in zip(net.layer_groups(), lrs) for p in group}
+    return {name: by_id[id(p)] for name, p in net.named_parameters()}
+
+
+def increment(net, x, s_old, s_new, beta):
+    """−Δθ_k/η of one nudged step, by name: (1/β)(∂Φ/∂θ(s_k) − ∂Φ/∂θ(s_{k+1})), or the VF increment."""
+    if isinstance(net, VectorFieldMLP):
+        return {k: v / beta for k, v in net.vf_update(x, s_old, s_new).items()}
+    names = {id(p): name for name, p in net.named_parameters()}
+    out = {}
+    for p, a, b in zip(net.phi_parameters(), net.dphi_dtheta(x, s_old), net.dphi_dtheta(x, s_new)):
+        out[names[id(p)]] = (a - b) / beta
+    return out
+
+
+def reference_cep(net, x, y, lrs, T, K, beta):
+    """C-EP written out with the out-of-place ``step`` (it reads the current parameters) and SGD by hand."""
+    lr = lr_by_name(net, lrs)
+    params = dict(net.named_parameters())
+    target = net.target(y, x)
+    with torch.no_grad():
+        s = net.init_state(len(x), x)
+        for _ in range(T):
+            s = net.step(x, s)
+    readout = {}
+    if getattr(net, "softmax_readout", False):  # exact gradient of the read-out's loss at s*, once
+        with torch.enable_grad():
+            loss = net.loss(s, y).mean()
+            gw, gb = torch.autograd.grad(loss, [net.readout_weight, net.readout_bias])
+        readout = {"readout_weight": gw, "readout_bias": gb}
+    with torch.no_grad():
+        for k in range(K):
+            s_new = net.step(x, s, beta, target)  # θ_k: the parameters as updated so far
+            grads = increment(net, x, s, s_new, beta)
+            if k == 0:
+                grads.update(readout)
+            for name, g in grads.items():
+                params[name].sub_(lr[name] * g)
+            s = s_new
+    return params_of(net)
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vf"])
+@pytest.mark.parametrize("readout", ["mse", "softmax"])
+def test_cep_equals_the_written_out_continual_rule_at_a_large_learning_rate(kind, readout):
+    """Large η: the dynamics must use the updated weights (and the recomputed input drive) each step."""
+    lrs = [0.4, 0.3, 0.2]  # one per layer group (the softmax read-out is the third)
+    x, y = batch()
+    a, b = make_net(kind, readout=readout), make_net(kind, readout=readout)
+    rule = cep_rule(a, lrs, T=25, K=8, beta=0.3)
+    logits, loss = rule.train_step(x, y)
+    want = reference_cep(b, x, y, lrs, T=25, K=8, beta=0.3)
+    got = params_of(a)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+    # the continual update differs from EP's single update at this η
+    c = make_net(kind, readout=readout)
+    ep = EP(EPConfig(T=25, K=8, beta=0.3), c, torch.Generator().manual_seed(0))
+    ep_opt = build_optimizer(OptimConfig(kind="sgd", lr=lrs), c.layer_groups())
+    ep_opt.zero_grad(set_to_none=False)
+    ep_logits, ep_loss = ep.train_step(x, y)
+    ep_opt.step()
+    assert relative_error(got, params_of(c)) > 1e-6
+    # free-phase logits and loss are EP's (computed before any update)
+    torch.testing.assert_close(logits, ep_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, ep_loss, rtol=0, atol=0)
+
+
+def test_total_cep_update_approaches_the_ep_update_as_the_learning_rate_shrinks():
+    """Theorem 1's first half: with SGD, (θ_after − θ_0)/η → −(EP's .grad at θ_0) as η → 0.
+
+    Per-layer learning rates ratio·η_l: each parameter is compared through its own group's η.
+    """
+    x, y = batch()
+    ratios = [1.0, 0.5, 0.25]
+    ep_net = make_net("mlp")
+    EP(EPConfig(T=40, K=15, beta=0.2), ep_net, torch.Generator().manual_seed(0)).train_step(x, y)
+    want = {name: -p.grad for name, p in ep_net.named_parameters()}
+    errors = []
+    for eta in (1e-4, 1e-6):
+        net = make_net("mlp")
+        before = params_of(net)
+        lrs = [eta * r for r in ratios]
+        cep_rule(net, lrs).train_step(x, y)
+        lr = lr_by_name(net, lrs)
+        got = {name: (p.detach() - before[name]) / lr[name] for name, p in net.named_parameters()}
+        errors.append(relative_error(got, want))
+    assert errors[1] < 1e-5, errors
+    assert errors[1] < errors[0] / 30, errors
+
+
+def test_total_cvf_update_approaches_the_summed_vf_increments_at_fixed_weights():
+    """C-VF as η → 0: the sum over the nudged phase of (1/β)(s^{post}_{k+1} − s^{post}_k)s^{pre ᵀ}_k at θ_0."""
+    x, y = batch()
+    ref_net = make_net("vf", angle=40.0)
+    target = ref_net.target(y, x)
+    with torch.no_grad():
+        s = ref_net.relax(ref_net.input_drive(x), ref_net.init_state(len(x), x), 40)
+        total = {name: torch.zeros_like(p) for name, p in ref_net.named_parameters()}
+        for _ in range(15):
+            s_new = ref_net.step(x, s, 0.2, target)
+            for name, v in ref_net.vf_update(x, s, s_new).items():  # Δθ_k/η = −V(s_k, s_{k+1})/β
+                total[name] -= v / 0.2
+            s = s_new
+    errors = []
+    for eta in (1e-4, 1e-6):
+        net = make_net("vf", angle=40.0)
+        before = params_of(net)
+        cep_rule(net, [eta] * 3).train_step(x, y)
+        got = {name: (p.detach() - before[name]) / eta for name, p in net.named_parameters()}
+        errors.append(relative_error(got, total))
+    assert errors[1] < 1e-5 and errors[1] < errors[0] / 30, errors
+
+
+# ---------------------------------------------------------------------------- the rule's contract
+
+
+def test_train_step_needs_an_attached_optimizer_and_says_so():
+    net = make_net()
+    rule = CEP(CEPConfig(T=5, K=2), net, torch.Generator())
+    with pytest.raises(RuntimeError, match="attach_optimizer"):
+        rule.train_step(*batch())
+
+
+def test_rule_steps_the_optimizer_itself_and_leaves_zero_grads():
+    assert CEP.steps_optimizer is True and not getattr(EP, "steps_optimizer", False)
+    net = make_net()
+    rule = CEP(CEPConfig(T=10, K=4), net, torch.Generator())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    calls = []
+    original = opt.step
+    opt.step = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    rule.attach_optimizer(opt)
+    rule.train_step(*batch())
+    assert len(calls) == 4  # one optimiser step per nudged step
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+
+
+def test_evaluate_is_eps_free_phase():
+    net = make_net("vf")
+    x, y = batch()
+    cep = cep_rule(net, [0.1] * 3, T=20)
+    ep = EP(EPConfig(T=20), net, torch.Generator())
+    for a, b in zip(cep.evaluate(x, y), ep.evaluate(x, y)):
+        assert torch.equal(a, b)
+
+
+def test_random_sign_is_seeded_and_resumable():
+    x, y = batch()
+    runs = []
+    for _ in range(2):
+        net = make_net()
+        rule = cep_rule(net, [0.05] * 3, T=10, K=3, estimator="random-sign", seed=4)
+        for _ in range(3):
+            rule.train_step(x, y)
+        runs.append(params_of(net))
+    assert relative_error(runs[0], runs[1]) == 0.0
+    rule = cep_rule(make_net(), [0.05] * 3, estimator="random-sign", seed=4)
+    draws = [rule._beta() for _ in range(30)]
+    assert set(draws) == {0.2, -0.2}
+    state = rule.state_dict()
+    ahead = [rule._beta() for _ in range(10)]
+    rule.load_state_dict(state)
+    assert [rule._beta() for _ in range(10)] == ahead
+
+
+def test_negative_beta_estimate_also_follows_the_ep_update():
+    """One-sided with −β: the first-order total update is EP's at −β (the sign cancels in 1/β)."""
+    x, y = batch()
+    ep_net = make_net("mlp")
+    EP(EPConfig(T=40, K=15, beta=0.2, estimator="negative"), ep_net, torch.Generator()).train_step(x, y)
+    want = {name: -p.grad for name, p in ep_net.named_parameters()}
+    net = make_net("mlp")
+    before = params_of(net)
+    cep_rule(net, [1e-6] * 3, estimator="negative").train_step(x, y)
+    got = {name: (p.detach() - before[name]) / 1e-6 for name, p in net.named_parameters()}
+    assert relative_error(got, want) < 1e-5
+
+
+def test_config_checks():
+    assert [k for k, _ in CEPConfig(beta=0.0, K=0).check()] == ["K", "beta"]
+    assert list(CEPConfig().check()) == []
+
+
+# ---------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("kind,estimator", [("mlp", "one-sided"), ("vf", "random-sign")])
+def test_cep_learns_a_separable_task_with_plain_sgd(kind, estimator):
+    """Mini-batches of 10, SGD 0.03 at each of K = 5 nudged steps (≈ 0.15 per batch, like EP's)."""
+    from eprun.data import make_synthetic
+
+    shape = (1, 8, 8)
+    x, y, _, _ = make_synthetic(60, 1, shape, 3, seed=0)
+    if kind == "mlp":
+        net = PrototypicalMLP(MLPConfig(hidden=[32]), shape, 3, torch.Generator().manual_seed(0))
+    else:
+        net = VectorFieldMLP(VFMLPConfig(hidden=[32], initial_angle=30.0), shape, 3, torch.Generator().manual_seed(0))
+    rule = CEP(CEPConfig(T=12, K=5, beta=0.3, estimator=estimator), net, torch.Generator().manual_seed(0))
+    rule.attach_optimizer(build_optimizer(OptimConfig(kind="sgd", lr=0.03), net.layer_groups()))
+    before = rule.evaluate(x, y)[1].mean().item()
+    for _ in range(10):
+        for start in range(0, 60, 10):
+            rule.train_step(x[start:start + 10], y[start:start + 10])
+    logits, loss = rule.evaluate(x, y)
+    assert loss.mean().item() < 0.5 * before
+    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe", ["ernoult2020/cep-1h", "ernoult2020/cep-2h", "ernoult2020/cvf-1h",
+                                    "ernoult2020/cvf-2h"])
+def test_cep_recipes_pass_fast_dev_run(recipe, tmp_path, monkeypatch):
+    path = catalog.resolve(recipe).resolve()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", "-s", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("fast-dev-run ok")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cvf_training_run_logs_the_forward_backward_angle(tiny_recipe, tmp_path):
+    import json
+    from pathlib import Path
+
+    text = tiny_recipe.read_text().replace("kind: mlp", "kind: vf_mlp\n  initial_angle: 30.0").replace(
+        "kind: ep", "kind: cep").replace("  lr: 0.002", "  lr: 0.0005")
+    tiny_recipe.write_text(text)
+    result = CliRunner().invoke(app, ["train", str(tiny_recipe), "-q", "--out", str(tmp_path / "runs"),
+                                      "-s", "train.epochs=1", "-s", "train.max_batches=10", "-s", "train.log_every=5"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    angles = [r["vf_angle_deg/B1"] for r in records if r["event"] == "train"]
+    assert len(angles) == 2 and all(abs(a - 30.0) < 5.0 for a in angles)
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
