@@ -141,7 +141,9 @@ class Recipe:
 def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; errors name file, line and key path."""
     data, source = schema.read_yaml(Path(path))
-    return recipe_from_data(data, source, overrides, default_name=Path(path).stem)
+    recipe = recipe_from_data(data, source, overrides, default_name=Path(path).stem)
+    recipe.source = str(path)  # named in errors found after validation (e.g. network vs dataset)
+    return recipe
 
 
 def recipe_from_data(data: dict, source: schema.Source, overrides: list[str] = (),

@@ -70,10 +70,23 @@ def load_data(recipe: Recipe, device: torch.device) -> Splits:
     )
 
 
+def check_fits(recipe: Recipe, info) -> None:
+    """Refuse a network that does not fit the dataset (input shape, number of classes)."""
+    from eprun.nets import NETWORKS
+
+    fits = getattr(NETWORKS[recipe.model.kind], "check_fits", None)
+    problems = fits(recipe.model, tuple(info.input_shape), info.num_classes) if fits is not None else []
+    if problems:
+        where = getattr(recipe, "source", recipe.name)
+        raise RecipeError(f"{where}: model.{problems[0]} (data.dataset {info.name!r} gives input "
+                          f"{tuple(info.input_shape)} and {info.num_classes} classes)")
+
+
 def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment:
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     info = splits.info
+    check_fits(recipe, info)
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
     optimizer = build_optimizer(recipe.optim, net.layer_groups())

@@ -1,7 +1,7 @@
 """SIGKILL a training run at random moments, resume it, and check that it ends bit-identical to
 a run that was never interrupted (weights, metrics and summary outcomes), on CPU.
 
-    python scripts/kill_resume_trials.py [--trials 20] [--recipe quickstart] [--seed 0] [--out /tmp/kill-trials]
+    python scripts/kill_resume_trials.py [--trials 20] [--recipe quickstart] [--seed 0] [--threads 1] [--out /tmp/kill-trials]
 
 Each trial starts ``eprun train`` in a subprocess, waits until its run directory holds the
 step-0 checkpoint (the process has started and loaded its data), kills it with SIGKILL after a
@@ -71,7 +71,12 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/kill-trials"))
     parser.add_argument("--checkpoint-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (EPRUN_THREADS)")
+    parser.add_argument("--require-mid-run", action="store_true",
+                        help="a trial whose run finished before the kill is repeated, so that every "
+                             "counted trial interrupts training")
     args = parser.parse_args()
+    os.environ["EPRUN_THREADS"] = str(args.threads)
     settings = ["-q", "-s", "device=cpu", "-s", f"train.checkpoint_every={args.checkpoint_every}"]
     rng = random.Random(args.seed)
 
@@ -83,7 +88,9 @@ def main():
     print(f"reference run: {ref_dir} ({duration:.1f} s after its first checkpoint)", flush=True)
 
     results = []
-    for trial in range(1, args.trials + 1):
+    trial = 0
+    while len(results) < args.trials:
+        trial += 1
         out = args.out / f"trial-{trial:02d}"
         delay = rng.uniform(0.0, duration)
         proc = eprun("train", args.recipe, "--out", str(out), *settings)
@@ -98,6 +105,9 @@ def main():
             continue
         run = runs[0]
         status = json.loads((run / "summary.json").read_text()).get("status") if (run / "summary.json").exists() else None
+        if status == "finished" and args.require_mid_run:
+            print(f"trial {trial:2d}: the run finished before the kill at {delay:5.1f} s; repeated", flush=True)
+            continue
         ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True) if (run / "checkpoints" / "last.pt").exists() else None
         killed_at = f"epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}" if ckpt else "before the first checkpoint"
         if status != "finished":
