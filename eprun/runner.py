@@ -567,8 +567,11 @@ def _epoch_line(epoch: int, epochs: int, stats: dict, val_acc) -> str:
 def fast_dev_run(recipe: Recipe) -> dict:
     """Two training batches and one evaluation batch on synthetic data shaped like the dataset.
 
-    Validates that the recipe assembles and runs end to end; needs no data files and writes nothing.
+    Validates that the recipe assembles and runs end to end — network, rule, optimiser,
+    schedule, augmentation — in seconds: batches of at most 4 examples and relaxations of at
+    most T = 5, K = 3 steps. Needs no data files and writes nothing.
     """
+    recipe = _shrunk(recipe)
     device = resolve_device(recipe.device)
     splits = synthetic_like(recipe.data.dataset, 2 * recipe.data.batch_size, recipe.seed, device)
     exp = assemble(recipe, splits, device)
@@ -586,6 +589,18 @@ def fast_dev_run(recipe: Recipe) -> dict:
         losses.append(float(loss.mean()))
     result = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, max_batches=1)
     return {"train_losses": losses, **result}
+
+
+def _shrunk(recipe: Recipe) -> Recipe:
+    plain = schema.to_plain(recipe)
+    plain["data"]["batch_size"] = min(plain["data"]["batch_size"], 4)
+    plain["data"]["eval_batch_size"] = min(plain["data"]["eval_batch_size"], 4)
+    for key, cap in (("T", 5), ("K", 3)):
+        if key in plain["rule"]:
+            plain["rule"][key] = min(plain["rule"][key], cap)
+    shrunk = from_plain(plain, f"{recipe.name} (fast-dev-run)")
+    shrunk.source = getattr(recipe, "source", recipe.name)
+    return shrunk
 
 
 # --------------------------------------------------------------------------- checkpoint evaluation

@@ -26,6 +26,8 @@ from eprun.errors import DataError
 #: Fixed per-channel (mean, std) by ``data.normalize`` value; x ↦ (x − mean_c) / std_c.
 NORMALIZE_CONSTANTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # Laborieux et al. 2021's code: the usual means, three times the (per-pixel) stds it quotes
+    "cifar10-laborieux2021": ((0.4914, 0.4822, 0.4465), (3 * 0.2023, 3 * 0.1994, 3 * 0.2010)),
 }
 
 NORMALIZE_MODES = ("none", "standard", *NORMALIZE_CONSTANTS)

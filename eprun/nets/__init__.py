@@ -5,6 +5,7 @@ A network knows its state shapes, one step of its dynamics given (x, state, β, 
 Adding a network is one file plus one line here.
 """
 
+from eprun.nets.conv import ConvNet
 from eprun.nets.energy_mlp import EnergyMLP
 from eprun.nets.mlp import PrototypicalMLP
 from eprun.nets.vf_mlp import VectorFieldMLP
@@ -12,6 +13,7 @@ from eprun.nets.vf_mlp import VectorFieldMLP
 NETWORKS = {
     "mlp": PrototypicalMLP,
     "energy_mlp": EnergyMLP,
+    "conv": ConvNet,
     "vf_mlp": VectorFieldMLP,
 }
 

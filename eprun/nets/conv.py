@@ -1,0 +1,516 @@
+"""The prototypical (discrete-time) convolutional EP network.
+
+Ernoult et al. 2019 (the first EP-trained conv net, MNIST) and Laborieux et al. 2021 (the
+deep ConvNet on CIFAR-10). Layers s = (s¹ … s^N), static input x = s⁰: the first C layers are
+conv layers (state (channels, height, width)), the rest fully connected. Per example::
+
+    Φ(x, s, θ) = Σ_{n<C} s^{n+1} · P_n(W_n ⋆ s^n + b_{n+1})  +  Σ_{n≥C} s^{n+1} · (W_n s^n + b_{n+1})
+
+⋆ is the convolution (stride, padding), P_n the pooling after it ("max", "avg" or "none",
+non-overlapping windows of ``pool_size``), the bias added before pooling (as in Laborieux
+et al.'s code; for max and average pooling it commutes with P). s^C is flattened before the
+first fully connected layer. Free dynamics ``s_{t+1} = σ(∂Φ/∂s(x, s_t, θ))``::
+
+    s^n_{t+1} = σ( P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n)  +  W_nᵀ ⋆ P_nᵀ(s^{n+1}) )        (conv above)
+    s^n_{t+1} = σ( P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n)  +  reshape(W_nᵀ s^{n+1}) )       (fc above)
+
+where W_nᵀ ⋆ is the transposed convolution and P_nᵀ the adjoint of the pooling's Jacobian at
+z_n = W_n ⋆ s^n + b_{n+1}: for max pooling it routes s^{n+1} to the argmax positions of z_n
+(``max_unpool2d`` with the indices of the forward pool of z_n at the same state), for
+average pooling it spreads s^{n+1}/p² evenly over each window, for "none" it is the identity.
+
+Nudging adds −β ℓ(s^N, y) to Φ exactly as :class:`~eprun.nets.mlp.PrototypicalMLP` does:
+MSE adds β(y − s^N) to the output's pre-activation; with ``readout: softmax`` the read-out is
+outside Φ, the prediction is softmax(W_out s^N + b_out) and the nudge is β W_outᵀ(y − p).
+
+Closed-form ∂Φ/∂θ (batch mean), with U_n = P_nᵀ(s^{n+1}) at z_n(s^n)::
+
+    ∂Φ/∂W_n = conv-weight-gradient of U_n against s^n  (``torch.nn.grad.conv2d_weight``)
+    ∂Φ/∂b_{n+1} = Σ_positions U_n
+
+For max pooling the argmax depends on s^n, so it is recomputed at the state where ∂Φ/∂θ is
+evaluated — except for the first layer, whose z_0 = W_0 ⋆ x + b_1 is the same at every state.
+
+The hot path (:meth:`relax`) is closed form and runs without autograd: the first layer's
+pooled drive P_0(W_0 ⋆ x + b_1) depends on x only and is computed once per batch; per step
+each conv layer n ≥ 1 runs one convolution (bias-free, its bias folded into a per-channel
+constant after pooling) whose pooled output is the bottom-up term of s^{n+1} and whose argmax
+indices give the top-down term into s^n. :meth:`phi` exists as the oracle the tests
+differentiate with autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eprun.nets.activations import ACTIVATIONS
+
+ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
+PoolKind = Literal["max", "avg", "none"]
+
+
+@dataclass
+class ConvConfig:
+    """``model:`` section for ``kind: conv``; the defaults are Ernoult et al. 2019's MNIST net.
+
+    ``kernels``, ``strides``, ``paddings`` and ``pools`` take one value per conv layer, or a
+    single value for all. Pooling windows are ``pool_size`` × ``pool_size`` with stride
+    ``pool_size`` (non-overlapping: the max-pool adjoint scatters, it would not sum overlaps).
+    ``fc`` lists the fully connected layers after the conv layers; with ``readout: mse`` the
+    last is the output layer (one unit per class), with ``softmax`` the read-out is extra.
+    """
+
+    kind: str = "conv"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    kernels: Union[int, list[int]] = 5
+    strides: Union[int, list[int]] = 1
+    paddings: Union[int, list[int]] = 0
+    pools: Union[PoolKind, list[PoolKind]] = "max"
+    pool_size: int = 2
+    fc: list[int] = field(default_factory=lambda: [10])
+    activation: ActivationName = "hard_sigmoid"
+    readout: Literal["mse", "softmax"] = "mse"
+    weight_scale: Union[float, list[float]] = 1.0
+
+    def per_conv_layer(self, name: str) -> list:
+        """``kernels`` / ``strides`` / ``paddings`` / ``pools`` as one entry per conv layer."""
+        value = getattr(self, name)
+        return list(value) if isinstance(value, list) else [value] * len(self.channels)
+
+    def check(self):
+        if not self.channels:
+            yield "channels", "needs at least one conv layer, e.g. [32, 64] (use kind: mlp for none)"
+        for size in self.channels:
+            if size <= 0:
+                yield "channels", f"channel counts must be positive, got {size}"
+        for name, low in (("kernels", 1), ("strides", 1), ("paddings", 0)):
+            values = self.per_conv_layer(name)
+            if len(values) != len(self.channels):
+                yield name, (f"one entry per conv layer ({len(self.channels)} for channels={self.channels}) "
+                             f"or a single value, got {len(values)}")
+            for v in values:
+                if v < low:
+                    yield name, f"must be ≥ {low}, got {v}"
+        pools = self.per_conv_layer("pools")
+        if len(pools) != len(self.channels):
+            yield "pools", (f"one entry per conv layer ({len(self.channels)} for channels={self.channels}) "
+                            f"or a single value, got {len(pools)}")
+        for pool in pools:
+            if pool not in ("max", "avg", "none"):
+                yield "pools", f"unknown pooling {pool!r} (allowed: max, avg, none)"
+        if self.pool_size < 1:
+            yield "pool_size", f"must be ≥ 1, got {self.pool_size}"
+        for size in self.fc:
+            if size <= 0:
+                yield "fc", f"layer sizes must be positive, got {size}"
+        if self.readout == "mse" and not self.fc:
+            yield "fc", "with readout: mse the last fc layer is the output layer; needs at least one, e.g. [10]"
+        n_layers = ConvNet.layer_count(self)
+        if isinstance(self.weight_scale, list) and len(self.weight_scale) != n_layers:
+            yield "weight_scale", (
+                f"a list needs one entry per weight layer ({n_layers}: {len(self.channels)} conv + "
+                f"{len(self.fc)} fc{' + read-out' if self.readout == 'softmax' else ''}), got {len(self.weight_scale)}"
+            )
+
+
+def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
+    return list(value) if isinstance(value, list) else [float(value)] * n
+
+
+def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list, list[str]]:
+    """Per conv layer (in shape, conv-output (H, W), state shape); and what does not fit."""
+    if len(input_shape) != 3:
+        return [], [f"channels: the conv net needs image inputs (channels, height, width), "
+                    f"the dataset gives shape {tuple(input_shape)}"]
+    layers, problems = [], []
+    c, h, w = input_shape
+    p = cfg.pool_size
+    for j, (out_ch, k, s, pad, pool) in enumerate(zip(
+            cfg.channels, *(cfg.per_conv_layer(n) for n in ("kernels", "strides", "paddings", "pools")))):
+        hz, wz = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+        if hz < 1 or wz < 1:
+            problems.append(f"kernels: conv layer {j + 1} (kernel {k}, padding {pad}) does not fit its "
+                            f"{h}×{w} input; use a smaller kernel, more padding or fewer layers")
+            break
+        ho, wo = (hz // p, wz // p) if pool != "none" else (hz, wz)
+        if ho < 1 or wo < 1:
+            problems.append(f"pools: the {p}×{p} pooling after conv layer {j + 1} does not fit its "
+                            f"{hz}×{wz} output; use pools: none there, padding, or fewer layers")
+            break
+        layers.append(((c, h, w), (hz, wz), (out_ch, ho, wo)))
+        c, h, w = out_ch, ho, wo
+    return layers, problems
+
+
+class ConvNet(nn.Module):
+    """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
+
+    Config = ConvConfig
+
+    @staticmethod
+    def layer_count(cfg: ConvConfig) -> int:
+        """Number of weight layers: conv + fc (+ the softmax read-out)."""
+        return len(cfg.channels) + len(cfg.fc) + (1 if cfg.readout == "softmax" else 0)
+
+    @staticmethod
+    def check_fits(cfg: ConvConfig, input_shape: tuple[int, ...], num_classes: int) -> list[str]:
+        """What does not fit the data, one ``"key: message"`` line each (key within ``model:``)."""
+        _, problems = _conv_geometry(cfg, input_shape)
+        if cfg.readout == "mse" and cfg.fc and cfg.fc[-1] != num_classes:
+            problems.append(f"fc: with readout: mse the last fc layer is the output and needs one unit per "
+                            f"class ({num_classes}), got {cfg.fc[-1]}")
+        return problems
+
+    def __init__(self, cfg: ConvConfig, input_shape: tuple[int, ...], num_classes: int,
+                 generator: torch.Generator):
+        super().__init__()
+        problems = self.check_fits(cfg, input_shape, num_classes)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.act = ACTIVATIONS[cfg.activation]
+        self.num_classes = num_classes
+        self.softmax_readout = cfg.readout == "softmax"
+        self.n_conv = len(cfg.channels)
+        self.strides = cfg.per_conv_layer("strides")
+        self.paddings = cfg.per_conv_layer("paddings")
+        self.pools = cfg.per_conv_layer("pools")
+        self.pool_size = cfg.pool_size
+        geometry, _ = _conv_geometry(cfg, input_shape)
+        self.input_shape = tuple(input_shape)
+        self.conv_hw = [hw for _, hw, _ in geometry]  # (H, W) of z_n = W_n ⋆ s^n + b, before pooling
+        # output_padding so that the transposed convolution gives back s^n's exact size
+        self.output_paddings = [
+            tuple((size + 2 * pad - k) % stride for size in in_shape[1:])
+            for (in_shape, _, _), k, stride, pad in zip(geometry, cfg.per_conv_layer("kernels"),
+                                                        self.strides, self.paddings)
+        ]
+        self.state_shapes = [shape for _, _, shape in geometry]  # per example, s¹ … s^N
+        self.state_shapes += [(size,) for size in cfg.fc]
+        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+
+        def uniform(shape, fan_in, scale):  # torch's Conv2d / Linear default: U(−1/√fan_in, 1/√fan_in)
+            bound = 1.0 / math.sqrt(fan_in)
+            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for j, ((in_shape, _, _), k) in enumerate(zip(geometry, cfg.per_conv_layer("kernels"))):
+            fan_in = in_shape[0] * k * k
+            self.weights.append(uniform((cfg.channels[j], in_shape[0], k, k), fan_in, scales[j]))
+            self.biases.append(uniform((cfg.channels[j],), fan_in, 1.0))
+        for j in range(self.n_conv, len(self.state_shapes)):
+            fan_in = math.prod(self.state_shapes[j - 1])
+            self.weights.append(uniform((self.state_shapes[j][0], fan_in), fan_in, scales[j]))
+            self.biases.append(uniform((self.state_shapes[j][0],), fan_in, 1.0))
+        if self.softmax_readout:
+            fan_in = math.prod(self.state_shapes[-1])
+            self.readout_weight = uniform((num_classes, fan_in), fan_in, scales[-1])
+            self.readout_bias = uniform((num_classes,), fan_in, 1.0)
+        self._scratch: dict = {}
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def num_state_layers(self) -> int:
+        return len(self.state_shapes)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped by weight layer, in order (for per-layer learning rates)."""
+        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
+        if self.softmax_readout:
+            groups.append([self.readout_weight, self.readout_bias])
+        return groups
+
+    def phi_parameters(self) -> list[nn.Parameter]:
+        """θ of Φ in the order :meth:`dphi_dtheta` returns: W_0, b_1, W_1, b_2, …"""
+        return [p for w, b in zip(self.weights, self.biases) for p in (w, b)]
+
+    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """s_0 = 0 for every layer: (batch, C, H, W) for conv layers, (batch, n) for fc layers."""
+        return [like.new_zeros(batch, *shape) for shape in self.state_shapes]
+
+    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One-hot targets in the state dtype."""
+        return F.one_hot(y, self.num_classes).to(like.dtype)
+
+    @staticmethod
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    # ------------------------------------------------------------------ pooling and its adjoint
+
+    def _pool(self, n: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """P_n(z) and, for max pooling, the argmax indices (for :meth:`_unpool`)."""
+        p = self.pool_size
+        if self.pools[n] == "max":
+            return F.max_pool2d(z, p, p, return_indices=True)
+        if self.pools[n] == "avg":
+            return F.avg_pool2d(z, p, p), None
+        return z, None
+
+    def _unpool(self, n: int, s: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        """U = P_nᵀ(s): the adjoint of P_n's Jacobian at z_n, applied to s (shaped like z_n)."""
+        p, hw = self.pool_size, self.conv_hw[n]
+        if self.pools[n] == "max":  # route s to the argmax of each window
+            return F.max_unpool2d(s, indices, p, p, output_size=hw)
+        if self.pools[n] == "avg":  # spread s/p² over each window; rows/columns the floor dropped get 0
+            b, c, h, w = s.shape
+            u = (s * (1.0 / (p * p)))[:, :, :, None, :, None].expand(b, c, h, p, w, p).reshape(b, c, h * p, w * p)
+            if (h * p, w * p) != tuple(hw):
+                u = F.pad(u, (0, hw[1] - w * p, 0, hw[0] - h * p))
+            return u
+        return s
+
+    def _conv(self, n: int, s: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """z_n = W_n ⋆ s^n (+ b_{n+1})."""
+        return F.conv2d(s, self.weights[n], self.biases[n] if bias else None, self.strides[n], self.paddings[n])
+
+    def _conv_t(self, n: int, u: torch.Tensor) -> torch.Tensor:
+        """W_nᵀ ⋆ u: the transposed convolution, back to s^n's size."""
+        return F.conv_transpose2d(u, self.weights[n], None, self.strides[n], self.paddings[n],
+                                  self.output_paddings[n])
+
+    def _conv_weight_grad(self, n: int, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Σ_batch ∂(u · (W_n ⋆ s))/∂W_n."""
+        return torch.nn.grad.conv2d_weight(s, self.weights[n].shape, u, self.strides[n], self.paddings[n])
+
+    def _unpooled_at(self, n: int, below: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+        """U_n = P_nᵀ(s^{n+1}) with P_n's argmax (max pooling) taken at z_n(s^n = ``below``)."""
+        indices = self._pool(n, self._conv(n, below))[1] if self.pools[n] == "max" else None
+        return self._unpool(n, above, indices)
+
+    # ------------------------------------------------------------------ Φ and its closed-form derivatives
+
+    def phi(self, x: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        """Φ(x, s, θ) = Σ s^{n+1}·P_n(W_n ⋆ s^n + b) + Σ s^{n+1}·(W_n s^n + b), per example (autograd oracle)."""
+        layers = [x] + list(state)
+        total = 0.0
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if n < self.n_conv:
+                pooled = self._pool(n, F.conv2d(layers[n], w, b, self.strides[n], self.paddings[n]))[0]
+                total = total + (layers[n + 1] * pooled).sum(dim=(1, 2, 3))
+            else:
+                total = total + (layers[n + 1] * (self.flatten(layers[n]) @ w.T + b)).sum(dim=1)
+        return total
+
+    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """∂Φ/∂s^n = bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down term, per layer."""
+        layers = [x] + list(state)
+        grads = []
+        indices = [None] * len(layers)
+        for n in range(1, len(layers)):  # bottom-up, remembering the argmax of every pool
+            if n - 1 < self.n_conv:
+                g, indices[n - 1] = self._pool(n - 1, self._conv(n - 1, layers[n - 1]))
+            else:
+                g = self.flatten(layers[n - 1]) @ self.weights[n - 1].T + self.biases[n - 1]
+            grads.append(g)
+        for n in range(1, len(layers) - 1):  # top-down from s^{n+1} into s^n
+            above = layers[n + 1]
+            if n < self.n_conv:  # W_nᵀ ⋆ P_nᵀ(s^{n+1})
+                td = self._conv_t(n, self._unpool(n, above, indices[n]))
+            else:  # reshape(W_nᵀ s^{n+1})
+                td = (above @ self.weights[n]).reshape(layers[n].shape)
+            grads[n - 1] = grads[n - 1] + td
+        return grads
+
+    def dphi_dtheta(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Batch mean of ∂Φ/∂W_n, ∂Φ/∂b_{n+1} in :meth:`phi_parameters` order (see the module doc)."""
+        layers = [x] + list(state)
+        batch = x.shape[0]
+        out = []
+        for n in range(len(layers) - 1):
+            if n < self.n_conv:
+                u = self._unpooled_at(n, layers[n], layers[n + 1])
+                out.append(self._conv_weight_grad(n, layers[n], u) / batch)
+                out.append(u.sum(dim=(0, 2, 3)) / batch)
+            else:
+                out.append(self.flatten(layers[n + 1]).T @ self.flatten(layers[n]) / batch)
+                out.append(layers[n + 1].mean(dim=0))
+        return out
+
+    @torch.no_grad()
+    def accumulate_dphi_dtheta_difference_(self, x: torch.Tensor, state_a: list[torch.Tensor],
+                                           state_b: list[torch.Tensor], scale: float) -> None:
+        """θ.grad += scale · (∂Φ/∂θ(x, s_a, θ) − ∂Φ/∂θ(x, s_b, θ)) (batch mean), straight into ``.grad``.
+
+        EP's one-sided estimate is  grad = −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)):  s_a = s*, s_b = s^β.
+        For W_0 the input and the argmax of z_0 are shared, so its term is one weight gradient of
+        P_0ᵀ(s¹_a − s¹_b) against x. Above, the two states' argmaxes differ: one weight gradient over
+        the stacked batch [s_a; s_b] against [U_a; −U_b].
+        """
+        layers_a = [x] + list(state_a)
+        layers_b = [x] + list(state_b)
+        c = scale / x.shape[0]
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if n == 0:
+                u = self._unpooled_at(0, x, layers_a[1] - layers_b[1])
+                _grad_of(w).add_(self._conv_weight_grad(0, x, u), alpha=c)
+                _grad_of(b).add_(u.sum(dim=(0, 2, 3)), alpha=c)
+            elif n < self.n_conv:
+                u_a = self._unpooled_at(n, layers_a[n], layers_a[n + 1])
+                u_b = self._unpooled_at(n, layers_b[n], layers_b[n + 1])
+                below = torch.cat([layers_a[n], layers_b[n]])
+                _grad_of(w).add_(self._conv_weight_grad(n, below, torch.cat([u_a, -u_b])), alpha=c)
+                _grad_of(b).add_(u_a.sum(dim=(0, 2, 3)) - u_b.sum(dim=(0, 2, 3)), alpha=c)
+            else:
+                _grad_of(w).addmm_(layers_a[n + 1].T, self.flatten(layers_a[n]), alpha=c)
+                _grad_of(w).addmm_(layers_b[n + 1].T, self.flatten(layers_b[n]), alpha=-c)
+                _grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
+
+    # ------------------------------------------------------------------ read-out and loss
+
+    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out, s^N flattened)."""
+        if self.softmax_readout:
+            return self.flatten(state[-1]) @ self.readout_weight.T + self.readout_bias
+        return state[-1]
+
+    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
+        out = self.logits(state)
+        if self.softmax_readout:
+            return F.cross_entropy(out, y, reduction="none")
+        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
+
+    @torch.no_grad()
+    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
+        """For the softmax read-out (outside Φ): W_out.grad += ∂ℓ/∂W_out = (p − y) s^Nᵀ (batch mean)."""
+        if not self.softmax_readout:
+            return
+        s_last = self.flatten(state[-1])
+        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
+        _grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
+        _grad_of(self.readout_bias).add_(err.mean(dim=0))
+
+    # ------------------------------------------------------------------ dynamics (hot path)
+
+    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = (state[0].shape[0], state[0].dtype, state[0].device)
+        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
+            self._scratch[key] = [torch.empty_like(s) for s in state]
+        return self._scratch[key]
+
+    @torch.no_grad()
+    def input_drive(self, x: torch.Tensor) -> torch.Tensor:
+        """The first layer's bottom-up term, a·P_0(W_0 ⋆ x + b_1) + c: it depends on x only.
+
+        Computed once per batch and shared by every phase; only the top-down terms change.
+        """
+        a, c = self.act.scale, self.act.shift
+        return self._pool(0, self._conv(0, x))[0].mul(a).add_(c)
+
+    @torch.no_grad()
+    def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
+              target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
+
+        ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
+        s_t (a = σ's scale, c = its shift); first, for every conv layer n ≥ 1, one bias-free
+        convolution and its pooling, v_n, i_n = P_n(W_n ⋆ s^n) (bias and max/avg pooling commute)::
+
+            z^n = [drive at n = 1 | a·v_{n−1} + (a·b_n + c) | a·(W_{n−1} s^{n−1}) + (a·b_n + c)]
+                  + a·[W_nᵀ ⋆ P_nᵀ(s^{n+1}; i_n) | reshape(W_nᵀ s^{n+1})]   [+ a·β·∂(−ℓ)/∂s^N at n = N]
+            s^n_{t+1} = g(z^n)
+
+        The constants a·b_n + c and a·β·y are computed once here, not per step.
+        """
+        a, c = self.act.scale, self.act.shift
+        n_layers, n_conv = len(state), self.n_conv
+        batch = state[0].shape[0]
+        nudged = beta != 0.0 and target is not None
+        const = [drive]
+        for n in range(1, n_layers):
+            b = self.biases[n] * a + c
+            const.append(b.view(-1, 1, 1) if n < n_conv else b)
+        if nudged and not self.softmax_readout:
+            const[-1] = const[-1] + (a * beta) * target
+        weights = list(self.weights)
+        weights_t = [w.T if n >= n_conv else None for n, w in enumerate(weights)]
+        cur, nxt = state, self._scratch_for(state)
+        pooled: list = [None] * n_layers
+        indices: list = [None] * n_layers
+        for _ in range(steps):
+            for n in range(1, n_conv):  # one convolution per conv layer above the first
+                pooled[n], indices[n] = self._pool(n, self._conv(n, cur[n - 1], bias=False))
+            for i in range(n_layers):  # state layer s^{i+1}, weight layer i below it, i + 1 above
+                out = nxt[i]
+                above = i + 1 < n_layers
+                if i < n_conv:  # conv state: bottom-up a·v_i + (a·b + c), or the drive at i = 0
+                    if i + 1 < n_conv:  # conv above: the top-down term is a transposed convolution
+                        down = self._conv_t(i + 1, self._unpool(i + 1, cur[i + 1], indices[i + 1]))
+                        if i == 0:
+                            torch.add(const[0], down, alpha=a, out=out)
+                        else:
+                            torch.add(const[i], pooled[i].add_(down), alpha=a, out=out)
+                    else:  # fc (or nothing) above
+                        if i == 0:
+                            out.copy_(const[0])
+                        else:
+                            torch.add(const[i], pooled[i], alpha=a, out=out)
+                        if above:
+                            out.view(batch, -1).addmm_(cur[i + 1], weights[i + 1], alpha=a)
+                else:  # fc state
+                    torch.addmm(const[i], self.flatten(cur[i - 1]), weights_t[i], alpha=a, out=out)
+                    if above:
+                        out.addmm_(cur[i + 1], weights[i + 1], alpha=a)
+                if nudged and i == n_layers - 1:
+                    self._nudge_(out, cur[i], beta, target)
+                self.act.apply_to_affine_(out)
+            cur, nxt = nxt, cur
+        if cur is not state:
+            for s, new in zip(state, cur):
+                s.copy_(new)
+        return state
+
+    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
+        """Add a·β·∂(−ℓ)/∂s^N (without the constant a·β·y of MSE, already folded in)."""
+        a = self.act.scale
+        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out))
+            flat = self.flatten(s_last)
+            p = torch.softmax(torch.addmm(self.readout_bias, flat, self.readout_weight.T), dim=1)
+            out.view(flat.shape).addmm_(p - target, self.readout_weight, alpha=-a * beta)
+        else:  # −∂ℓ/∂s^N = y − s^N
+            out.add_(s_last, alpha=-a * beta)
+
+    def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
+             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s).
+
+        Used by BPTT and as the readable reference of :meth:`relax`.
+        """
+        drive = self.dphi_ds(x, state)
+        if beta != 0.0 and target is not None:
+            s_last = state[-1]
+            if self.softmax_readout:
+                p = torch.softmax(self.logits(state), dim=1)
+                drive[-1] = drive[-1] + (beta * (target - p) @ self.readout_weight).reshape(s_last.shape)
+            else:
+                drive[-1] = drive[-1] + beta * (target - s_last)
+        return [self.act(d) for d in drive]
+
+    # ------------------------------------------------------------------ feed-forward twin (BP baseline)
+
+    def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """s^{n+1} = σ(P_n(W_n ⋆ s^n + b_{n+1})) for conv layers, σ(W_n s^n + b_{n+1}) above: the feed-forward CNN."""
+        h = x
+        state = []
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if n < self.n_conv:
+                h = self.act(self._pool(n, self._conv(n, h))[0])
+            else:
+                h = self.act(self.flatten(h) @ w.T + b)
+            state.append(h)
+        return state
+
+
+def _grad_of(p: nn.Parameter) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad

@@ -1,0 +1,298 @@
+"""The prototypical conv EP network: closed forms against autograd of Φ, relax against step, EP against BPTT."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from eprun.nets.conv import ConvConfig, ConvNet
+from eprun.rules.bp import BP, BPConfig
+from eprun.rules.ep import EP, EPConfig
+
+ACTS = ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
+POOLS = [("max", "max"), ("max", "avg"), ("avg", "none"), ("none", "max")]
+HEADS = [("mse", [5, 3]), ("softmax", []), ("softmax", [5])]  # (readout, fc)
+
+
+def make_net(pools=("max", "max"), readout="mse", fc=(5, 3), activation="sigmoid", strides=1, scale=1.0,
+             input_shape=(1, 8, 8), seed=0, channels=(3, 4)):
+    cfg = ConvConfig(channels=list(channels), kernels=3, strides=strides, paddings=1, pools=list(pools), fc=list(fc),
+                     activation=activation, readout=readout, weight_scale=scale)
+    return ConvNet(cfg, input_shape, 3, torch.Generator().manual_seed(seed)).double()
+
+
+def random_batch(net, batch=4, seed=1):
+    """Random inputs and states: with random floats, ties in a max-pool window have measure zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *net.input_shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (batch,), generator=g)
+    state = [torch.rand(batch, *shape, generator=g, dtype=torch.float64) for shape in net.state_shapes]
+    return x, y, state
+
+
+def close(got, want):
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- Φ and its derivatives
+
+
+@pytest.mark.parametrize("readout,fc", HEADS)
+@pytest.mark.parametrize("pools", POOLS)
+def test_dphi_ds_matches_autograd(pools, readout, fc):
+    net = make_net(pools, readout, fc)
+    x, _, state = random_batch(net)
+    leaves = [s.clone().requires_grad_() for s in state]
+    close(net.dphi_ds(x, state), torch.autograd.grad(net.phi(x, leaves).sum(), leaves))
+
+
+@pytest.mark.parametrize("channels,pools,strides,input_shape,shapes", [
+    # stride 2 (the transposed convolution needs an output padding), pooling that drops a row
+    ((3, 4), ("max", "avg"), [1, 2], (2, 9, 9), [(3, 4, 4), (4, 1, 1)]),
+    ((3,), ("max",), 1, (1, 8, 8), [(3, 4, 4)]),  # one conv layer, fc above it
+    ((3, 4, 2), ("none", "max", "avg"), 1, (1, 8, 8), [(3, 8, 8), (4, 4, 4), (2, 2, 2)]),  # conv above conv
+])
+@pytest.mark.parametrize("readout,fc", HEADS[:2])
+def test_other_geometries_match_autograd_and_relax_matches_step(channels, pools, strides, input_shape, shapes,
+                                                                 readout, fc):
+    net = make_net(pools, readout, fc, strides=strides, input_shape=input_shape, channels=channels)
+    assert net.state_shapes[:len(shapes)] == shapes
+    x, y, state = random_batch(net)
+    leaves = [s.clone().requires_grad_() for s in state]
+    close(net.dphi_ds(x, state), torch.autograd.grad(net.phi(x, leaves).sum(), leaves))
+    close(net.dphi_dtheta(x, state), torch.autograd.grad(net.phi(x, state).mean(), net.phi_parameters()))
+    target = net.target(y, x)
+    fast = [s.clone() for s in state]
+    net.relax(net.input_drive(x), fast, 3, 0.3, target)
+    ref = [s.clone() for s in state]
+    with torch.no_grad():
+        for _ in range(3):
+            ref = net.step(x, ref, 0.3, target)
+    close(fast, ref)
+
+
+@pytest.mark.parametrize("readout,fc", HEADS[:2])
+@pytest.mark.parametrize("pools", POOLS)
+def test_dphi_dtheta_and_its_accumulated_difference_match_autograd(pools, readout, fc):
+    net = make_net(pools, readout, fc)
+    x, _, state = random_batch(net)
+    expected = torch.autograd.grad(net.phi(x, state).mean(), net.phi_parameters())
+    close(net.dphi_dtheta(x, state), expected)
+    # the in-place accumulation used by EP writes the scaled difference at two states
+    _, _, other = random_batch(net, seed=2)
+    at_other = net.dphi_dtheta(x, other)
+    for p in net.parameters():
+        p.grad = None
+    net.accumulate_dphi_dtheta_difference_(x, state, other, 2.5)
+    close([p.grad for p in net.phi_parameters()], [2.5 * (a - b) for a, b in zip(expected, at_other)])
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("readout,fc", HEADS)
+@pytest.mark.parametrize("beta", [0.0, 0.3, -0.2])
+def test_step_is_sigma_of_autograd_of_nudged_phi(activation, readout, fc, beta):
+    """s_{t+1} = σ(∂(Φ − βℓ)/∂s), with the loss's gradient taken by autograd."""
+    net = make_net(("max", "avg"), readout, fc, activation)
+    x, y, state = random_batch(net)
+    target = net.target(y, x)
+    leaves = [s.clone().requires_grad_() for s in state]
+    total = net.phi(x, leaves).sum() - beta * net.loss(leaves, y).sum()
+    close(net.step(x, state, beta, target), [net.act(g) for g in torch.autograd.grad(total, leaves)])
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("readout,fc", HEADS)
+@pytest.mark.parametrize("pools", POOLS[:3])
+def test_fast_relax_equals_reference_steps(pools, readout, fc, activation):
+    net = make_net(pools, readout, fc, activation)
+    x, y, state = random_batch(net)
+    target = net.target(y, x)
+    drive = net.input_drive(x)
+    for beta, steps in [(0.0, 5), (0.4, 3), (-0.3, 3)]:
+        fast = [s.clone() for s in state]
+        net.relax(drive, fast, steps, beta, target)
+        ref = [s.clone() for s in state]
+        with torch.no_grad():
+            for _ in range(steps):
+                ref = net.step(x, ref, beta, target)
+        close(fast, ref)
+
+
+def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
+    net = make_net()
+    for batch in (4, 3, 4):
+        x, _, state = random_batch(net, batch)
+        ids = [id(s) for s in state]
+        out = net.relax(net.input_drive(x), state, 3)
+        assert [id(s) for s in out] == ids
+
+
+def test_feedforward_is_the_torch_cnn_with_the_same_weights():
+    net = make_net(("max", "avg"), "softmax", [5], "hard_sigmoid")
+    x, _, _ = random_batch(net)
+    (w0, w1, w2), (b0, b1, b2) = net.weights, net.biases
+    h1 = F.max_pool2d(F.conv2d(x, w0, b0, padding=1), 2).clamp(0, 1)
+    h2 = F.avg_pool2d(F.conv2d(h1, w1, b1, padding=1), 2).clamp(0, 1)
+    h3 = F.linear(h2.flatten(1), w2, b2).clamp(0, 1)
+    close(net.feedforward(x), [h1, h2, h3])
+
+
+# --------------------------------------------------------------------------- structure, config, fit
+
+
+def test_shapes_groups_and_seeded_default_initialisation():
+    a, b, c = make_net(readout="softmax", fc=[5]), make_net(readout="softmax", fc=[5]), make_net(seed=4)
+    assert a.state_shapes == [(3, 4, 4), (4, 2, 2), (5,)]
+    assert [s.shape[1:] for s in a.init_state(2, torch.zeros(1))] == [torch.Size(s) for s in a.state_shapes]
+    groups = a.layer_groups()
+    assert len(groups) == ConvNet.layer_count(a.cfg) == 4
+    assert sum(len(g) for g in groups) == len(list(a.parameters()))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.weights[0], c.weights[0])
+    for w, fan_in in zip(a.weights, (1 * 9, 3 * 9, 16)):  # U(−1/√fan_in, 1/√fan_in) like torch's Conv2d/Linear
+        assert w.abs().max() <= 1 / math.sqrt(fan_in)
+
+
+def test_config_check_and_scalar_per_layer_values():
+    assert list(ConvConfig().check()) == []
+    assert ConvConfig(channels=[8, 8, 8], kernels=3).per_conv_layer("kernels") == [3, 3, 3]
+    bad = ConvConfig(channels=[4, 0], kernels=[3], strides=0, paddings=-1, pool_size=0, fc=[],
+                     weight_scale=[1.0])
+    assert {key for key, _ in bad.check()} == {"channels", "kernels", "strides", "paddings", "pool_size", "fc",
+                                              "weight_scale"}
+    assert {key for key, _ in ConvConfig(channels=[], pools=["max", "max"], fc=[10, -1]).check()} == {
+        "channels", "pools", "fc"}
+    assert [key for key, _ in ConvConfig(pools=["max", "min"]).check()] == ["pools"]
+    assert list(ConvConfig(readout="softmax", fc=[], weight_scale=[1.0, 1.0, 1.0]).check()) == []
+
+
+def test_check_fits_names_what_does_not_fit_and_the_constructor_refuses_it():
+    fits = ConvNet.check_fits
+    assert fits(ConvConfig(), (1, 28, 28), 10) == []
+    assert fits(ConvConfig(), (1, 12, 12), 10)[0].startswith("kernels:")  # 12 → 8 → 4: conv 5×5 does not fit
+    assert fits(ConvConfig(), (1, 14, 14), 10)[0].startswith("pools:")  # 14 → 10 → 5 → 1: pool 2×2 does not
+    assert fits(ConvConfig(), (784,), 10)[0].startswith("channels:")
+    wrong_out = fits(ConvConfig(fc=[12]), (1, 28, 28), 10)
+    assert len(wrong_out) == 1 and wrong_out[0].startswith("fc:") and "10" in wrong_out[0]
+    assert fits(ConvConfig(readout="softmax", fc=[12]), (1, 28, 28), 10) == []
+    with pytest.raises(ValueError, match="fc: "):
+        ConvNet(ConvConfig(fc=[12]), (1, 28, 28), 10, torch.Generator())
+
+
+# --------------------------------------------------------------------------- EP against BPTT, BP, training
+
+T = 40
+
+
+def gdu_batch(n=5):
+    g = torch.Generator().manual_seed(7)
+    return torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def bptt_gradient(net, x, y, steps=T):
+    """∂ℓ(s_T)/∂θ by autograd through T steps from s_0 = 0 (the ground truth of the GDU theorem)."""
+    state = net.init_state(len(x), x)
+    for _ in range(steps):
+        state = net.step(x, state)
+    return torch.autograd.grad(net.loss(state, y).mean(), list(net.parameters()))
+
+
+def ep_gradient(net, x, y, beta, estimator="one-sided"):
+    for p in net.parameters():
+        p.grad = None
+    EP(EPConfig(T=T, K=T, beta=beta, estimator=estimator), net, torch.Generator().manual_seed(0)).train_step(x, y)
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def relative_error(got, want):
+    num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
+    return num / math.sqrt(sum((w ** 2).sum().item() for w in want))
+
+
+@pytest.mark.parametrize("pools,readout,fc,activation", [
+    (("max", "max"), "mse", [3], "sigmoid"),
+    (("max", "avg"), "softmax", [], "tanh"),
+])
+def test_ep_update_approaches_bptt_gradient_as_beta_shrinks(pools, readout, fc, activation):
+    net = make_net(pools, readout, fc, activation, scale=0.5)
+    x, y = gdu_batch()
+    truth = bptt_gradient(net, x, y)
+    errors = [relative_error(ep_gradient(net, x, y, beta), truth) for beta in (0.1, 0.01, 0.001)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-2
+    one_sided = relative_error(ep_gradient(net, x, y, 0.05), truth)
+    symmetric = relative_error(ep_gradient(net, x, y, 0.05, "symmetric"), truth)
+    assert symmetric < one_sided / 5  # second order in β
+
+
+def test_bp_rule_gives_autograd_gradient_of_the_feedforward_twin():
+    net = make_net(("max", "avg"), "softmax", [5])
+    x, y = gdu_batch()
+    want = torch.autograd.grad(net.loss(net.feedforward(x), y).mean(), list(net.parameters()))
+    for p in net.parameters():
+        p.grad = None
+    BP(BPConfig(), net, torch.Generator()).train_step(x, y)
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+
+
+def test_ep_training_learns_a_separable_task():
+    from eprun.data import make_synthetic
+
+    x, y, _, _ = make_synthetic(60, 1, (1, 8, 8), 3, seed=0)
+    cfg = ConvConfig(channels=[4, 8], kernels=3, paddings=1, pools="max", fc=[3], activation="hard_sigmoid")
+    net = ConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(0))
+    rule = EP(EPConfig(T=15, K=6, beta=0.2, estimator="symmetric"), net, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    before = rule.evaluate(x, y)[1].mean().item()
+    for _ in range(30):
+        opt.zero_grad()
+        rule.train_step(x, y)
+        opt.step()
+    logits, loss = rule.evaluate(x, y)
+    assert loss.mean().item() < 0.5 * before
+    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+
+
+# --------------------------------------------------------------------------- recipes and CLI
+
+SHRINK = ["-s", "device=cpu", "-s", "data.batch_size=2", "-s", "data.eval_batch_size=2"]
+RECIPES = {
+    "ernoult2019/proto-conv": ["-s", "rule.T=3", "-s", "rule.K=2"],
+    "laborieux2021/cifar10-one-sided": ["-s", "rule.T=2", "-s", "rule.K=1"],
+    "laborieux2021/cifar10-random-sign": ["-s", "rule.T=2", "-s", "rule.K=1"],
+    "laborieux2021/cifar10-symmetric": ["-s", "rule.T=2", "-s", "rule.K=1"],
+    "laborieux2021/cifar10-symmetric-ce": ["-s", "rule.T=2", "-s", "rule.K=1"],
+    "laborieux2021/cifar10-bp": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_conv_recipes_pass_a_shrunk_fast_dev_run(name, tmp_path, monkeypatch):
+    """The paper recipes assemble and run end to end (T, K and batch shrunk: the real ones take minutes on CPU)."""
+    from eprun import catalog
+    from eprun.cli import app
+
+    path = catalog.resolve(name).resolve()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", *SHRINK, *RECIPES[name]])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("fast-dev-run ok")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_conv_recipe_errors_name_the_key(tmp_path, monkeypatch):
+    from eprun import catalog
+    from eprun.cli import app
+
+    path = catalog.resolve("ernoult2019/proto-conv").resolve()
+    monkeypatch.chdir(tmp_path)
+    bad = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", "-s", "model.kernels=[5]"])
+    assert bad.exit_code == 2 and "model.kernels" in bad.output
+    bad = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", "-s", "optim.lr=[0.1, 0.1]"])
+    assert bad.exit_code == 2 and "optim.lr" in bad.output
+    assert list(tmp_path.iterdir()) == []
