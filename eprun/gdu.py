@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -173,14 +174,12 @@ def check(net, x, y, T: int, K: int, beta: float) -> dict:
 
 
 def run_check(recipe, *, checkpoint=None, steps: int | None = None, beta: float | None = None,
-              batch: int = 20, dtype: str = "float64", out_dir=None) -> tuple[dict, dict, "Path"]:
+              batch: int = 20, dtype: str = "float64", out_dir=None) -> tuple[dict, dict, Path]:
     """``eprun gdu``: the recipe's network (initial weights, or a checkpoint's), one batch of its
     training split, T from the recipe, K and β from the recipe unless given; writes gdu.json,
     gdu.csv and the plots into ``out_dir``."""
     import csv
-    import json
     import time
-    from pathlib import Path
 
     from eprun import plots, runs
     from eprun.errors import CheckpointError, RecipeError

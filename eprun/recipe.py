@@ -18,7 +18,6 @@ import yaml
 
 from eprun import schema
 from eprun.data.augment import AugmentConfig
-from eprun.errors import RecipeError
 from eprun.nets import NETWORKS, network_configs
 from eprun.rules import rule_configs
 

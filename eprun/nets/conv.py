@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
+from eprun.nets.common import Readout, grad_of, per_layer, uniform_parameter
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
@@ -119,10 +120,6 @@ class ConvConfig:
             )
 
 
-def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
-    return list(value) if isinstance(value, list) else [float(value)] * n
-
-
 def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list, list[str]]:
     """Per conv layer (in shape, conv-output (H, W), state shape); and what does not fit."""
     if len(input_shape) != 3:
@@ -148,7 +145,7 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
     return layers, problems
 
 
-class ConvNet(nn.Module):
+class ConvNet(Readout, nn.Module):
     """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     Config = ConvConfig
@@ -193,11 +190,10 @@ class ConvNet(nn.Module):
         ]
         self.state_shapes = [shape for _, _, shape in geometry]  # per example, s¹ … s^N
         self.state_shapes += [(size,) for size in cfg.fc]
-        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+        scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
 
-        def uniform(shape, fan_in, scale):  # torch's Conv2d / Linear default: U(−1/√fan_in, 1/√fan_in)
-            bound = 1.0 / math.sqrt(fan_in)
-            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+        def uniform(shape, fan_in, scale):
+            return uniform_parameter(shape, fan_in, scale, generator)
 
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -235,14 +231,6 @@ class ConvNet(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer: (batch, C, H, W) for conv layers, (batch, n) for fc layers."""
         return [like.new_zeros(batch, *shape) for shape in self.state_shapes]
-
-    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """One-hot targets in the state dtype."""
-        return F.one_hot(y, self.num_classes).to(like.dtype)
-
-    @staticmethod
-    def flatten(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
 
     # ------------------------------------------------------------------ pooling and its adjoint
 
@@ -351,43 +339,18 @@ class ConvNet(nn.Module):
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
             if n == 0:
                 u = self._unpooled_at(0, x, layers_a[1] - layers_b[1])
-                _grad_of(w).add_(self._conv_weight_grad(0, x, u), alpha=c)
-                _grad_of(b).add_(u.sum(dim=(0, 2, 3)), alpha=c)
+                grad_of(w).add_(self._conv_weight_grad(0, x, u), alpha=c)
+                grad_of(b).add_(u.sum(dim=(0, 2, 3)), alpha=c)
             elif n < self.n_conv:
                 u_a = self._unpooled_at(n, layers_a[n], layers_a[n + 1])
                 u_b = self._unpooled_at(n, layers_b[n], layers_b[n + 1])
                 below = torch.cat([layers_a[n], layers_b[n]])
-                _grad_of(w).add_(self._conv_weight_grad(n, below, torch.cat([u_a, -u_b])), alpha=c)
-                _grad_of(b).add_(u_a.sum(dim=(0, 2, 3)) - u_b.sum(dim=(0, 2, 3)), alpha=c)
+                grad_of(w).add_(self._conv_weight_grad(n, below, torch.cat([u_a, -u_b])), alpha=c)
+                grad_of(b).add_(u_a.sum(dim=(0, 2, 3)) - u_b.sum(dim=(0, 2, 3)), alpha=c)
             else:
-                _grad_of(w).addmm_(layers_a[n + 1].T, self.flatten(layers_a[n]), alpha=c)
-                _grad_of(w).addmm_(layers_b[n + 1].T, self.flatten(layers_b[n]), alpha=-c)
-                _grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
-
-    # ------------------------------------------------------------------ read-out and loss
-
-    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
-        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out, s^N flattened)."""
-        if self.softmax_readout:
-            return self.flatten(state[-1]) @ self.readout_weight.T + self.readout_bias
-        return state[-1]
-
-    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
-        out = self.logits(state)
-        if self.softmax_readout:
-            return F.cross_entropy(out, y, reduction="none")
-        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
-
-    @torch.no_grad()
-    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
-        """For the softmax read-out (outside Φ): W_out.grad += ∂ℓ/∂W_out = (p − y) s^Nᵀ (batch mean)."""
-        if not self.softmax_readout:
-            return
-        s_last = self.flatten(state[-1])
-        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
-        _grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
-        _grad_of(self.readout_bias).add_(err.mean(dim=0))
+                grad_of(w).addmm_(layers_a[n + 1].T, self.flatten(layers_a[n]), alpha=c)
+                grad_of(w).addmm_(layers_b[n + 1].T, self.flatten(layers_b[n]), alpha=-c)
+                grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
@@ -469,16 +432,6 @@ class ConvNet(nn.Module):
                 s.copy_(new)
         return state
 
-    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
-        """Add a·β·∂(−ℓ)/∂s^N (without the constant a·β·y of MSE, already folded in)."""
-        a = self.act.scale
-        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out))
-            flat = self.flatten(s_last)
-            p = torch.softmax(torch.addmm(self.readout_bias, flat, self.readout_weight.T), dim=1)
-            out.view(flat.shape).addmm_(p - target, self.readout_weight, alpha=-a * beta)
-        else:  # −∂ℓ/∂s^N = y − s^N
-            out.add_(s_last, alpha=-a * beta)
-
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s).
@@ -509,8 +462,3 @@ class ConvNet(nn.Module):
             state.append(h)
         return state
 
-
-def _grad_of(p: nn.Parameter) -> torch.Tensor:
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad

@@ -63,10 +63,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
+from eprun.nets.common import Readout, grad_of, per_layer, uniform_parameter
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -103,12 +103,10 @@ class EnergyMLPConfig:
             )
 
 
-def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
-    return list(value) if isinstance(value, list) else [float(value)] * n
-
-
-class EnergyMLP(nn.Module):
+class EnergyMLP(Readout, nn.Module):
     """Fully connected net with the energy-based EP dynamics and a feed-forward twin."""
+
+    softmax_readout = False  # MSE read-out only
 
     Config = EnergyMLPConfig
 
@@ -129,11 +127,10 @@ class EnergyMLP(nn.Module):
         self.num_classes = num_classes
         n_in = math.prod(input_shape)
         self.sizes = [n_in] + list(cfg.hidden) + [num_classes]  # sizes of s⁰ (= x) … s^N
-        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+        scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
 
-        def uniform(shape, fan_in, scale):  # torch.nn.Linear's default: U(−1/√fan_in, 1/√fan_in)
-            bound = 1.0 / math.sqrt(fan_in)
-            return (torch.rand(shape, generator=generator) * 2 - 1) * bound * scale
+        def uniform(shape, fan_in, scale):
+            return uniform_parameter(shape, fan_in, scale, generator).data
 
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -173,14 +170,6 @@ class EnergyMLP(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""
         return [like.new_zeros(batch, size) for size in self.sizes[1:]]
-
-    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """One-hot targets in the state dtype."""
-        return F.one_hot(y, self.num_classes).to(like.dtype)
-
-    @staticmethod
-    def flatten(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
 
     # ------------------------------------------------------------------ ρ, ρ' (out of place)
 
@@ -267,30 +256,16 @@ class EnergyMLP(nn.Module):
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
             diff = ra[n + 1] - rb[n + 1]
             if n == 0:
-                _grad_of(w).addmm_(diff.T, xr, alpha=c)
+                grad_of(w).addmm_(diff.T, xr, alpha=c)
             else:
-                _grad_of(w).addmm_(ra[n + 1].T, ra[n], alpha=c)
-                _grad_of(w).addmm_(rb[n + 1].T, rb[n], alpha=-c)
-            _grad_of(b).add_(diff.sum(dim=0), alpha=c)
+                grad_of(w).addmm_(ra[n + 1].T, ra[n], alpha=c)
+                grad_of(w).addmm_(rb[n + 1].T, rb[n], alpha=-c)
+            grad_of(b).add_(diff.sum(dim=0), alpha=c)
         for i, lat in enumerate(self.laterals):
             g = torch.mm(ra[i + 1].T, ra[i + 1]).mul_(0.25 * c)
             g.addmm_(rb[i + 1].T, rb[i + 1], alpha=-0.25 * c)
             # ½(g + gᵀ) is bitwise symmetric (matmul round-off is not), so L stays exactly symmetric
-            _grad_of(lat).add_(g.add_(g.T.clone()).fill_diagonal_(0.0))
-
-    # ------------------------------------------------------------------ read-out and loss
-
-    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
-        """The prediction scores: s^N."""
-        return state[-1]
-
-    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """Per-example loss ℓ = ½‖y − s^N‖²."""
-        out = state[-1]
-        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
-
-    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
-        """No read-out outside Φ (MSE read-out only): nothing to do."""
+            grad_of(lat).add_(g.add_(g.T.clone()).fill_diagonal_(0.0))
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
@@ -405,8 +380,3 @@ class EnergyMLP(nn.Module):
             h = self.act(s)
         return state
 
-
-def _grad_of(p: nn.Parameter) -> torch.Tensor:
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
+from eprun.nets.common import Readout, grad_of, per_layer, relax_dense_, uniform_parameter
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -59,11 +59,7 @@ class MLPConfig:
             )
 
 
-def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
-    return list(value) if isinstance(value, list) else [float(value)] * n
-
-
-class PrototypicalMLP(nn.Module):
+class PrototypicalMLP(Readout, nn.Module):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     Config = MLPConfig
@@ -83,11 +79,10 @@ class PrototypicalMLP(nn.Module):
         n_in = math.prod(input_shape)
         out_sizes = list(cfg.hidden) if self.softmax_readout else list(cfg.hidden) + [num_classes]
         self.sizes = [n_in] + out_sizes  # sizes of s⁰ (= x) … s^N
-        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+        scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
 
-        def uniform(shape, fan_in, scale):  # torch.nn.Linear's default: U(−1/√fan_in, 1/√fan_in)
-            bound = 1.0 / math.sqrt(fan_in)
-            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+        def uniform(shape, fan_in, scale):
+            return uniform_parameter(shape, fan_in, scale, generator)
 
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -121,14 +116,6 @@ class PrototypicalMLP(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""
         return [like.new_zeros(batch, size) for size in self.sizes[1:]]
-
-    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """One-hot targets in the state dtype."""
-        return F.one_hot(y, self.num_classes).to(like.dtype)
-
-    @staticmethod
-    def flatten(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
 
     # ------------------------------------------------------------------ Φ and its closed-form derivatives
 
@@ -174,36 +161,11 @@ class PrototypicalMLP(nn.Module):
         c = scale / layers_a[0].shape[0]
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
             if n == 0:
-                _grad_of(w).addmm_((layers_a[1] - layers_b[1]).T, layers_a[0], alpha=c)
+                grad_of(w).addmm_((layers_a[1] - layers_b[1]).T, layers_a[0], alpha=c)
             else:
-                _grad_of(w).addmm_(layers_a[n + 1].T, layers_a[n], alpha=c)
-                _grad_of(w).addmm_(layers_b[n + 1].T, layers_b[n], alpha=-c)
-            _grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
-
-    # ------------------------------------------------------------------ read-out and loss
-
-    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
-        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out)."""
-        if self.softmax_readout:
-            return state[-1] @ self.readout_weight.T + self.readout_bias
-        return state[-1]
-
-    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
-        out = self.logits(state)
-        if self.softmax_readout:
-            return F.cross_entropy(out, y, reduction="none")
-        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
-
-    @torch.no_grad()
-    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
-        """For the softmax read-out (outside Φ): W_out.grad += ∂ℓ/∂W_out = (p − y) s^Nᵀ (batch mean)."""
-        if not self.softmax_readout:
-            return
-        s_last = state[-1]
-        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
-        _grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
-        _grad_of(self.readout_bias).add_(err.mean(dim=0))
+                grad_of(w).addmm_(layers_a[n + 1].T, layers_a[n], alpha=c)
+                grad_of(w).addmm_(layers_b[n + 1].T, layers_b[n], alpha=-c)
+            grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
@@ -242,38 +204,10 @@ class PrototypicalMLP(nn.Module):
         const = [drive] + [(b * a + self.act.shift) for b in self.biases[1:n_layers]]
         if nudged and not self.softmax_readout:
             const[-1] = const[-1] + (a * beta) * target
-        cur, nxt = state, self._scratch_for(state)
         weights = list(self.weights)
-        weights_t = [w.T for w in weights]
-        for _ in range(steps):
-            for i in range(n_layers):
-                out = nxt[i]
-                if i == 0:
-                    if n_layers > 1:
-                        torch.addmm(const[0], cur[1], weights[1], alpha=a, out=out)
-                    else:
-                        out.copy_(const[0])
-                else:
-                    torch.addmm(const[i], cur[i - 1], weights_t[i], alpha=a, out=out)
-                    if i + 1 < n_layers:
-                        out.addmm_(cur[i + 1], weights[i + 1], alpha=a)
-                if nudged and i == n_layers - 1:
-                    self._nudge_(out, cur[i], beta, target)
-                self.act.apply_to_affine_(out)
-            cur, nxt = nxt, cur
-        if cur is not state:
-            for s, new in zip(state, cur):
-                s.copy_(new)
-        return state
-
-    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
-        """Add a·β·∂(−ℓ)/∂s^N (without the constant a·β·y of MSE, already folded in)."""
-        a = self.act.scale
-        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out))
-            p = torch.softmax(torch.addmm(self.readout_bias, s_last, self.readout_weight.T), dim=1)
-            out.addmm_(p - target, self.readout_weight, alpha=-a * beta)
-        else:  # −∂ℓ/∂s^N = y − s^N
-            out.add_(s_last, alpha=-a * beta)
+        bottom_up = [w.T for w in weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
+        top_down = weights[1:]  # s^{n+1} @ W_n = (W_nᵀ s^{n+1})ᵀ
+        return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -302,8 +236,3 @@ class PrototypicalMLP(nn.Module):
             state.append(h)
         return state
 
-
-def _grad_of(p: nn.Parameter) -> torch.Tensor:
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad

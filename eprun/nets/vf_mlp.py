@@ -45,13 +45,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
+from eprun.nets.common import Readout, grad_of, per_layer, relax_dense_, uniform_parameter
 from eprun.nets.mlp import MLPConfig
 
 
@@ -67,10 +66,6 @@ class VFMLPConfig(MLPConfig):
         yield from super().check()
         if not 0.0 <= self.initial_angle <= 180.0:
             yield "initial_angle", f"an angle in degrees in [0, 180], got {self.initial_angle}"
-
-
-def _per_layer(value: Union[float, list[float]], n: int) -> list[float]:
-    return list(value) if isinstance(value, list) else [float(value)] * n
 
 
 def backward_at_angle(forward: torch.Tensor, degrees: float, noise: torch.Tensor) -> torch.Tensor:
@@ -99,7 +94,7 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.atan2(float(perp.norm() * nb2.sqrt()), float(dot)))
 
 
-class VectorFieldMLP(nn.Module):
+class VectorFieldMLP(Readout, nn.Module):
     """Fully connected net with the prototypical dynamics, forward weights W and backward weights B."""
 
     Config = VFMLPConfig
@@ -120,11 +115,10 @@ class VectorFieldMLP(nn.Module):
         n_in = math.prod(input_shape)
         out_sizes = list(cfg.hidden) if self.softmax_readout else list(cfg.hidden) + [num_classes]
         self.sizes = [n_in] + out_sizes  # sizes of s⁰ (= x) … s^N
-        scales = _per_layer(cfg.weight_scale, self.layer_count(cfg))
+        scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
 
-        def uniform(shape, fan_in, scale):  # torch.nn.Linear's default: U(−1/√fan_in, 1/√fan_in)
-            bound = 1.0 / math.sqrt(fan_in)
-            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+        def uniform(shape, fan_in, scale):
+            return uniform_parameter(shape, fan_in, scale, generator)
 
         # W, b and the read-out in PrototypicalMLP's order: same seed, same W
         self.weights = nn.ParameterList()
@@ -166,14 +160,6 @@ class VectorFieldMLP(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""
         return [like.new_zeros(batch, size) for size in self.sizes[1:]]
-
-    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """One-hot targets in the state dtype."""
-        return F.one_hot(y, self.num_classes).to(like.dtype)
-
-    @staticmethod
-    def flatten(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], -1)
 
     @torch.no_grad()
     def angles(self) -> dict[str, float]:
@@ -260,41 +246,16 @@ class VectorFieldMLP(nn.Module):
         diff_post_prev = None  # s^n_a − s^n_b of the layer below (None for the clamped input)
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
             diff_post = layers_a[n + 1] - layers_b[n + 1]
-            _grad_of(b).add_(diff_post.sum(dim=0), alpha=c)  # s^{n+1}_a − s^{n+1}_b
+            grad_of(b).add_(diff_post.sum(dim=0), alpha=c)  # s^{n+1}_a − s^{n+1}_b
             if n >= 1 and self.same_update:  # tied: W_n and B_nᵀ both get V_{W_n} + V_{B_n}ᵀ
                 tied = torch.mm(diff_post.T, layers_a[n]).addmm_(layers_a[n + 1].T, diff_post_prev)
-                _grad_of(w).add_(tied, alpha=c)
-                _grad_of(self.backward_weight(n)).add_(tied.T, alpha=c)
+                grad_of(w).add_(tied, alpha=c)
+                grad_of(self.backward_weight(n)).add_(tied.T, alpha=c)
             else:
-                _grad_of(w).addmm_(diff_post.T, layers_a[n], alpha=c)  # (s^{n+1}_a − s^{n+1}_b) s^{nᵀ}_a
+                grad_of(w).addmm_(diff_post.T, layers_a[n], alpha=c)  # (s^{n+1}_a − s^{n+1}_b) s^{nᵀ}_a
                 if n >= 1:  # (s^n_a − s^n_b) s^{n+1 ᵀ}_a
-                    _grad_of(self.backward_weight(n)).addmm_(diff_post_prev.T, layers_a[n + 1], alpha=c)
+                    grad_of(self.backward_weight(n)).addmm_(diff_post_prev.T, layers_a[n + 1], alpha=c)
             diff_post_prev = diff_post
-
-    # ------------------------------------------------------------------ read-out and loss
-
-    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
-        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out)."""
-        if self.softmax_readout:
-            return state[-1] @ self.readout_weight.T + self.readout_bias
-        return state[-1]
-
-    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
-        out = self.logits(state)
-        if self.softmax_readout:
-            return F.cross_entropy(out, y, reduction="none")
-        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
-
-    @torch.no_grad()
-    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
-        """For the softmax read-out (outside the dynamics): W_out.grad += (p − y) s^Nᵀ (batch mean)."""
-        if not self.softmax_readout:
-            return
-        s_last = state[-1]
-        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
-        _grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
-        _grad_of(self.readout_bias).add_(err.mean(dim=0))
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
@@ -329,38 +290,9 @@ class VectorFieldMLP(nn.Module):
         const = [drive] + [(b * a + self.act.shift) for b in self.biases[1:n_layers]]
         if nudged and not self.softmax_readout:
             const[-1] = const[-1] + (a * beta) * target
-        cur, nxt = state, self._scratch_for(state)
-        forward_t = [w.T for w in self.weights]  # row-major: s^n @ W_nᵀ = (W_n s^n)ᵀ
-        feedback_t = [f.T for f in self.feedback]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
-        for _ in range(steps):
-            for i in range(n_layers):  # state index i is layer n = i + 1
-                out = nxt[i]
-                if i == 0:
-                    if n_layers > 1:
-                        torch.addmm(const[0], cur[1], feedback_t[0], alpha=a, out=out)
-                    else:
-                        out.copy_(const[0])
-                else:
-                    torch.addmm(const[i], cur[i - 1], forward_t[i], alpha=a, out=out)
-                    if i + 1 < n_layers:
-                        out.addmm_(cur[i + 1], feedback_t[i], alpha=a)
-                if nudged and i == n_layers - 1:
-                    self._nudge_(out, cur[i], beta, target)
-                self.act.apply_to_affine_(out)
-            cur, nxt = nxt, cur
-        if cur is not state:
-            for s, new in zip(state, cur):
-                s.copy_(new)
-        return state
-
-    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
-        """Add a·β·∂(−ℓ)/∂s^N (without the constant a·β·y of MSE, already folded in)."""
-        a = self.act.scale
-        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out))
-            p = torch.softmax(torch.addmm(self.readout_bias, s_last, self.readout_weight.T), dim=1)
-            out.addmm_(p - target, self.readout_weight, alpha=-a * beta)
-        else:  # −∂ℓ/∂s^N = y − s^N
-            out.add_(s_last, alpha=-a * beta)
+        bottom_up = [w.T for w in self.weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
+        top_down = [f.T for f in self.feedback]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
+        return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -388,8 +320,3 @@ class VectorFieldMLP(nn.Module):
             state.append(h)
         return state
 
-
-def _grad_of(p: nn.Parameter) -> torch.Tensor:
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad

@@ -1,0 +1,122 @@
+"""Pieces every network shares: parameter initialisation, per-layer values, ``.grad``
+accumulation, and the read-out (MSE on s^N, or a softmax read-out outside Φ)."""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def per_layer(value: Union[float, list[float]], n: int) -> list[float]:
+    """A per-layer list from a scalar (repeated) or a list (as is)."""
+    return list(value) if isinstance(value, list) else [float(value)] * n
+
+
+def uniform_parameter(shape, fan_in: int, scale: float, generator: torch.Generator) -> nn.Parameter:
+    """torch's Linear / Conv2d default, U(−1/√fan_in, 1/√fan_in), times ``scale``, from ``generator``."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
+
+
+def grad_of(p: nn.Parameter) -> torch.Tensor:
+    """``p.grad``, created as zeros if missing (updates are accumulated into it in place)."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+class Readout:
+    """Prediction and loss from the last state s^N.
+
+    MSE: the prediction is s^N, ℓ = ½‖y − s^N‖² with one-hot y. Softmax read-out (Laborieux
+    et al. 2021): a layer outside the dynamics, prediction softmax(W_out s^N + b_out),
+    ℓ = cross-entropy. Needs ``num_classes``, ``softmax_readout`` and, for the softmax
+    read-out, ``readout_weight`` / ``readout_bias``.
+    """
+
+    num_classes: int
+    softmax_readout: bool
+
+    def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One-hot targets in the state dtype."""
+        return F.one_hot(y, self.num_classes).to(like.dtype)
+
+    @staticmethod
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+    def logits(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """The prediction scores: s^N (MSE) or W_out s^N + b_out (softmax read-out, s^N flattened)."""
+        if self.softmax_readout:
+            return self.flatten(state[-1]) @ self.readout_weight.T + self.readout_bias
+        return state[-1]
+
+    def loss(self, state: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Per-example loss ℓ: ½‖y − s^N‖² (MSE) or cross-entropy of the softmax read-out."""
+        out = self.logits(state)
+        if self.softmax_readout:
+            return F.cross_entropy(out, y, reduction="none")
+        return 0.5 * ((self.target(y, out) - out) ** 2).sum(dim=1)
+
+    @torch.no_grad()
+    def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
+        """For the softmax read-out (outside Φ): W_out.grad += ∂ℓ/∂W_out = (p − y) s^Nᵀ (batch mean)."""
+        if not self.softmax_readout:
+            return
+        s_last = self.flatten(state[-1])
+        err = torch.softmax(self.logits(state), dim=1) - self.target(y, s_last)
+        grad_of(self.readout_weight).addmm_(err.T, s_last, alpha=1.0 / s_last.shape[0])
+        grad_of(self.readout_bias).add_(err.mean(dim=0))
+
+    def _nudge_(self, out: torch.Tensor, s_last: torch.Tensor, beta: float, target: torch.Tensor) -> None:
+        """Add a·β·∂(−ℓ)/∂s^N to the output layer's pre-activation ``out`` (a = σ's scale; for
+        MSE without the constant a·β·y, which the caller folds into the layer's constant)."""
+        a = self.act.scale
+        if self.softmax_readout:  # −∂ℓ/∂s^N = W_outᵀ (y − softmax(W_out s^N + b_out)), s^N flattened
+            flat = self.flatten(s_last)
+            p = torch.softmax(torch.addmm(self.readout_bias, flat, self.readout_weight.T), dim=1)
+            out.view(flat.shape).addmm_(p - target, self.readout_weight, alpha=-a * beta)
+        else:  # −∂ℓ/∂s^N = y − s^N
+            out.add_(s_last, alpha=-a * beta)
+
+
+def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scratch: list[torch.Tensor],
+                 bottom_up: list[torch.Tensor], top_down: list[torch.Tensor], steps: int, beta: float,
+                 target: torch.Tensor | None) -> list[torch.Tensor]:
+    """``steps`` synchronous steps of a chain of dense layers, in place on ``state``::
+
+        z^i = const_i + a·(s^{i−1} @ bottom_up[i]) + a·(s^{i+1} @ top_down[i])  [+ nudge at the last layer]
+        s^i ← g(z^i)
+
+    (row-major states; ``const_0`` already holds the input drive; a, g from ``net.act``).
+    ``scratch`` is a second set of state buffers: steps alternate between the two sets, so a
+    step allocates nothing.
+    """
+    a = net.act.scale
+    n_layers = len(state)
+    nudged = beta != 0.0 and target is not None
+    cur, nxt = state, scratch
+    for _ in range(steps):
+        for i in range(n_layers):
+            out = nxt[i]
+            if i == 0:
+                if n_layers > 1:
+                    torch.addmm(const[0], cur[1], top_down[0], alpha=a, out=out)
+                else:
+                    out.copy_(const[0])
+            else:
+                torch.addmm(const[i], cur[i - 1], bottom_up[i], alpha=a, out=out)
+                if i + 1 < n_layers:
+                    out.addmm_(cur[i + 1], top_down[i], alpha=a)
+            if nudged and i == n_layers - 1:
+                net._nudge_(out, cur[i], beta, target)
+            net.act.apply_to_affine_(out)
+        cur, nxt = nxt, cur
+    if cur is not state:
+        for s, new in zip(state, cur):
+            s.copy_(new)
+    return state
