@@ -8,6 +8,7 @@ Adding a network is one file plus one line here.
 from eprun.nets.conv import ConvNet
 from eprun.nets.energy_mlp import EnergyMLP
 from eprun.nets.mlp import PrototypicalMLP
+from eprun.nets.vf_conv import VectorFieldConvNet
 from eprun.nets.vf_mlp import VectorFieldMLP
 
 NETWORKS = {
@@ -15,6 +16,7 @@ NETWORKS = {
     "energy_mlp": EnergyMLP,
     "conv": ConvNet,
     "vf_mlp": VectorFieldMLP,
+    "vf_conv": VectorFieldConvNet,
 }
 
 

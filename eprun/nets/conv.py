@@ -265,6 +265,16 @@ class ConvNet(Readout, nn.Module):
         return F.conv_transpose2d(u, self.weights[n], None, self.strides[n], self.paddings[n],
                                   self.output_paddings[n])
 
+    def _conv_t_down(self, n: int, u: torch.Tensor) -> torch.Tensor:
+        """The top-down transposed convolution into s^n used by :meth:`relax` (W_n here; a
+        vector-field net overrides it with its backward kernel)."""
+        return self._conv_t(n, u)
+
+    def _top_down_weights(self) -> list[torch.Tensor]:
+        """Weight n carries the top-down signal from s^{n+1} into s^n in :meth:`relax` (W_n here;
+        a vector-field net returns its backward weights B_n)."""
+        return list(self.weights)
+
     def _conv_weight_grad(self, n: int, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Σ_batch ∂(u · (W_n ⋆ s))/∂W_n."""
         return torch.nn.grad.conv2d_weight(s, self.weights[n].shape, u, self.strides[n], self.paddings[n])
@@ -396,6 +406,7 @@ class ConvNet(Readout, nn.Module):
             const[-1] = const[-1] + (a * beta) * target
         weights = list(self.weights)
         weights_t = [w.T if n >= n_conv else None for n, w in enumerate(weights)]
+        down_weights = self._top_down_weights()
         cur, nxt = state, self._scratch_for(state)
         pooled: list = [None] * n_layers
         indices: list = [None] * n_layers
@@ -407,7 +418,7 @@ class ConvNet(Readout, nn.Module):
                 above = i + 1 < n_layers
                 if i < n_conv:  # conv state: bottom-up a·v_i + (a·b + c), or the drive at i = 0
                     if i + 1 < n_conv:  # conv above: the top-down term is a transposed convolution
-                        down = self._conv_t(i + 1, self._unpool(i + 1, cur[i + 1], indices[i + 1]))
+                        down = self._conv_t_down(i + 1, self._unpool(i + 1, cur[i + 1], indices[i + 1]))
                         if i == 0:
                             torch.add(const[0], down, alpha=a, out=out)
                         else:
@@ -418,11 +429,11 @@ class ConvNet(Readout, nn.Module):
                         else:
                             torch.add(const[i], pooled[i], alpha=a, out=out)
                         if above:
-                            out.view(batch, -1).addmm_(cur[i + 1], weights[i + 1], alpha=a)
+                            out.view(batch, -1).addmm_(cur[i + 1], down_weights[i + 1], alpha=a)
                 else:  # fc state
                     torch.addmm(const[i], self.flatten(cur[i - 1]), weights_t[i], alpha=a, out=out)
                     if above:
-                        out.addmm_(cur[i + 1], weights[i + 1], alpha=a)
+                        out.addmm_(cur[i + 1], down_weights[i + 1], alpha=a)
                 if nudged and i == n_layers - 1:
                     self._nudge_(out, cur[i], beta, target)
                 self.act.apply_to_affine_(out)
