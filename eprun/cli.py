@@ -187,7 +187,7 @@ def gdu(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Check at these weights (default: initial)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="K: second-phase steps compared (default: rule.K)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="β (default: rule.beta)."),
-    batch: int = typer.Option(20, "--batch", help="Examples from the training split."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Examples from the training split (default: data.batch_size)."),
     dtype: str = typer.Option("float64", "--dtype", help="float32 or float64."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/gdu-NAME-TIME)."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a recipe value (repeatable)."),
@@ -203,6 +203,7 @@ def gdu(
     if path.is_dir() and checkpoint is None and (path / "checkpoints" / "last.pt").exists():
         checkpoint = path / "checkpoints" / "last.pt"
     recipe = load_recipe(recipe_file, set_)
+    batch = batch if batch is not None else recipe.data.batch_size
     result, _, out = gdu_check.run_check(recipe, checkpoint=checkpoint, steps=steps, beta=beta, batch=batch,
                                          dtype=dtype, out_dir=out_dir)
     table = Table(show_header=True, header_style="bold",
