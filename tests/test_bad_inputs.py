@@ -179,3 +179,30 @@ def test_a_pickle_that_runs_code_is_refused_and_does_not_run(trained_run, tmp_pa
     plain.write_bytes(pickle.dumps(_Payload(str(marker))))
     assert invoke("eval", plain, "--recipe", trained_run / "recipe.yaml").exit_code == 2
     assert not marker.exists()
+
+
+CONV_MODEL = """model:
+  kind: conv
+  channels: [4]
+  kernels: [5]
+  pools: [max]
+  fc: [10]
+"""
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("fc: [10]", "fc: [12]"), "model.fc: with readout: mse the last fc layer is the output and needs one unit per class (10), got 12"),
+    (("kernels: [5]", "kernels: [40]"), "model.kernels"),
+])
+def test_network_that_does_not_fit_the_dataset(edit, expected, tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = tiny_recipe.read_text().replace("model:\n  kind: mlp\n  hidden: [24]\n", CONV_MODEL.replace(*edit))
+    tiny_recipe.write_text(text)
+    before = files_under(tmp_path)
+    for args in (("train", tiny_recipe), ("train", tiny_recipe, "--fast-dev-run")):
+        result = invoke(*args)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2, result.output
+        assert len(lines) == 1 and expected in lines[0] and str(tiny_recipe) in lines[0], lines
+        assert "data.dataset 'synthetic' gives input (1, 28, 28) and 10 classes" in lines[0]
+    assert files_under(tmp_path) == before
