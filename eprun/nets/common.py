@@ -22,6 +22,32 @@ def uniform_parameter(shape, fan_in: int, scale: float, generator: torch.Generat
     return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound * scale)
 
 
+def init_dense_chain(net: nn.Module, cfg, input_shape: tuple[int, ...], num_classes: int, n_layers: int,
+                     generator: torch.Generator) -> None:
+    """Give ``net`` the fully connected chain x = s⁰ → s¹ … s^N of ``cfg.hidden`` (+ the classes
+    for an MSE read-out), drawn in a fixed order — W_n, b_{n+1} per layer, then the softmax
+    read-out — so every net built this way from the same seed has the same W."""
+    from eprun.nets.activations import ACTIVATIONS
+
+    net.cfg = cfg
+    net.act = ACTIVATIONS[cfg.activation]
+    net.num_classes = num_classes
+    net.softmax_readout = cfg.readout == "softmax"
+    out_sizes = list(cfg.hidden) if net.softmax_readout else list(cfg.hidden) + [num_classes]
+    net.sizes = [math.prod(input_shape)] + out_sizes  # sizes of s⁰ (= x) … s^N
+    scales = per_layer(cfg.weight_scale, n_layers)
+    net.weights = nn.ParameterList()
+    net.biases = nn.ParameterList()
+    for n in range(len(net.sizes) - 1):
+        fan_in = net.sizes[n]
+        net.weights.append(uniform_parameter((net.sizes[n + 1], fan_in), fan_in, scales[n], generator))
+        net.biases.append(uniform_parameter((net.sizes[n + 1],), fan_in, 1.0, generator))
+    if net.softmax_readout:
+        fan_in = net.sizes[-1]
+        net.readout_weight = uniform_parameter((num_classes, fan_in), fan_in, scales[-1], generator)
+        net.readout_bias = uniform_parameter((num_classes,), fan_in, 1.0, generator)
+
+
 def grad_of(p: nn.Parameter) -> torch.Tensor:
     """``p.grad``, created as zeros if missing (updates are accumulated into it in place)."""
     if p.grad is None:

@@ -22,15 +22,13 @@ The hot path (:meth:`relax`) is closed form: no autograd, the drive from the sta
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
 from torch import nn
 
-from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import Readout, grad_of, per_layer, relax_dense_, uniform_parameter
+from eprun.nets.common import Readout, grad_of, init_dense_chain, relax_dense_
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -72,28 +70,7 @@ class PrototypicalMLP(Readout, nn.Module):
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
         super().__init__()
-        self.cfg = cfg
-        self.act = ACTIVATIONS[cfg.activation]
-        self.num_classes = num_classes
-        self.softmax_readout = cfg.readout == "softmax"
-        n_in = math.prod(input_shape)
-        out_sizes = list(cfg.hidden) if self.softmax_readout else list(cfg.hidden) + [num_classes]
-        self.sizes = [n_in] + out_sizes  # sizes of s⁰ (= x) … s^N
-        scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
-
-        def uniform(shape, fan_in, scale):
-            return uniform_parameter(shape, fan_in, scale, generator)
-
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for n in range(len(self.sizes) - 1):
-            fan_in = self.sizes[n]
-            self.weights.append(uniform((self.sizes[n + 1], fan_in), fan_in, scales[n]))
-            self.biases.append(uniform((self.sizes[n + 1],), fan_in, 1.0))
-        if self.softmax_readout:
-            fan_in = self.sizes[-1]
-            self.readout_weight = uniform((num_classes, fan_in), fan_in, scales[-1])
-            self.readout_bias = uniform((num_classes,), fan_in, 1.0)
+        init_dense_chain(self, cfg, input_shape, num_classes, self.layer_count(cfg), generator)
         self._scratch: dict = {}
 
     # ------------------------------------------------------------------ structure
