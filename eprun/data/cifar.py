@@ -34,7 +34,6 @@ import io
 import logging
 import os
 import pickle
-import socket
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -43,9 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eprun.data.mnist import (
-    DOWNLOAD_TIMEOUT_S, _missing_parents, _remove_if_empty, download_disabled, resolve_root,
-)
+from eprun.data.download import try_torchvision_download
+from eprun.data.mnist import resolve_root
 from eprun.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -114,7 +112,7 @@ def find_folder(source: CifarSource, root: Path) -> Path:
     folder = _first_complete(source, dirs)
     if folder is None and (root / source.archive).is_file():
         folder = extract_archive(source, root / source.archive, root)
-    if folder is None and _try_download(source, root):
+    if folder is None and try_torchvision_download(source.name, source.torchvision_class, root, root):
         folder = _first_complete(source, dirs)
     if folder is None:
         raise DataError(_missing_message(source, root, dirs))
@@ -329,30 +327,3 @@ def _missing_message(source: CifarSource, root: Path, dirs: list[Path]) -> str:
         f"{source.folder}/ folder (or {source.archive}, extracted automatically) in {root} "
         f"or set data.root / $EPRUN_DATA"
     )
-
-
-def _try_download(source: CifarSource, root: Path) -> bool:
-    """Try torchvision's download (archive into ``root``, extracted there); True on success.
-
-    Failures are swallowed (the caller reports the missing files); sockets get a timeout, and
-    folders the failed attempt created empty are removed again.
-    """
-    if download_disabled():
-        return False
-    created = _missing_parents(root)
-    log.info("%s: batches not found; trying torchvision download into %s", source.name, root)
-    previous_timeout = socket.getdefaulttimeout()
-    try:
-        import torchvision.datasets
-
-        dataset_class = getattr(torchvision.datasets, source.torchvision_class)
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            dataset_class(str(root), train=True, download=True)
-        return True
-    except Exception as err:  # noqa: BLE001 - any failure means "not downloaded"
-        log.info("%s: download failed: %s", source.name, err)
-        _remove_if_empty(created)
-        return False
-    finally:
-        socket.setdefaulttimeout(previous_timeout)

@@ -18,20 +18,16 @@ names the missing files and the folders searched.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from eprun.data.download import try_torchvision_download
 from eprun.data.idx import read_idx
 from eprun.errors import DataError
 
-log = logging.getLogger(__name__)
 
 #: The four IDX files, keyed by role.
 FILES: dict[str, str] = {
@@ -47,7 +43,6 @@ NUM_CLASSES = 10
 #: Folder holding the embedded mnist-mini files (built by scripts/make_mnist_mini.py).
 MNIST_MINI_DIR = Path(__file__).parent / "mnist_mini"
 
-DOWNLOAD_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +102,8 @@ def find_folder(source: Source, root: Path) -> Path:
     """The first candidate folder with all four files; download once, else DataError."""
     dirs = candidate_dirs(source, root)
     folder = _first_complete(dirs)
-    if folder is None and _try_download(source, root):
+    if folder is None and try_torchvision_download(source.name, source.torchvision_class, root,
+                                                     root / source.torchvision_class / "raw"):
         folder = _first_complete(dirs)
     if folder is None:
         raise DataError(_missing_message(source.name, dirs))
@@ -176,55 +172,3 @@ def _missing_message(name: str, dirs: list[Path]) -> str:
         f"{name}: missing {', '.join(missing)}; searched {searched}; put the four IDX files "
         f"in one of these folders or set data.root / $EPRUN_DATA"
     )
-
-
-def download_disabled() -> bool:
-    """True when downloads must not be attempted ($EPRUN_OFFLINE=1 or $CI set)."""
-    offline = os.environ.get("EPRUN_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-    return offline or ci
-
-
-def _try_download(source: Source, root: Path) -> bool:
-    """Try torchvision's download into ``root``; True if it succeeded.
-
-    Any failure (offline, mirror down) is swallowed: the caller then reports the missing
-    files. Sockets get a timeout so an unreachable network cannot hang the run, and folders
-    that the failed attempt created empty are removed again.
-    """
-    if download_disabled():
-        return False
-    created = _missing_parents(root / source.torchvision_class / "raw")
-    log.info("%s: IDX files not found; trying torchvision download into %s", source.name, root)
-    previous_timeout = socket.getdefaulttimeout()
-    try:
-        import torchvision.datasets
-
-        dataset_class = getattr(torchvision.datasets, source.torchvision_class)
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            dataset_class(str(root), train=True, download=True)
-        return True
-    except Exception as err:  # noqa: BLE001 - any failure means "not downloaded"
-        log.info("%s: download failed: %s", source.name, err)
-        _remove_if_empty(created)
-        return False
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-
-
-def _missing_parents(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            break
-        missing.append(candidate)
-    return missing
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove each folder (deepest first) if it exists and is empty."""
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            folder.rmdir()

@@ -55,6 +55,22 @@ def grad_of(p: nn.Parameter) -> torch.Tensor:
     return p.grad
 
 
+class WeightLayers:
+    """Parameters by weight layer: W_n, b_{n+1} per layer, then the softmax read-out if any.
+    Needs ``weights``, ``biases``, ``softmax_readout`` (and the read-out's parameters)."""
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters grouped by weight layer, in order (for per-layer learning rates)."""
+        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
+        if self.softmax_readout:
+            groups.append([self.readout_weight, self.readout_bias])
+        return groups
+
+    def phi_parameters(self) -> list[nn.Parameter]:
+        """θ of Φ in the order ``dphi_dtheta`` returns: W_0, b_1, W_1, b_2, …"""
+        return [p for w, b in zip(self.weights, self.biases) for p in (w, b)]
+
+
 class Readout:
     """Prediction and loss from the last state s^N.
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import Readout, grad_of, per_layer, uniform_parameter
+from eprun.nets.common import Readout, WeightLayers, grad_of, per_layer, uniform_parameter
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
@@ -145,7 +145,7 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
     return layers, problems
 
 
-class ConvNet(Readout, nn.Module):
+class ConvNet(WeightLayers, Readout, nn.Module):
     """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     Config = ConvConfig
@@ -216,17 +216,6 @@ class ConvNet(Readout, nn.Module):
     @property
     def num_state_layers(self) -> int:
         return len(self.state_shapes)
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Parameters grouped by weight layer, in order (for per-layer learning rates)."""
-        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
-        if self.softmax_readout:
-            groups.append([self.readout_weight, self.readout_bias])
-        return groups
-
-    def phi_parameters(self) -> list[nn.Parameter]:
-        """θ of Φ in the order :meth:`dphi_dtheta` returns: W_0, b_1, W_1, b_2, …"""
-        return [p for w, b in zip(self.weights, self.biases) for p in (w, b)]
 
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer: (batch, C, H, W) for conv layers, (batch, n) for fc layers."""

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import Readout, grad_of, per_layer, uniform_parameter
+from eprun.nets.common import Readout, WeightLayers, grad_of, per_layer, uniform_parameter
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -103,7 +103,7 @@ class EnergyMLPConfig:
             )
 
 
-class EnergyMLP(Readout, nn.Module):
+class EnergyMLP(WeightLayers, Readout, nn.Module):
     """Fully connected net with the energy-based EP dynamics and a feed-forward twin."""
 
     softmax_readout = False  # MSE read-out only
@@ -158,14 +158,14 @@ class EnergyMLP(Readout, nn.Module):
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Parameters grouped by weight layer, in order; L_n joins W_{n−1}'s group."""
-        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
+        groups = super().layer_groups()
         for i, lat in enumerate(self.laterals):
             groups[i].append(lat)
         return groups
 
     def phi_parameters(self) -> list[nn.Parameter]:
         """θ of Φ in the order :meth:`dphi_dtheta` returns: W_0, b_1, W_1, b_2, …, then L_1, L_2, …"""
-        return [p for w, b in zip(self.weights, self.biases) for p in (w, b)] + list(self.laterals)
+        return super().phi_parameters() + list(self.laterals)
 
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""

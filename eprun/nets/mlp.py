@@ -28,7 +28,7 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from eprun.nets.common import Readout, grad_of, init_dense_chain, relax_dense_
+from eprun.nets.common import Readout, WeightLayers, grad_of, init_dense_chain, relax_dense_
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -57,7 +57,7 @@ class MLPConfig:
             )
 
 
-class PrototypicalMLP(Readout, nn.Module):
+class PrototypicalMLP(WeightLayers, Readout, nn.Module):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     Config = MLPConfig
@@ -78,17 +78,6 @@ class PrototypicalMLP(Readout, nn.Module):
     @property
     def num_state_layers(self) -> int:
         return len(self.sizes) - 1
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Parameters grouped by weight layer, in order (for per-layer learning rates)."""
-        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
-        if self.softmax_readout:
-            groups.append([self.readout_weight, self.readout_bias])
-        return groups
-
-    def phi_parameters(self) -> list[nn.Parameter]:
-        """θ of Φ in the order :meth:`dphi_dtheta` returns: W_0, b_1, W_1, b_2, …"""
-        return [p for w, b in zip(self.weights, self.biases) for p in (w, b)]
 
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eprun.nets.common import Readout, grad_of, init_dense_chain, relax_dense_
+from eprun.nets.common import Readout, WeightLayers, grad_of, init_dense_chain, relax_dense_
 from eprun.nets.mlp import MLPConfig
 
 
@@ -93,7 +93,7 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.atan2(float(perp.norm() * nb2.sqrt()), float(dot)))
 
 
-class VectorFieldMLP(Readout, nn.Module):
+class VectorFieldMLP(WeightLayers, Readout, nn.Module):
     """Fully connected net with the prototypical dynamics, forward weights W and backward weights B."""
 
     Config = VFMLPConfig
@@ -127,12 +127,13 @@ class VectorFieldMLP(Readout, nn.Module):
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Per weight layer n: [W_n, b_{n+1}] and B_n when it exists (n ≥ 1); then the read-out."""
-        groups = [[w, b] for w, b in zip(self.weights, self.biases)]
-        for n in range(1, len(groups)):
+        groups = super().layer_groups()
+        for n in range(1, len(self.weights)):
             groups[n].append(self.backward_weight(n))
-        if self.softmax_readout:
-            groups.append([self.readout_weight, self.readout_bias])
         return groups
+
+    def phi_parameters(self):
+        raise NotImplementedError("vf_mlp has no Φ (B ≠ Wᵀ), hence no Φ parameters (GDU does not apply)")
 
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""
