@@ -31,7 +31,7 @@ class DataConfig:
     val_size: int = 5000
     batch_size: int = 50
     eval_batch_size: int = 1000
-    normalize: Literal["none", "standard", "cifar10", "cifar10-laborieux2021"] = "none"
+    normalize: Literal["none", "standard", "cifar10", "cifar10-laborieux2021", "imagenet32"] = "none"
     train_subset: Optional[int] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

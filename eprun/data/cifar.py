@@ -193,7 +193,7 @@ def _numpy_frombuffer():
 
 
 class _Refused(pickle.UnpicklingError):
-    """A pickle that asks for something a CIFAR batch never needs; becomes a DataError."""
+    """A pickle that asks for something a dataset batch never needs; becomes a DataError."""
 
 
 def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
@@ -203,9 +203,9 @@ def _latin1_encode(text: str, encoding: str = "latin1", errors: str = "strict") 
     return codecs.encode(text, "latin1", "strict")
 
 
-#: (module, name) → object: everything a CIFAR batch may reference. Real batches (Python 2,
-#: numpy 1) name ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and
-#: ``numpy.dtype``; numpy 2 writes ``numpy._core…``; batches re-pickled by Python 3 in
+#: (module, name) → object: everything a CIFAR (or ImageNet32) batch may reference. Real
+#: batches (Python 2, numpy 1) name ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``
+#: and ``numpy.dtype``; numpy 2 writes ``numpy._core…``; batches re-pickled by Python 3 in
 #: protocol 2 add ``_codecs.encode`` (for bytes), in protocol 5 ``numpy._core.numeric._frombuffer``.
 ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),
@@ -231,15 +231,18 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         allowed = ALLOWED_GLOBALS.get((module, name))
         if allowed is None:
-            raise _Refused(f"pickle references {module}.{name}; a CIFAR batch may only reference numpy arrays")
+            raise _Refused(f"pickle references {module}.{name}; a dataset batch may only reference numpy arrays")
         return allowed
 
     def persistent_load(self, pid: object) -> object:
-        raise _Refused("pickle uses persistent ids; a CIFAR batch has none")
+        raise _Refused("pickle uses persistent ids; a dataset batch has none")
 
 
-def load_pickle(path: Path, name: str = "cifar") -> object:
-    """Unpickle ``path`` with :class:`SafeUnpickler`; DataError naming the file on any failure."""
+def load_pickle(path: Path, name: str = "cifar", expected: str = "a CIFAR python batch") -> object:
+    """Unpickle ``path`` with :class:`SafeUnpickler`; DataError naming the file on any failure.
+
+    ``name`` starts the error messages; ``expected`` says what the file should have been.
+    """
     try:
         with open(path, "rb") as f:
             return SafeUnpickler(f).load()
@@ -249,7 +252,7 @@ def load_pickle(path: Path, name: str = "cifar") -> object:
         raise DataError(f"{name}: {path}: cannot read: {err.strerror or err}") from err
     except Exception as err:  # noqa: BLE001 - truncated or corrupt pickles fail in many ways
         raise DataError(f"{name}: {path}: corrupt or truncated pickle ({type(err).__name__}: {err}); "
-                        f"expected a CIFAR python batch") from err
+                        f"expected {expected}") from err
 
 
 # --------------------------------------------------------------------------- archive and download

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from eprun.data.cifar import load_cifar
+from eprun.data.imagenet32 import load_imagenet32
 from eprun.data.mnist import load_mnist, load_mnist_mini
 from eprun.data.synthetic import make_synthetic
 from eprun.errors import DataError
@@ -60,6 +61,10 @@ def _cifar100(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> 
     return load_cifar("cifar100", root)
 
 
+def _imagenet32(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> RawData:
+    return load_imagenet32(root)
+
+
 def _synthetic(root: str | None, seed: int, synthetic_sizes: tuple[int, int]) -> RawData:
     n_train, n_test = synthetic_sizes
     return make_synthetic(n_train, n_test, (1, 28, 28), 10, seed)
@@ -99,6 +104,12 @@ _ENTRIES: dict[str, tuple[DatasetInfo, Loader]] = {
         DatasetInfo("cifar100", (3, 32, 32), 100,
                     "CIFAR-100 colour images (fine labels): 50000 train / 10000 test, python pickle batches"),
         _cifar100,
+    ),
+    "imagenet32": (
+        DatasetInfo("imagenet32", (3, 32, 32), 1000,
+                    "ImageNet 32x32 (Chrabaszcz et al. 2017): 1281167 train / 50000 val (scored as test), "
+                    "pickle or npz batches in <root>/imagenet32/, no download"),
+        _imagenet32,
     ),
     "toy-random": (
         DatasetInfo("toy-random", (5,), 10,

@@ -10,7 +10,8 @@ device once. ``normalize="standard"`` then maps x ↦ (x − μ_c) / σ_c with �
 and (population) standard deviation of channel c over the *training* split only, applied to
 every split. ``normalize="cifar10"`` uses fixed constants instead: the well-known CIFAR-10
 training-set per-channel mean (0.4914, 0.4822, 0.4465) and std (0.2470, 0.2435, 0.2616), for
-any 3-channel dataset (:data:`NORMALIZE_CONSTANTS`).
+any 3-channel dataset (:data:`NORMALIZE_CONSTANTS`); ``normalize="imagenet32"`` the usual
+ImageNet constants, mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ NORMALIZE_CONSTANTS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     # Laborieux et al. 2021's code: the usual means, three times the (per-pixel) stds it quotes
     "cifar10-laborieux2021": ((0.4914, 0.4822, 0.4465), (3 * 0.2023, 3 * 0.1994, 3 * 0.2010)),
+    # The commonly used ImageNet per-channel values (those of the full-resolution training set,
+    # as torchvision's models use them), not recomputed on the 32×32 images.
+    "imagenet32": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 NORMALIZE_MODES = ("none", "standard", *NORMALIZE_CONSTANTS)
@@ -137,7 +141,7 @@ def _normalize(normalize: str, train: Split, val: Split | None, test: Split) -> 
         )
 
         def apply(split: Split | None) -> Split | None:
-            return None if split is None else Split((split.x - mean) / std, split.y)
+            return None if split is None else Split((split.x - mean).div_(std), split.y)
 
         return apply(train), apply(val), apply(test)
     return train, val, test
@@ -150,7 +154,7 @@ def _standardize(train: Split, val: Split | None, test: Split) -> tuple[Split, S
         raise DataError("data.normalize = 'standard': a channel is constant on the training split (std 0)")
 
     def apply(split: Split | None) -> Split | None:
-        return None if split is None else Split((split.x - mean) / std, split.y)
+        return None if split is None else Split((split.x - mean).div_(std), split.y)
 
     return apply(train), apply(val), apply(test)
 
