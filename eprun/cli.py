@@ -220,6 +220,44 @@ def gdu(
     print(out)
 
 
+@app.command()
+@user_errors
+def bench(
+    only: List[str] = typer.Option([], "--only",
+                                   help="Run only this case (repeatable); an unknown name lists the cases."),
+    batches: Optional[int] = typer.Option(None, "--batches",
+                                          help="Timed batches per case, training and evaluation (default: per case)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup",
+                                         help="Warm-up batches before each timing (default: per case)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 1 warm-up and 1 timed batch per case; on CPU "
+                                                      "without the cases that take seconds per batch."),
+    eval_mnist: bool = typer.Option(False, "--eval-mnist", help="Run the case eval-mlp-1h-test (784-512-10 "
+                                                                "evaluation of a 10,000-image test set)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of the case results."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a value in every case's recipe (repeatable)."),
+):
+    """Time eprun's training step and evaluation against the autograd-of-Φ baseline, side by side."""
+    from eprun import bench as benchmark
+
+    options = benchmark.BenchOptions(
+        only=(["eval-mlp-1h-test"] if eval_mnist else []) + list(only), batches=batches, warmup=warmup,
+        device=device, dtype=dtype, quick=quick, overrides=list(set_))
+    results, skipped = benchmark.run(options, log=lambda line: err.print(line, highlight=False))
+    if as_json:
+        print(json.dumps(results, indent=2))
+        for line in skipped:
+            err.print(f"skipped {line}", highlight=False)
+        return
+    table, lines = benchmark.table(results)
+    out = _out()
+    if table.row_count:
+        out.print(table)
+    for line in lines + benchmark.footnotes(results, skipped):
+        out.print(line, highlight=False)
+
+
 @recipes_app.callback()
 @user_errors
 def recipes_list(ctx: typer.Context):

@@ -1,0 +1,168 @@
+"""``eprun bench`` and its autograd-of-Φ baselines: the baselines compute eprun's updates (float64),
+and a quick run through the CLI gives the documented JSON. No timing is asserted."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from benchmarks import autograd_ep as baseline
+from eprun.bench import eval_macs, train_macs
+from eprun.cli import app
+from eprun.nets.conv import ConvConfig, ConvNet
+from eprun.nets.energy_mlp import EnergyMLP, EnergyMLPConfig
+from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+from eprun.optim import build_optimizer
+from eprun.recipe import OptimConfig
+from eprun.rules.bptt import BPTT, BPTTConfig
+from eprun.rules.cep import CEP, CEPConfig
+from eprun.rules.ep import EP, EPConfig
+
+TOL = 1e-6
+
+
+def mlp(hidden, readout="mse"):
+    return PrototypicalMLP(MLPConfig(hidden=list(hidden), readout=readout), (1, 5, 5), 4,
+                           torch.Generator().manual_seed(0)).double()
+
+
+def energy_mlp(hidden, **kw):
+    return EnergyMLP(EnergyMLPConfig(hidden=list(hidden), **kw), (1, 5, 5), 4, torch.Generator().manual_seed(0)).double()
+
+
+def conv_net(**kw):
+    cfg = ConvConfig(channels=[3, 4], kernels=3, fc=[4], **kw)
+    return ConvNet(cfg, (1, 10, 10), 4, torch.Generator().manual_seed(0)).double()
+
+
+def batch(net, n=6):
+    g = torch.Generator().manual_seed(1)
+    shape = net.input_shape if isinstance(net, ConvNet) else (1, 5, 5)
+    return torch.rand(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+
+
+def rel(ours, theirs):
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(ours, theirs))
+
+
+def grads(net):
+    return [p.grad.clone() for p in net.parameters()]
+
+
+NETS = {
+    "mlp-1h": lambda: mlp([7]),
+    "mlp-2h": lambda: mlp([7, 5]),
+    "mlp-2h-softmax": lambda: mlp([7, 5], readout="softmax"),
+    "energy-mlp": lambda: energy_mlp([7]),
+    "energy-mlp-2h-lateral": lambda: energy_mlp([7, 5], lateral=True),
+    "energy-mlp-hard-sigmoid": lambda: energy_mlp([7], activation="hard_sigmoid"),
+    "conv": lambda: conv_net(),
+    "conv-avg-softmax": lambda: conv_net(pools="avg", readout="softmax", activation="sigmoid"),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_ep_baseline_gives_eprun_update_and_prediction(name):
+    net = NETS[name]()
+    x, y = batch(net)
+    twin = copy.deepcopy(net)
+    rule = EP(EPConfig(T=12, K=5, beta=0.3), net, torch.Generator())
+    rule.train_step(x, y)
+    baseline.ep_train_step(twin, x, y, 12, 5, 0.3)
+    assert rel(grads(net), grads(twin)) < TOL
+    assert rel([rule.evaluate(x, y)[0]], [baseline.predict(twin, x, 12)]) < TOL
+
+
+def test_symmetric_estimator_and_the_original_entry_points():
+    net = mlp([7, 5])
+    x, y = batch(net)
+    twin = copy.deepcopy(net)
+    EP(EPConfig(T=12, K=5, beta=0.3, estimator="symmetric"), net, torch.Generator()).train_step(x, y)
+    baseline.ep_train_step(twin, x, y, 12, 5, 0.3, estimator="symmetric")
+    assert rel(grads(net), grads(twin)) < TOL
+    # benchmarks/equivalence_epoch.py's entry points
+    net.zero_grad(set_to_none=False)
+    EP(EPConfig(T=12, K=5, beta=0.3), net, torch.Generator()).train_step(x, y)
+    baseline.autograd_train_step(twin, x, y, 12, 5, 0.3)
+    assert rel(grads(net), grads(twin)) < TOL
+    assert baseline.autograd_predict(twin, x, 12).shape == (len(x), 4)
+
+
+@pytest.mark.parametrize("name", ["mlp-1h", "mlp-2h-softmax", "energy-mlp", "conv"])
+def test_bptt_baseline_gives_eprun_gradient(name):
+    net = NETS[name]()
+    x, y = batch(net)
+    twin = copy.deepcopy(net)
+    BPTT(BPTTConfig(T=10), net, torch.Generator()).train_step(x, y)
+    baseline.bptt_train_step(twin, x, y, 10)
+    assert rel(grads(net), grads(twin)) < TOL
+
+
+@pytest.mark.parametrize("name", ["mlp-1h", "mlp-2h", "conv"])
+def test_cep_baseline_gives_eprun_parameter_change(name):
+    net = NETS[name]()
+    x, y = batch(net)
+    twin = copy.deepcopy(net)
+    start = [p.detach().clone() for p in net.parameters()]
+    lrs = [0.05] * len(net.layer_groups())
+    rule = CEP(CEPConfig(T=12, K=5, beta=0.3), net, torch.Generator())
+    rule.attach_optimizer(build_optimizer(OptimConfig(kind="sgd", lr=lrs), net.layer_groups()))
+    rule.train_step(x, y)
+    baseline.cep_train_step(twin, x, y, 12, 5, 0.3, torch.optim.SGD(twin.parameters(), lr=0.05))
+    ours = [p.detach() - s for p, s in zip(net.parameters(), start)]
+    theirs = [p.detach() - s for p, s in zip(twin.parameters(), start)]
+    assert rel(ours, theirs) < TOL
+
+
+def test_multiply_add_counts_of_the_dense_net():
+    net = mlp([7, 5])  # 25-7-5-4
+    B, T, K = 3, 10, 4
+    drive, step = B * 25 * 7, 2 * B * (7 * 5 + 5 * 4)
+    assert eval_macs(net, EPConfig(T=T, K=K), B) == drive + T * step
+    update = B * 25 * 7 + 2 * B * (7 * 5 + 5 * 4)
+    assert train_macs(net, EPConfig(T=T, K=K), B) == drive + (T + K) * step + update
+    assert train_macs(net, CEPConfig(T=T, K=K), B) == drive + T * step + K * (drive + step + update)
+    assert train_macs(net, BPTTConfig(T=T), B) == T * (2 * drive + 6 * B * (7 * 5 + 5 * 4))
+
+
+TRAIN_FIELDS = {
+    "case", "kind", "net", "rule", "T", "batch", "batches", "warmup", "device", "dtype", "threads",
+    "max_relative_update_difference", "max_relative_update_difference_float64", "max_relative_eval_difference",
+    "train_eprun_samples_per_s", "train_baseline_samples_per_s", "train_ratio",
+    "eval_eprun_samples_per_s", "eval_baseline_samples_per_s", "eval_ratio",
+    "train_peak_bytes_eprun", "train_peak_bytes_baseline", "eval_peak_bytes_eprun", "eval_peak_bytes_baseline",
+    "memory_method", "train_gflop_per_s", "eval_gflop_per_s", "train_fraction_of_peak", "eval_fraction_of_peak",
+    "peak_gflop_per_s", "peak_method",
+}
+
+
+def test_quick_run_through_the_cli_gives_json_with_every_field():
+    tiny = ["-s", "model.hidden=[16]", "-s", "rule.T=4", "-s", "rule.K=2", "-s", "data.batch_size=4",
+            "-s", "data.eval_batch_size=8"]
+    result = CliRunner().invoke(app, ["--threads", "1", "bench", "--quick", "--device", "cpu", "--json",
+                                      "--only", "proto-mlp-1h", "--only", "cep-mlp-1h", "--eval-mnist", *tiny])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    by_case = {r["case"]: r for r in rows}
+    assert set(by_case) == {"proto-mlp-1h", "cep-mlp-1h", "eval-mlp-1h-test"}
+    for name in ("proto-mlp-1h", "cep-mlp-1h"):
+        r = by_case[name]
+        assert TRAIN_FIELDS <= set(r), TRAIN_FIELDS - set(r)
+        assert r["kind"] == "train" and r["batch"] == 4 and r["T"] == 4 and r["net"] == "784-16-10"
+        assert r["batches"] == 1 and r["device"] == "cpu" and r["threads"] == 1
+        for key in TRAIN_FIELDS:
+            if key.endswith(("_per_s", "_ratio", "_of_peak")):
+                assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["max_relative_update_difference"] < 1e-3 and r["max_relative_update_difference_float64"] < 1e-9
+        assert all(isinstance(r[k], int) and r[k] >= 0 for k in TRAIN_FIELDS if "_bytes_" in k)
+    test = by_case["eval-mlp-1h-test"]
+    assert test["kind"] == "eval-test" and test["eval_batch"] == 8 and test["n_images"] == 8
+    assert test["eprun_seconds"] > 0 and test["baseline_seconds"] > 0 and test["max_relative_eval_difference"] < 1e-4
+
+
+def test_unknown_case_is_refused_with_the_list():
+    result = CliRunner().invoke(app, ["bench", "--only", "nope"])
+    assert result.exit_code == 2 and "proto-mlp-1h" in result.output
