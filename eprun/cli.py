@@ -147,13 +147,19 @@ def compare(
     else:
         table = Table(show_header=True, header_style="bold")
         with_angle = any(r["angle_to_bptt_deg"] is not None for r in rows)
+        with_bp_angle = any(r["angle_to_bp_deg"] is not None for r in rows)
         columns = ["name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"]
-        for col in columns + (["angle to BPTT"] if with_angle else []):
+        extra = (["angle to BPTT"] if with_angle else []) + (["angle to BP (per layer)"] if with_bp_angle else [])
+        for col in columns + extra:
             table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
         for r in rows:
             cells = [r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
                      _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"), _fmt(r["samples_per_s"], ",.0f")]
-            table.add_row(*cells, *([_fmt(r["angle_to_bptt_deg"], ".1f", "°")] if with_angle else []))
+            if with_angle:
+                cells.append(_fmt(r["angle_to_bptt_deg"], ".1f", "°"))
+            if with_bp_angle:
+                cells.append(_bp_angles(r))
+            table.add_row(*cells)
         _out().print(table)
     if plot is not None:
         plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
@@ -167,7 +173,26 @@ def _compare_row(info) -> dict:
     return {"name": info.name, "path": str(info.path), "status": s.get("status", "running"), "rule": label,
             "epochs": s.get("epochs_completed", 0), "best_val_accuracy": s.get("best_val_accuracy"),
             "test_accuracy": s.get("test_accuracy"), "wall_time_s": s.get("wall_time_s"),
-            "samples_per_s": s.get("samples_per_s"), "angle_to_bptt_deg": _last(info.metrics, "gdu", "angle_deg")}
+            "samples_per_s": s.get("samples_per_s"), "angle_to_bptt_deg": _last(info.metrics, "gdu", "angle_deg"),
+            **_alignment(info.metrics)}
+
+
+def _alignment(metrics: list[dict]) -> dict:
+    """Target propagation's last logged alignment with BP: the mean angle of the hidden layers'
+    updates, and each layer's (``update_angle_deg/layer{l}``), in degrees."""
+    records = [m for m in metrics if m.get("event") == "alignment"]
+    last = records[-1] if records else {}
+    prefix = "update_angle_deg/layer"
+    per_layer = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+    return {"angle_to_bp_deg": last.get("update_angle_deg/mean"),
+            "angles_to_bp_deg": dict(sorted(per_layer.items(), key=lambda kv: int(kv[0])))}
+
+
+def _bp_angles(row: dict) -> str:
+    if row["angle_to_bp_deg"] is None:
+        return "-"
+    layers = "/".join(f"{v:.0f}" for v in row["angles_to_bp_deg"].values())
+    return f"{row['angle_to_bp_deg']:.1f}° ({layers})"
 
 
 def _last(metrics: list[dict], event: str, key: str):

@@ -19,7 +19,7 @@ import yaml
 from eprun import schema
 from eprun.data.augment import AugmentConfig
 from eprun.nets import NETWORKS, network_configs
-from eprun.rules import rule_configs
+from eprun.rules import RULES, rule_configs
 
 PerLayer = Union[float, list[float]]
 
@@ -92,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # batches between mid-epoch checkpoints (0: at epoch ends only)
     gdu_every: int = 0  # batches between logs of the angle between the update and the BPTT gradient (0: never)
     diagnostics_every: int = 0  # batches between relaxation diagnostics (0: never)
+    alignment_every: int = 0  # batches between logs of target propagation's alignment with BP (0: never)
     convergence_tol: float = 1e-3  # free-phase residual above which a warning is logged
 
     def check(self):
@@ -101,7 +102,7 @@ class TrainConfig:
             yield "log_every", f"must be ≥ 1, got {self.log_every}"
         if self.max_batches is not None and self.max_batches < 1:
             yield "max_batches", f"must be ≥ 1 or null, got {self.max_batches}"
-        for key in ("gdu_every", "diagnostics_every"):
+        for key in ("gdu_every", "diagnostics_every", "alignment_every"):
             if getattr(self, key) < 0:
                 yield key, f"must be ≥ 0 (0: never), got {getattr(self, key)}"
         if self.checkpoint_every < 0:
@@ -127,7 +128,16 @@ class Recipe:
             yield "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}"
         if self.seed < 0:
             yield "seed", f"must be ≥ 0, got {self.seed}"
-        n_layers = NETWORKS[self.model.kind].layer_count(self.model)
+        net_cls, rule_cls = NETWORKS[self.model.kind], RULES[self.rule.kind]
+        n_layers = net_cls.layer_count(self.model)
+        if getattr(net_cls, "feedforward_only", False) and getattr(rule_cls, "needs_dynamics", True):
+            feedforward_rules = ", ".join(k for k, r in RULES.items() if not getattr(r, "needs_dynamics", True))
+            yield "rule.kind", (f"{self.rule.kind} needs a network with EP dynamics; model.kind: {self.model.kind} "
+                                f"is feed-forward (rules for it: {feedforward_rules})")
+        check_model = getattr(self.rule, "check_model", None)
+        if check_model is not None:
+            for key, message in check_model(self.model, n_layers):
+                yield f"rule.{key}" if key != "kind" else "model.kind", message
         for name in ("lr", "weight_decay"):
             values = getattr(self.optim, name)
             if isinstance(values, list) and len(values) != n_layers:

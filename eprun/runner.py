@@ -375,15 +375,18 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
 
 
 def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress) -> None:
-    """``train.gdu_every`` / ``train.diagnostics_every``: log the update's angle to the BPTT
-    gradient and the relaxation's convergence on this batch (before the optimiser step)."""
+    """``train.gdu_every`` / ``train.diagnostics_every`` / ``train.alignment_every``: log the
+    update's angle to the BPTT gradient, the relaxation's convergence, or target propagation's
+    alignment with BP, on this batch (before the optimiser step)."""
     from eprun import diagnostics
 
     cfg, rule = exp.recipe.train, exp.recipe.rule
     step = pos.step + 1
+    record = {"epoch": pos.epoch + (pos.batch + 1) / n_batches, "step": step}
+    if cfg.alignment_every and step % cfg.alignment_every == 0 and hasattr(exp.rule, "alignment"):
+        log({"event": "alignment", **record, **exp.rule.alignment(x, y, seed=step)})
     if not hasattr(rule, "T"):
         return
-    record = {"epoch": pos.epoch + (pos.batch + 1) / n_batches, "step": step}
     if cfg.gdu_every and step % cfg.gdu_every == 0:
         log({"event": "gdu", **record, **diagnostics.update_angles(exp.net, x, y, rule.T)})
     if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
@@ -568,8 +571,9 @@ def fast_dev_run(recipe: Recipe) -> dict:
     """Two training batches and one evaluation batch on synthetic data shaped like the dataset.
 
     Validates that the recipe assembles and runs end to end — network, rule, optimiser,
-    schedule, augmentation — in seconds: batches of at most 4 examples and relaxations of at
-    most T = 5, K = 3 steps. Needs no data files and writes nothing.
+    schedule, augmentation — in seconds: batches of at most 4 examples, relaxations of at most
+    T = 5, K = 3 steps, at most 2 feedback iterations per layer for target propagation. Needs
+    no data files and writes nothing.
     """
     recipe = _shrunk(recipe)
     device = resolve_device(recipe.device)
@@ -595,9 +599,12 @@ def _shrunk(recipe: Recipe) -> Recipe:
     plain = schema.to_plain(recipe)
     plain["data"]["batch_size"] = min(plain["data"]["batch_size"], 4)
     plain["data"]["eval_batch_size"] = min(plain["data"]["eval_batch_size"], 4)
-    for key, cap in (("T", 5), ("K", 3)):
-        if key in plain["rule"]:
-            plain["rule"][key] = min(plain["rule"][key], cap)
+    for key, cap in (("T", 5), ("K", 3), ("feedback_iterations", 2)):
+        value = plain["rule"].get(key)
+        if isinstance(value, list):
+            plain["rule"][key] = [min(v, cap) for v in value]
+        elif value is not None:
+            plain["rule"][key] = min(value, cap)
     shrunk = from_plain(plain, f"{recipe.name} (fast-dev-run)")
     shrunk.source = getattr(recipe, "source", recipe.name)
     return shrunk

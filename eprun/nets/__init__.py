@@ -7,6 +7,7 @@ Adding a network is one file plus one line here.
 
 from eprun.nets.conv import ConvNet
 from eprun.nets.energy_mlp import EnergyMLP
+from eprun.nets.feedforward import FeedforwardConvNet, FeedforwardMLP
 from eprun.nets.mlp import PrototypicalMLP
 from eprun.nets.vf_conv import VectorFieldConvNet
 from eprun.nets.vf_mlp import VectorFieldMLP
@@ -17,6 +18,8 @@ NETWORKS = {
     "conv": ConvNet,
     "vf_mlp": VectorFieldMLP,
     "vf_conv": VectorFieldConvNet,
+    "ff_mlp": FeedforwardMLP,
+    "ff_conv": FeedforwardConvNet,
 }
 
 

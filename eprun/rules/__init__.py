@@ -7,6 +7,7 @@ applies them) and scores a batch. Adding a rule is one file plus one line here.
 from eprun.rules.bp import BP
 from eprun.rules.bptt import BPTT
 from eprun.rules.cep import CEP
+from eprun.rules.dtp import DRL, DTP, TP, VanillaDTP
 from eprun.rules.ep import EP
 
 RULES = {
@@ -14,6 +15,10 @@ RULES = {
     "bp": BP,
     "cep": CEP,
     "bptt": BPTT,
+    "dtp": DTP,
+    "drl": DRL,
+    "vanilla_dtp": VanillaDTP,
+    "tp": TP,
 }
 
 

@@ -20,6 +20,7 @@ class BPConfig:
 
 class BP:
     Config = BPConfig
+    needs_dynamics = False  # any net with a feed-forward pass
 
     def __init__(self, cfg: BPConfig, net, generator: torch.Generator):
         self.cfg = cfg
