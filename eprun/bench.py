@@ -100,9 +100,11 @@ CASES: dict[str, Case] = {case.name: case for case in [
          rule={"kind": "bptt", "T": 30}),
     Case("cep-mlp-1h", "ernoult2020/cep-1h",
          "784-512-10 C-EP, T=40 K=15, batch 20, SGD at every nudged step", batches=(10, 50), eval_batches=(10, 50)),
-    # DTP: register its case here once eprun/rules/dtp.py exists, e.g.
-    #   Case("dtp-mlp-1h", "<its bundled recipe>", "<what it is>"),
-    # with its Baseline in BASELINES below and its multiply-adds in train_macs / eval_macs.
+    Case("dtp-lenet", "ernoult2022/mnist-lenet-ldrl",
+         "LeNet-style conv 16-32 + linear, DTP/L-DRL, 3 feedback iterations per layer, batch 64, SGD; "
+         "baseline: BP on the same net (DTP has no Φ: the ratio is BP's cost over DTP's)",
+         batches=(5, 50), eval_batches=(20, 100), rule={"kind": "dtp", "beta": 0.7, "noise": 0.1,
+                                                         "feedback_iterations": 3, "feedback_lr": [0.002, 0.05]}),
     Case("eval-mlp-1h-test", "ernoult2019/proto-mlp-1h-adam",
          "784-512-10 evaluation (free phase, T=30) of a 10,000-image test set", eval_test=True,
          batches=(1, 1), eval_batches=(1, 1), warmup=(1, 2)),
@@ -157,6 +159,22 @@ def _free_phase_prediction(net, cfg):
     return lambda x: baseline.predict(net, x, cfg.T)
 
 
+def _bp_on_same_net(net, cfg, optimizer):
+    """Target propagation's reference point: one BP step (forward, cross-entropy, backward) on the same net."""
+    def run(x, y):
+        with torch.enable_grad():
+            net.loss(net.feedforward(x), y).mean().backward()
+        optimizer.step()
+    return run
+
+
+def _forward_prediction(net, cfg):
+    def predict(x):
+        with torch.no_grad():
+            return net.feedforward(x)[-1]
+    return predict
+
+
 @dataclass(frozen=True)
 class Baseline:
     """A rule's baseline: ``train(net, rule config, optimiser)`` gives the training step fn(x, y),
@@ -165,6 +183,7 @@ class Baseline:
 
     train: Callable
     predict: Callable
+    same_update: bool = True  # the baseline computes eprun's update (checked); False: a different method
 
 
 #: rule.kind → its baseline. A rule without an entry here cannot be benchmarked.
@@ -172,7 +191,7 @@ BASELINES: dict[str, Baseline] = {
     "ep": Baseline(_ep_baseline, _free_phase_prediction),
     "bptt": Baseline(_bptt_baseline, _free_phase_prediction),
     "cep": Baseline(_cep_baseline, _free_phase_prediction),
-    # "dtp": Baseline(its training step, its prediction), with the DTP case above
+    "dtp": Baseline(_bp_on_same_net, _forward_prediction, same_update=False),
 }
 #: the rules whose baseline differentiates Φ (the network must have one)
 PHI_RULES = {"ep", "bptt", "cep"}
@@ -334,6 +353,10 @@ def describe(net) -> str:
         body = "-".join(f"c{w.shape[0]}" for w in list(net.weights)[:net.n_conv])
         fc = "-".join(str(s[0]) for s in net.state_shapes[net.n_conv:])
         return f"{'x'.join(map(str, net.input_shape))} {body}" + (f" fc{fc}" if fc else "")
+    if hasattr(net, "layers"):  # feed-forward net with feedback layers
+        first = net.layers[0].in_shape
+        return "x".join(map(str, first)) + " " + "-".join(
+            (f"c{layer.out_shape[0]}" if len(layer.out_shape) == 3 else str(layer.out_shape[0])) for layer in net.layers)
     text = "-".join(map(str, net.sizes))
     return text + (" EB" if isinstance(net, EnergyMLP) else "")
 
@@ -580,11 +603,15 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
     setup = _Setup(case, options, device, dtype)
     batches, eval_batches, warmup = _numbers(case, options, device)
     pool = setup.data(min(batches + warmup, 4), setup.batch, "train")
-    log(f"{case.name}: same update from eprun and the baseline?")
-    update_diff = setup.update_difference(*pool[0])
-    eval_diff = setup.prediction_difference(*pool[0])
     n64 = min(setup.batch, CHECK64_EXAMPLES)
-    update_diff64 = setup.update_difference(pool[0][0][:n64], pool[0][1][:n64], torch.float64)
+    if setup.baseline.same_update:
+        log(f"{case.name}: same update from eprun and the baseline?")
+        update_diff = setup.update_difference(*pool[0])
+        eval_diff = setup.prediction_difference(*pool[0])
+        update_diff64 = setup.update_difference(pool[0][0][:n64], pool[0][1][:n64], torch.float64)
+    else:  # a different method: nothing to compare but the prediction of the same weights
+        update_diff = update_diff64 = None
+        eval_diff = setup.prediction_difference(*pool[0])
 
     ours, rule, train = setup.eprun_side()
     theirs, base_train = setup.baseline_side()
@@ -732,6 +759,7 @@ def table(results: list[dict]):
                   f"{_mib(r['train_peak_bytes_eprun'])} · {_mib(r['train_peak_bytes_baseline'])}",
                   f"{_mib(r['eval_peak_bytes_eprun'])} · {_mib(r['eval_peak_bytes_baseline'])}",
                   _gflops(r, "train"),
+                  "n/a (vs BP)" if r["max_relative_update_difference"] is None else
                   f"{r['max_relative_update_difference']:.0e} · {r['max_relative_update_difference_float64']:.0e}")
     return t, lines
 

@@ -211,3 +211,32 @@ def plot_gdu_rmse(metrics_by_estimator: dict[str, dict[str, dict]], out: Path, t
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_alignment(metrics: list[dict[str, Any]], out: Path, title: str = "") -> Path | None:
+    """Target propagation's alignment with BP over training (``alignment`` events): per layer,
+    the angle between the update and BP's gradient, and between G_l's Jacobian and F_l's
+    transpose. None (nothing written) when the run logged no alignment."""
+    records = [r for r in metrics if isinstance(r, dict) and r.get("event") == "alignment"]
+    if not records:
+        return None
+    fig = Figure(figsize=(10, 4))
+    panels = (("update_angle_deg/layer", "update ∠ BP gradient (°)"),
+              ("jacobian_angle_deg/layer", "feedback Jacobian ∠ forward Jacobianᵀ (°)"))
+    for k, (prefix, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        layers = sorted({key[len(prefix):] for r in records for key in r if key.startswith(prefix)}, key=int)
+        for layer in layers:
+            points = [(_number(r.get("epoch")), _number(r.get(prefix + layer))) for r in records]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"layer {layer}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if layers:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out)

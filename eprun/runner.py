@@ -403,12 +403,14 @@ def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress
 
 
 def _finish(run_dir: Path, recipe: Recipe, summary: dict, wall_start: float, wall_before: float) -> None:
-    """Write the final summary and the learning-curve plot, whatever the outcome."""
+    """Write the final summary and the plots (learning curves; alignment with BP where logged),
+    whatever the outcome."""
     summary["wall_time_s"] = wall_before + time.perf_counter() - wall_start
     summary.setdefault("best_val_accuracy", None)
     runs.write_summary(run_dir, summary)
-    plots.plot_curves(runs.read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots" / "curves.png",
-                      title=recipe.name)
+    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
+    plots.plot_curves(metrics, run_dir / "plots" / "curves.png", title=recipe.name)
+    plots.plot_alignment(metrics, run_dir / "plots" / "alignment.png", title=recipe.name)
 
 
 def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,

@@ -250,6 +250,7 @@ def test_training_logs_alignment_and_compare_shows_it(dtp_recipe, tmp_path):
     for key in ("update_angle_deg/layer1", "update_distance/layer2", "update_angle_deg/mean",
                 "jacobian_angle_deg/layer2", "jacobian_angle_deg/layer3", "feedback_loss/layer3"):
         assert key in aligned[-1]
+    assert (run / "plots" / "alignment.png").stat().st_size > 0
     shown = invoke("compare", run, "--json")
     row = json.loads(shown.stdout)[0]
     assert row["angle_to_bp_deg"] == aligned[-1]["update_angle_deg/mean"]
