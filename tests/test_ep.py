@@ -101,3 +101,51 @@ def test_ep_training_learns_a_separable_task(estimator):
     logits, loss = rule.evaluate(x, y)
     assert loss.mean().item() < 0.5 * before
     assert (logits.argmax(1) == y).float().mean().item() > 0.9
+
+
+# ----------------------------------------------------------------------------- relaxation schedules
+
+
+def _schedule_net():
+    from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+
+    net = PrototypicalMLP(MLPConfig(hidden=[20, 15]), (12,), 10, torch.Generator().manual_seed(0)).double()
+    x = torch.rand(8, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return net, x
+
+
+def test_async_schedule_and_early_stop_reach_the_synchronous_fixed_point():
+    """A fixed point of the even/odd schedule is one of the synchronous dynamics; stopping at a
+    tolerance lands next to the T-step state, in fewer steps."""
+    net, x = _schedule_net()
+    drive = net.input_drive(x)
+    sync = net.relax(drive, net.init_state(8, like=x), 300)
+    assert net.last_relax_steps == 300
+    asynchronous = net.relax(drive, net.init_state(8, like=x), 300, order="async")
+    early = net.relax(drive, net.init_state(8, like=x), 300, tol=1e-9, check_every=5)
+    assert net.last_relax_steps < 300 and net.last_relax_steps % 5 == 0
+    for a, b, c in zip(sync, asynchronous, early):
+        assert torch.allclose(a, b, atol=1e-7)
+        assert torch.allclose(a, c, atol=1e-7)
+
+
+def test_async_step_uses_the_fresh_odd_layers():
+    """One asynchronous step: s¹ (and s³) from s_t, then s² from the new s¹ and s³."""
+    net, x = _schedule_net()
+    drive = net.input_drive(x)
+    start = [torch.rand(s.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+             for s in net.init_state(8, like=x)]
+    stepped = net.relax(drive, [s.clone() for s in start], 1, order="async")
+    reference = net.step(x, start)
+    assert torch.allclose(stepped[0], reference[0]) and torch.allclose(stepped[2], reference[2])
+    middle = net.step(x, [reference[0], start[1], reference[2]])[1]
+    assert torch.allclose(stepped[1], middle)
+
+
+def test_schedules_are_refused_for_nets_without_them(tiny_recipe):
+    from eprun.errors import RecipeError
+    from eprun.recipe import load_recipe
+
+    load_recipe(tiny_recipe, ["rule.order=async", "rule.tol=1e-4"])
+    with pytest.raises(RecipeError, match="rule.order"):
+        load_recipe(tiny_recipe, ["model.kind=energy_mlp", "rule.order=async"])

@@ -128,8 +128,9 @@ class Readout:
 
 def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scratch: list[torch.Tensor],
                  bottom_up: list[torch.Tensor], top_down: list[torch.Tensor], steps: int, beta: float,
-                 target: torch.Tensor | None) -> list[torch.Tensor]:
-    """``steps`` synchronous steps of a chain of dense layers, in place on ``state``::
+                 target: torch.Tensor | None, order: str = "sync", tol: float = 0.0,
+                 check_every: int = 5) -> list[torch.Tensor]:
+    """Up to ``steps`` steps of a chain of dense layers, in place on ``state``::
 
         z^i = const_i + a·(s^{i−1} @ bottom_up[i]) + a·(s^{i+1} @ top_down[i])  [+ nudge at the last layer]
         s^i ← g(z^i)
@@ -137,27 +138,46 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     (row-major states; ``const_0`` already holds the input drive; a, g from ``net.act``).
     ``scratch`` is a second set of state buffers: steps alternate between the two sets, so a
     step allocates nothing.
+
+    ``order``: ``sync`` updates every layer from s_t (the papers' schedule); ``async`` updates
+    the layers s¹, s³, … from s_t, then s², s⁴, … from those fresh values (the even/odd
+    schedule of Scellier et al. 2023). ``tol`` > 0 stops early once a step changes no state
+    by more than ``tol`` (max |s_{t+1} − s_t|, read every ``check_every`` steps: the only host
+    synchronisation of the loop). ``net.last_relax_steps`` holds the number of steps taken.
     """
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
     cur, nxt = state, scratch
-    for _ in range(steps):
-        for i in range(n_layers):
-            out = nxt[i]
-            if i == 0:
-                if n_layers > 1:
-                    torch.addmm(const[0], cur[1], top_down[0], alpha=a, out=out)
-                else:
-                    out.copy_(const[0])
+
+    def update(i: int, below: list[torch.Tensor], above: list[torch.Tensor], out: torch.Tensor) -> None:
+        if i == 0:
+            if n_layers > 1:
+                torch.addmm(const[0], above[1], top_down[0], alpha=a, out=out)
             else:
-                torch.addmm(const[i], cur[i - 1], bottom_up[i], alpha=a, out=out)
-                if i + 1 < n_layers:
-                    out.addmm_(cur[i + 1], top_down[i], alpha=a)
-            if nudged and i == n_layers - 1:
-                net._nudge_(out, cur[i], beta, target)
-            net.act.apply_to_affine_(out)
+                out.copy_(const[0])
+        else:
+            torch.addmm(const[i], below[i - 1], bottom_up[i], alpha=a, out=out)
+            if i + 1 < n_layers:
+                out.addmm_(above[i + 1], top_down[i], alpha=a)
+        if nudged and i == n_layers - 1:
+            net._nudge_(out, cur[i], beta, target)
+        net.act.apply_to_affine_(out)
+
+    first, second = (range(0, n_layers, 2), range(1, n_layers, 2)) if order == "async" else (range(n_layers), ())
+    taken = 0
+    for _ in range(steps):
+        for i in first:
+            update(i, cur, cur, nxt[i])
+        for i in second:  # neighbours of an odd-indexed layer are even-indexed: already fresh in nxt
+            update(i, nxt, nxt, nxt[i])
         cur, nxt = nxt, cur
+        taken += 1
+        if tol > 0.0 and taken % check_every == 0:
+            change = max(float((c - n).abs().max()) for c, n in zip(cur, nxt))
+            if change < tol:
+                break
+    net.last_relax_steps = taken
     if cur is not state:
         for s, new in zip(state, cur):
             s.copy_(new)

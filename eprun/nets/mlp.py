@@ -60,6 +60,7 @@ class MLPConfig:
 class PrototypicalMLP(WeightLayers, Readout, nn.Module):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
+    relax_schedules = True  # relax() takes order / tol / check_every
     Config = MLPConfig
 
     @staticmethod
@@ -153,7 +154,8 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
 
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
-              target: torch.Tensor | None = None) -> list[torch.Tensor]:
+              target: torch.Tensor | None = None, order: str = "sync", tol: float = 0.0,
+              check_every: int = 5) -> list[torch.Tensor]:
         """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
 
         ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
@@ -162,7 +164,8 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
             z^n = a·(W_{n−1} s^{n−1} + W_nᵀ s^{n+1} + b_n) + c  [+ a·β(y − s^N) at n = N]
             s^n_{t+1} = g(z^n)
 
-        The constants a·b_n + c and a·β·y are computed once here, not per step.
+        The constants a·b_n + c and a·β·y are computed once here, not per step. ``order``,
+        ``tol`` and ``check_every`` choose the schedule (see :func:`relax_dense_`).
         """
         a = self.act.scale
         n_layers = len(state)
@@ -173,7 +176,8 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
         weights = list(self.weights)
         bottom_up = [w.T for w in weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = weights[1:]  # s^{n+1} @ W_n = (W_nᵀ s^{n+1})ᵀ
-        return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target)
+        return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target,
+                            order=order, tol=tol, check_every=check_every)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -39,6 +39,9 @@ class EPConfig:
     estimator: Estimator = "one-sided"
     sign_probability: float = 0.5
     pair_with: Optional[Literal["bptt"]] = None  # also train BPTT from the same initial weights
+    order: Literal["sync", "async"] = "sync"  # layer update schedule of every phase
+    tol: float = 0.0  # > 0: end a phase early once no state changes by more than tol in a step
+    check_every: int = 5  # steps between two convergence checks (host synchronisations) when tol > 0
 
     def check(self):
         if self.T < 1:
@@ -49,6 +52,19 @@ class EPConfig:
             yield "beta", "must be non-zero: EP divides by β"
         if not 0.0 <= self.sign_probability <= 1.0:
             yield "sign_probability", f"a probability in [0, 1], got {self.sign_probability}"
+        if self.tol < 0.0:
+            yield "tol", f"must be ≥ 0 (0: always T and K steps), got {self.tol}"
+        if self.check_every < 1:
+            yield "check_every", f"must be ≥ 1, got {self.check_every}"
+
+    def check_model(self, model, n_layers: int):
+        """The asynchronous schedule and early stopping exist for the prototypical MLP's relaxation."""
+        from eprun.nets import NETWORKS
+
+        custom = self.order != "sync" or self.tol > 0.0
+        if custom and not getattr(NETWORKS[model.kind], "relax_schedules", False):
+            yield "order" if self.order != "sync" else "tol", (
+                f"order: async and tol > 0 are available for model.kind: mlp, not {model.kind}")
 
 
 class EP:
@@ -71,11 +87,18 @@ class EP:
             return -abs(beta) if float(draw) < self.cfg.sign_probability else abs(beta)
         return beta
 
+    def schedule(self) -> dict:
+        """Keyword arguments of ``net.relax`` for a non-default schedule (none for the papers')."""
+        order, tol = getattr(self.cfg, "order", "sync"), getattr(self.cfg, "tol", 0.0)
+        if order == "sync" and tol == 0.0:
+            return {}
+        return {"order": order, "tol": tol, "check_every": self.cfg.check_every}
+
     @torch.no_grad()
     def free_phase(self, drive: torch.Tensor) -> list[torch.Tensor]:
-        """s* after T steps from s_0 = 0."""
+        """s* after T steps from s_0 = 0 (fewer if ``tol`` ends the phase early)."""
         state = self.net.init_state(drive.shape[0], like=drive)
-        return self.net.relax(drive, state, self.cfg.T)
+        return self.net.relax(drive, state, self.cfg.T, **self.schedule())
 
     @torch.no_grad()
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +109,9 @@ class EP:
         free = self.free_phase(drive)
         logits, loss = net.logits(free), net.loss(free, y)
         beta = self._beta()
-        nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target)
+        nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target, **self.schedule())
         if cfg.estimator in ("symmetric", "centered"):
-            anti = net.relax(drive, [s.clone() for s in free], cfg.K, -beta, target)
+            anti = net.relax(drive, [s.clone() for s in free], cfg.K, -beta, target, **self.schedule())
             # −Δθ = (1/2β)(∂Φ/∂θ(s^{−β}) − ∂Φ/∂θ(s^β))
             net.accumulate_dphi_dtheta_difference_(x, anti, nudged, 1.0 / (2 * beta))
         else:
