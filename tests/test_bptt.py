@@ -75,3 +75,37 @@ def test_pair_with_trains_bptt_from_the_same_initial_weights(tiny_recipe, tmp_pa
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
     assert first[0]["model"].keys() == first[1]["model"].keys()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_unroll_with_the_input_term_once_equals_recomputing_it_each_step(kind):
+    """BPTT reuses W_0 x + b_1 (the first conv of x) across steps: same states, same gradient."""
+    from eprun.nets.conv import ConvConfig, ConvNet
+    from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+    from eprun.rules.bptt import BPTT, BPTTConfig
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "mlp":
+        net = PrototypicalMLP(MLPConfig(hidden=[7, 6]), (1, 4, 4), 3, g).double()
+        x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
+    else:
+        net = ConvNet(ConvConfig(channels=[2, 3], kernels=3, fc=[3]), (1, 10, 10), 3, g).double()
+        x = torch.rand(5, 1, 10, 10, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    grads = []
+    for reuse in (True, False):
+        rule = BPTT(BPTTConfig(T=6), net, torch.Generator().manual_seed(0))
+        net.zero_grad(set_to_none=True)
+        if not reuse:
+            rule.unroll = lambda x, rule=rule: _plain_unroll(rule.net, x, rule.cfg.T)
+        rule.train_step(x, y)
+        grads.append([p.grad.clone() for p in net.phi_parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _plain_unroll(net, x, T):
+    state = net.init_state(x.shape[0], like=x)
+    for _ in range(T):
+        state = net.step(x, state)
+    return state

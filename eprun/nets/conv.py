@@ -287,13 +287,22 @@ class ConvNet(WeightLayers, Readout, nn.Module):
                 total = total + (layers[n + 1] * (self.flatten(layers[n]) @ w.T + b)).sum(dim=1)
         return total
 
-    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """∂Φ/∂s^n = bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down term, per layer."""
+    def input_term(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """P_0(W_0 ⋆ x + b_1) and its pooling indices: the part of ∂Φ/∂s¹ that depends on the
+        static input only (autograd-friendly)."""
+        return self._pool(0, self._conv(0, x))
+
+    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor],
+                input_term: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """∂Φ/∂s^n = bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down term, per layer;
+        ``input_term``, if given, is :meth:`input_term` of x, computed once instead of at every call."""
         layers = [x] + list(state)
         grads = []
         indices = [None] * len(layers)
         for n in range(1, len(layers)):  # bottom-up, remembering the argmax of every pool
-            if n - 1 < self.n_conv:
+            if n == 1 and input_term is not None:
+                g, indices[0] = input_term
+            elif n - 1 < self.n_conv:
                 g, indices[n - 1] = self._pool(n - 1, self._conv(n - 1, layers[n - 1]))
             else:
                 g = self.flatten(layers[n - 1]) @ self.weights[n - 1].T + self.biases[n - 1]
@@ -433,12 +442,13 @@ class ConvNet(WeightLayers, Readout, nn.Module):
         return state
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
-             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+             target: torch.Tensor | None = None, input_term=None) -> list[torch.Tensor]:
         """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s).
 
-        Used by BPTT and as the readable reference of :meth:`relax`.
+        Used by BPTT (with ``input_term`` computed once per batch) and as the readable
+        reference of :meth:`relax`.
         """
-        drive = self.dphi_ds(x, state)
+        drive = self.dphi_ds(x, state, input_term)
         if beta != 0.0 and target is not None:
             s_last = state[-1]
             if self.softmax_readout:

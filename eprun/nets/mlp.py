@@ -94,12 +94,21 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
             total = total + (layers[n + 1] * (layers[n] @ w.T + b)).sum(dim=1)
         return total
 
-    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """∂Φ/∂s^n = W_{n−1} s^{n−1} + b_n + W_nᵀ s^{n+1}, per layer (closed form)."""
+    def input_term(self, x: torch.Tensor) -> torch.Tensor:
+        """W_0 x + b_1: the part of ∂Φ/∂s¹ that depends on the static input only (autograd-friendly)."""
+        return self.flatten(x) @ self.weights[0].T + self.biases[0]
+
+    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor],
+                input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """∂Φ/∂s^n = W_{n−1} s^{n−1} + b_n + W_nᵀ s^{n+1}, per layer (closed form); ``input_term``,
+        if given, is :meth:`input_term` of x, computed once instead of at every call."""
         layers = [self.flatten(x)] + list(state)
         grads = []
         for n in range(1, len(layers)):
-            g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
+            if n == 1 and input_term is not None:
+                g = input_term
+            else:
+                g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
             if n + 1 < len(layers):
                 g = g + layers[n + 1] @ self.weights[n]
             grads.append(g)
@@ -180,12 +189,13 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
                             order=order, tol=tol, check_every=check_every)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
-             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+             target: torch.Tensor | None = None, input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s).
 
-        Used by BPTT and as the readable reference of :meth:`relax`.
+        Used by BPTT (with ``input_term`` computed once per batch) and as the readable
+        reference of :meth:`relax`.
         """
-        drive = self.dphi_ds(x, state)
+        drive = self.dphi_ds(x, state, input_term)
         if beta != 0.0 and target is not None:
             s_last = state[-1]
             if self.softmax_readout:

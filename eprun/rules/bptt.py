@@ -38,10 +38,21 @@ class BPTT:
         self.generator = generator
 
     def unroll(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """s_T after T steps of ``net.step`` from s_0 = 0, with the autograd graph kept."""
-        state = self.net.init_state(x.shape[0], like=x)
+        """s_T after T steps of ``net.step`` from s_0 = 0, with the autograd graph kept.
+
+        Where the net offers ``input_term`` (the first layer's drive from the static input,
+        W_0 x + b_1), it enters the graph once and every step reuses it: the same function of θ,
+        without T copies of the largest product and of its backward.
+        """
+        net = self.net
+        state = net.init_state(x.shape[0], like=x)
+        if hasattr(net, "input_term"):
+            term = net.input_term(x)
+            for _ in range(self.cfg.T):
+                state = net.step(x, state, input_term=term)
+            return state
         for _ in range(self.cfg.T):
-            state = self.net.step(x, state)
+            state = net.step(x, state)
         return state
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
