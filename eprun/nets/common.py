@@ -48,6 +48,30 @@ def init_dense_chain(net: nn.Module, cfg, input_shape: tuple[int, ...], num_clas
         net.readout_bias = uniform_parameter((num_classes,), fan_in, 1.0, generator)
 
 
+class ConvLayerLists:
+    """For conv-net configs with ``channels``: settings given once or one entry per conv layer."""
+
+    def per_conv_layer(self, name: str) -> list:
+        """``kernels`` / ``strides`` / ``paddings`` / ``pools`` as one entry per conv layer."""
+        value = getattr(self, name)
+        return list(value) if isinstance(value, list) else [value] * len(self.channels)
+
+    def check_conv_lists(self, lowest: dict[str, int], pools: str = "pools"):
+        """(key, message) for a list whose length is not the number of conv layers, or an entry
+        below its lowest allowed value."""
+        n = len(self.channels)
+        for name, low in lowest.items():
+            values = self.per_conv_layer(name)
+            if len(values) != n:
+                yield name, f"one entry per conv layer ({n} for channels={self.channels}) or a single value, got {len(values)}"
+            for v in values:
+                if v < low:
+                    yield name, f"must be ≥ {low}, got {v}"
+        if len(self.per_conv_layer(pools)) != n:
+            yield pools, (f"one entry per conv layer ({n} for channels={self.channels}) or a single value, "
+                          f"got {len(self.per_conv_layer(pools))}")
+
+
 def grad_of(p: nn.Parameter) -> torch.Tensor:
     """``p.grad``, created as zeros if missing (updates are accumulated into it in place)."""
     if p.grad is None:

@@ -50,14 +50,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import Readout, WeightLayers, grad_of, per_layer, uniform_parameter
+from eprun.nets.common import ConvLayerLists, Readout, WeightLayers, grad_of, per_layer, uniform_parameter
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
 
 
 @dataclass
-class ConvConfig:
+class ConvConfig(ConvLayerLists):
     """``model:`` section for ``kind: conv``; the defaults are Ernoult et al. 2019's MNIST net.
 
     ``kernels``, ``strides``, ``paddings`` and ``pools`` take one value per conv layer, or a
@@ -79,30 +79,14 @@ class ConvConfig:
     readout: Literal["mse", "softmax"] = "mse"
     weight_scale: Union[float, list[float]] = 1.0
 
-    def per_conv_layer(self, name: str) -> list:
-        """``kernels`` / ``strides`` / ``paddings`` / ``pools`` as one entry per conv layer."""
-        value = getattr(self, name)
-        return list(value) if isinstance(value, list) else [value] * len(self.channels)
-
     def check(self):
         if not self.channels:
             yield "channels", "needs at least one conv layer, e.g. [32, 64] (use kind: mlp for none)"
         for size in self.channels:
             if size <= 0:
                 yield "channels", f"channel counts must be positive, got {size}"
-        for name, low in (("kernels", 1), ("strides", 1), ("paddings", 0)):
-            values = self.per_conv_layer(name)
-            if len(values) != len(self.channels):
-                yield name, (f"one entry per conv layer ({len(self.channels)} for channels={self.channels}) "
-                             f"or a single value, got {len(values)}")
-            for v in values:
-                if v < low:
-                    yield name, f"must be ≥ {low}, got {v}"
-        pools = self.per_conv_layer("pools")
-        if len(pools) != len(self.channels):
-            yield "pools", (f"one entry per conv layer ({len(self.channels)} for channels={self.channels}) "
-                            f"or a single value, got {len(pools)}")
-        for pool in pools:
+        yield from self.check_conv_lists({"kernels": 1, "strides": 1, "paddings": 0})
+        for pool in self.per_conv_layer("pools"):
             if pool not in ("max", "avg", "none"):
                 yield "pools", f"unknown pooling {pool!r} (allowed: max, avg, none)"
         if self.pool_size < 1:

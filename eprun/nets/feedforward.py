@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eprun.nets.common import per_layer, uniform_parameter
+from eprun.nets.common import ConvLayerLists, per_layer, uniform_parameter
 
 FFActivationName = Literal["elu", "relu", "leaky_relu", "tanh", "sigmoid", "identity"]
 
@@ -64,7 +64,7 @@ class FFMLPConfig:
 
 
 @dataclass
-class FFConvConfig:
+class FFConvConfig(ConvLayerLists):
     """``model:`` section for ``kind: ff_conv``: conv blocks (conv, σ, pool), dense layers, classifier."""
 
     kind: str = "ff_conv"
@@ -76,10 +76,6 @@ class FFConvConfig:
     activation: FFActivationName = "elu"
     weight_scale: Union[float, list[float]] = 1.0
 
-    def per_conv_layer(self, name: str) -> list:
-        value = getattr(self, name)
-        return list(value) if isinstance(value, list) else [value] * len(self.channels)
-
     def check(self):
         if not self.channels:
             yield "channels", "needs at least one conv layer, e.g. [32, 64] (use kind: ff_mlp for none)"
@@ -87,16 +83,7 @@ class FFConvConfig:
             for size in values:
                 if size <= 0:
                     yield name, f"sizes must be positive, got {size}"
-        for name, low in (("kernels", 1), ("paddings", 0)):
-            values = self.per_conv_layer(name)
-            if len(values) != len(self.channels):
-                yield name, f"one entry per conv layer ({len(self.channels)}) or a single value, got {len(values)}"
-            for v in values:
-                if v < low:
-                    yield name, f"must be ≥ {low}, got {v}"
-        pools = self.per_conv_layer("pools")
-        if len(pools) != len(self.channels):
-            yield "pools", f"one entry per conv layer ({len(self.channels)}) or a single value, got {len(pools)}"
+        yield from self.check_conv_lists({"kernels": 1, "paddings": 0})
         n = len(self.channels) + len(self.fc) + 1
         if isinstance(self.weight_scale, list) and len(self.weight_scale) != n:
             yield "weight_scale", (f"a list needs one entry per weight layer ({n}: {len(self.channels)} conv + "
