@@ -8,11 +8,39 @@ for k = 0 … K−1::
     s_{k+1} = F(x, s_k, θ_k, β)                                         one step, nudged
     θ_{k+1} = θ_k + (η/β) (∂Φ/∂θ(x, s_{k+1}) − ∂Φ/∂θ(x, s_k))            C-EP
 
-For a vector-field net (``model.kind: vf_mlp``, no Φ) the increment is the VF one,
-(η/β)(s^{post}_{k+1} − s^{post}_k) s^{pre ᵀ}_k per weight: C-VF. Both are what the network's
+For a vector-field net (``model.kind: vf_mlp``, no Φ, forward weights W_n: s^n → s^{n+1},
+backward weights B_n: s^{n+1} → s^n) each synapse moves with the change of its post-synaptic
+unit times its pre-synaptic unit at s_k: C-VF, as the authors' code computes it::
+
+    W_n     ← W_n     + (η/β) (s^{n+1}_{k+1} − s^{n+1}_k) s^{nᵀ}_k        post n+1, pre n
+    B_n     ← B_n     + (η/β) (s^n_{k+1}     − s^n_k)     s^{n+1ᵀ}_k      post n,   pre n+1
+    b_{n+1} ← b_{n+1} + (η/β) (s^{n+1}_{k+1} − s^{n+1}_k)
+
+(B_n's increment is its own outer product, not the transpose of W_n's; their sum is C-EP's
+increment of a tied weight less (η/β) Δs^{n+1} Δs^{nᵀ}.) Both rules are what the network's
 ``accumulate_dphi_dtheta_difference_(x, s_k, s_{k+1}, 1/β)`` writes, negated, into ``.grad``.
-Theorem 1 of the paper: as η → 0 and β → 0 the total update follows BPTT's gradient; as η → 0
-alone the C-EP total is EP's update (the increments telescope).
+
+Small η. Theorem 1 of the paper: as η → 0 and β → 0 the total update follows BPTT's gradient;
+as η → 0 alone the C-EP total is EP's update with learning rate η (not K·η: the increments
+telescope, Σ_k ∂Φ/∂θ(s_{k+1}) − ∂Φ/∂θ(s_k) = ∂Φ/∂θ(s^β) − ∂Φ/∂θ(s*)). For C-VF the sum
+telescopes exactly for W_0 (its pre-synaptic unit, the input, is clamped) and the biases, and
+to O(β) for W_n (n ≥ 1) and B_n, whose pre-synaptic units move during the nudged phase: the
+η → 0 total is then the VF update of :mod:`eprun.nets.vf_mlp` up to O(β).
+
+Finite η: the continual loop. The dynamics use θ_k, so each increment feeds back into the
+next state change. For the input layer, ΔW_0 = (η_0/β)·batch-mean(Δs¹ xᵀ) and Δb_1 move the
+drive W_0 x_b + b_1 of example b by (η_0/β)·mean_c[(x_c·x_b + 1) Δs¹_c], so the next Δs¹ picks
+up σ' times that: a loop gain of about g = (η_0/β)·σ'·(⟨x_c·x_b⟩ + 1) per step (σ' ≤ 1 for
+``sigmoid``; ⟨x_c·x_b⟩ ≈ 40 on MNIST, where the Δs¹_c of a batch share the direction the nudge
+gives them). Once |g| nears 1 the loop compounds over the K steps: the β > 0 updates grow to
+tens of times their small-η limit, and the β < 0 ones (``random-sign``) oscillate and can point
+against it. Measured at the initial weights on MNIST batches, 784-512-10, K = 15: at
+η_0/|β| = 0.038 (the published C-VF-1h rates) the β > 0 updates are 8–150× their limit and
+most β < 0 ones point against it, and C-VF-1h does not learn (10.44% after an MNIST epoch);
+at 0.025 both signs stay aligned and it learns (87.41%). ``recipes/ernoult2020/cvf-1h.yaml``
+gives the numbers and ``tests/test_cep.py`` checks the one-hidden-layer recipes. Amplification
+alone is not failure: C-EP-1h (0.028, one-sided) is 3–20× amplified and learns, and so do the
+published two-hidden-layer C-VF rates (0.026, K = 20, 15–140×) over the 1000 MNIST batches tried.
 
 Optimisers. Each increment is applied by the recipe's own ``torch.optim`` optimiser, so its
 per-layer learning rates (η per layer) and schedule hold: at each nudged step the rule zeroes
@@ -107,9 +135,11 @@ class CEP(EP):
                 new.copy_(old)
             # s_{k+1} = F(x, s_k, θ_k, β): the drive W_0 x + b_1 uses the current θ_k
             net.relax(net.input_drive(x), nxt, 1, beta, target)
-            # .grad = −Δθ_k/η = (1/β)(∂Φ/∂θ(s_k) − ∂Φ/∂θ(s_{k+1}))   [VF nets: their local increment]
+            # .grad = −Δθ_k/η = (1/β)(∂Φ/∂θ(s_k) − ∂Φ/∂θ(s_{k+1}))     C-EP
+            #   VF nets (C-VF): W_n.grad = (1/β)(s^{n+1}_k − s^{n+1}_{k+1}) s^{nᵀ}_k,
+            #   B_n.grad = (1/β)(s^n_k − s^n_{k+1}) s^{n+1ᵀ}_k, b_{n+1}.grad = (1/β)(s^{n+1}_k − s^{n+1}_{k+1})
             net.accumulate_dphi_dtheta_difference_(x, cur, nxt, 1.0 / beta)
-            opt.step()  # θ_{k+1} = θ_k + (η/β)(∂Φ/∂θ(s_{k+1}) − ∂Φ/∂θ(s_k)) with SGD
+            opt.step()  # θ_{k+1} = θ_k − η·grad = θ_k + Δθ_k with SGD (η per layer group)
             cur, nxt = nxt, cur
         opt.zero_grad(set_to_none=False)
         return logits, loss
