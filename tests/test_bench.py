@@ -166,3 +166,18 @@ def test_quick_run_through_the_cli_gives_json_with_every_field():
 def test_unknown_case_is_refused_with_the_list():
     result = CliRunner().invoke(app, ["bench", "--only", "nope"])
     assert result.exit_code == 2 and "proto-mlp-1h" in result.output
+
+
+def test_dtp_case_is_timed_against_bp_on_the_same_net_without_an_update_check():
+    tiny = ["-s", "model.channels=[2, 3]", "-s", "data.batch_size=4", "-s", "rule.feedback_iterations=1"]
+    result = CliRunner().invoke(app, ["--threads", "1", "bench", "--quick", "--device", "cpu", "--json",
+                                      "--only", "dtp-lenet", *tiny])
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(result.stdout)
+    assert r["rule"] == "dtp" and r["net"] == "1x28x28 c2-c3-10" and r["batch"] == 4
+    assert r["max_relative_update_difference"] is None  # a different method from its reference (BP)
+    assert r["max_relative_eval_difference"] == 0.0  # the same forward pass
+    assert r["train_eprun_samples_per_s"] > 0 and r["train_baseline_samples_per_s"] > 0
+    table = CliRunner().invoke(app, ["--threads", "1", "bench", "--quick", "--device", "cpu",
+                                     "--only", "dtp-lenet", *tiny])
+    assert table.exit_code == 0 and "vs BP" in table.stdout
