@@ -41,3 +41,16 @@ def tiny_recipe(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE)
     return path
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """``eprun --threads N`` sets torch's thread count for the whole process: restore it after a
+    test that invokes the CLI with it, so later in-process results (and their rounding, which
+    can depend on the thread count) match subprocesses that start with the default."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
