@@ -48,6 +48,28 @@ def init_dense_chain(net: nn.Module, cfg, input_shape: tuple[int, ...], num_clas
         net.readout_bias = uniform_parameter((num_classes,), fan_in, 1.0, generator)
 
 
+class ScratchStates:
+    """A second set of state buffers per (batch size, dtype, device), for relaxations that
+    alternate between two sets so a step allocates nothing. Needs ``self._scratch = {}``."""
+
+    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = (state[0].shape[0], state[0].dtype, state[0].device)
+        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
+            self._scratch[key] = [torch.empty_like(s) for s in state]
+        return self._scratch[key]
+
+
+def dense_feedforward(net, x: torch.Tensor) -> list[torch.Tensor]:
+    """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up through ``net.weights`` / ``net.biases``: the
+    feed-forward twin of a dense EP net (the BP baseline), autograd-friendly."""
+    h = x.reshape(x.shape[0], -1)
+    state = []
+    for w, b in zip(net.weights, net.biases):
+        h = net.act(h @ w.T + b)
+        state.append(h)
+    return state
+
+
 class ConvLayerLists:
     """For conv-net configs with ``channels``: settings given once or one entry per conv layer."""
 

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import ConvLayerLists, Readout, WeightLayers, grad_of, per_layer, uniform_parameter
+from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, grad_of, per_layer,
+                                uniform_parameter)
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
@@ -129,7 +130,7 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
     return layers, problems
 
 
-class ConvNet(WeightLayers, Readout, nn.Module):
+class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
     """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     Config = ConvConfig
@@ -345,12 +346,6 @@ class ConvNet(WeightLayers, Readout, nn.Module):
                 grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
 
     # ------------------------------------------------------------------ dynamics (hot path)
-
-    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        key = (state[0].shape[0], state[0].dtype, state[0].device)
-        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
-            self._scratch[key] = [torch.empty_like(s) for s in state]
-        return self._scratch[key]
 
     @torch.no_grad()
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:

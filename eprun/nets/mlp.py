@@ -28,7 +28,8 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from eprun.nets.common import Readout, WeightLayers, grad_of, init_dense_chain, relax_dense_
+from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
+                                relax_dense_)
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -57,7 +58,7 @@ class MLPConfig:
             )
 
 
-class PrototypicalMLP(WeightLayers, Readout, nn.Module):
+class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     relax_schedules = True  # relax() takes order / tol / check_every
@@ -145,12 +146,6 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
-    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        key = (state[0].shape[0], state[0].dtype, state[0].device)
-        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
-            self._scratch[key] = [torch.empty_like(s) for s in state]
-        return self._scratch[key]
-
     @torch.no_grad()
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:
         """The constant part of the first layer's pre-activation, a·(W_0 x + b_1) + c.
@@ -209,10 +204,5 @@ class PrototypicalMLP(WeightLayers, Readout, nn.Module):
 
     def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up: the equivalent feed-forward MLP."""
-        h = self.flatten(x)
-        state = []
-        for w, b in zip(self.weights, self.biases):
-            h = self.act(h @ w.T + b)
-            state.append(h)
-        return state
+        return dense_feedforward(self, x)
 

@@ -49,7 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eprun.nets.common import Readout, WeightLayers, grad_of, init_dense_chain, relax_dense_
+from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
+                                relax_dense_)
 from eprun.nets.mlp import MLPConfig
 
 
@@ -93,7 +94,7 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.atan2(float(perp.norm() * nb2.sqrt()), float(dot)))
 
 
-class VectorFieldMLP(WeightLayers, Readout, nn.Module):
+class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
     """Fully connected net with the prototypical dynamics, forward weights W and backward weights B."""
 
     Config = VFMLPConfig
@@ -237,12 +238,6 @@ class VectorFieldMLP(WeightLayers, Readout, nn.Module):
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
-    def _scratch_for(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        key = (state[0].shape[0], state[0].dtype, state[0].device)
-        if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
-            self._scratch[key] = [torch.empty_like(s) for s in state]
-        return self._scratch[key]
-
     @torch.no_grad()
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:
         """The constant part of the first layer's pre-activation, a·(W_0 x + b_1) + c, once per batch."""
@@ -291,10 +286,5 @@ class VectorFieldMLP(WeightLayers, Readout, nn.Module):
 
     def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up with the forward weights only."""
-        h = self.flatten(x)
-        state = []
-        for w, b in zip(self.weights, self.biases):
-            h = self.act(h @ w.T + b)
-            state.append(h)
-        return state
+        return dense_feedforward(self, x)
 
