@@ -44,6 +44,7 @@ import contextlib
 import copy
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -111,6 +112,7 @@ CASES: dict[str, Case] = {case.name: case for case in [
 ]}
 
 EVAL_TEST_IMAGES = 10_000
+EVAL_TEST_ROUNDS = 3  # alternating whole passes over the test set, baseline and eprun
 #: The update is also compared in float64, on this many examples of the first batch. There the
 #: two formulations agree to rounding. In float32 a max-pooling conv net can differ by a percent:
 #: eprun takes the argmax of W ⋆ s and adds the bias after pooling, Φ's autograd the argmax of
@@ -401,6 +403,32 @@ def _timed(fn, pool, batches: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _timed_pair(fn_base, fn_ours, pool, batches: int, warmup: int, device: torch.device,
+                rounds: int = 5) -> tuple[float, float]:
+    """(baseline, eprun) seconds for ``batches`` calls of fn(x, y) each, measured side by side:
+    after ``warmup`` calls of each, the calls run in up to ``rounds`` rounds that alternate
+    baseline and eprun; each side's time is its median seconds per call over the rounds, times
+    ``batches``. A burst of other work on the machine then lands in one round of one side and
+    does not move the median."""
+    for i in range(warmup):
+        fn_base(*pool[i % len(pool)])
+        fn_ours(*pool[i % len(pool)])
+    rounds = max(1, min(rounds, batches))
+    sizes = [batches // rounds + (1 if r < batches % rounds else 0) for r in range(rounds)]
+    per_call = {"base": [], "ours": []}
+    start_index = 0
+    for size in sizes:
+        for side, fn in (("base", fn_base), ("ours", fn_ours)):
+            _sync(device)
+            start = time.perf_counter()
+            for i in range(start_index, start_index + size):
+                fn(*pool[i % len(pool)])
+            _sync(device)
+            per_call[side].append((time.perf_counter() - start) / size)
+        start_index += size
+    return (statistics.median(per_call["base"]) * batches, statistics.median(per_call["ours"]) * batches)
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence file descriptor 2 (the profiler's native start/stop lines)."""
@@ -616,8 +644,7 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
     ours, rule, train = setup.eprun_side()
     theirs, base_train = setup.baseline_side()
     log(f"{case.name}: training, {warmup} warm-up + {batches} timed batches each")
-    t_base = _timed(base_train, pool, batches, warmup, device)
-    t_ours = _timed(train, pool, batches, warmup, device)
+    t_base, t_ours = _timed_pair(base_train, train, pool, batches, warmup, device)
 
     def evaluate(x, y):
         with torch.no_grad():
@@ -629,8 +656,7 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
         base_predict(x)
 
     log(f"{case.name}: evaluation, {warmup} warm-up + {eval_batches} timed batches each")
-    t_base_eval = _timed(base_evaluate, pool, eval_batches, warmup, device)
-    t_ours_eval = _timed(evaluate, pool, eval_batches, warmup, device)
+    t_base_eval, t_ours_eval = _timed_pair(base_evaluate, evaluate, pool, eval_batches, warmup, device)
 
     log(f"{case.name}: peak memory")
     x, y = pool[0]
@@ -660,6 +686,7 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
         "train_gflop_per_batch": None if train_flop is None else train_flop / 1e9,
         "eval_gflop_per_batch": None if eval_flop is None else eval_flop / 1e9,
         "train_gflop_per_s": train_gflops, "eval_gflop_per_s": eval_gflops,
+        "relax_engine": getattr(ours, "last_relax_engine", None),
     }
 
 
@@ -682,16 +709,20 @@ def run_eval_test_case(case: Case, options: BenchOptions, device, dtype, log=pri
 
     log(f"{case.name}: {n_images:,} images in batches of {eb}, eprun and the baseline")
     base_predict = setup.baseline.predict(theirs, setup.recipe.rule)
-    t_base = _timed(lambda x, y: base_predict(x), pool, len(pool), warmup, device)
-    t_ours = _timed(evaluate, pool, len(pool), warmup, device)
+    rounds = 1 if options.quick else EVAL_TEST_ROUNDS  # whole passes, alternating; the median of each side
+    times = [(_timed(lambda x, y: base_predict(x), pool, len(pool), warmup if r == 0 else 0, device),
+              _timed(evaluate, pool, len(pool), warmup if r == 0 else 0, device)) for r in range(rounds)]
+    t_base = statistics.median(t for t, _ in times)
+    t_ours = statistics.median(t for _, t in times)
     flops = [_flop(eval_macs, ours, setup.recipe.rule, len(x)) for x, _ in pool]
     gflops = None if None in flops else sum(flops) / t_ours / 1e9
     return {
         **_common(setup, ours, torch.get_num_threads()), "kind": "eval-test",
         "eval_batch": eb, "n_images": n_images, "warmup": warmup,
-        "eprun_seconds": t_ours, "baseline_seconds": t_base, "ratio": t_base / t_ours,
+        "eprun_seconds": t_ours, "baseline_seconds": t_base, "ratio": t_base / t_ours, "rounds": rounds,
         "max_relative_eval_difference": eval_diff,
         "eval_gflop_per_s": gflops,
+        "relax_engine": getattr(ours, "last_relax_engine", None),
     }
 
 
@@ -773,7 +804,8 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
         train = [x for x in results if x["kind"] == "train"]
         if train:
             notes.append(f"samples/s over {', '.join(str(n) for n in sorted({x['batches'] for x in train}))} timed "
-                         f"batch(es) after warm-up; × = baseline time / eprun time; evaluation = free phase "
+                         f"batch(es) after warm-up, in up to 5 rounds alternating baseline and eprun, each side "
+                         f"its median round; × = baseline time / eprun time; evaluation = free phase "
                          f"at the training batch size")
             notes.append(f"memory: {train[0]['memory_method']}")
             notes.append("GFLOP/s: 2 × multiply-adds of eprun's step counted from the shapes "
@@ -781,6 +813,15 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
             notes.append(f"Δupdate: max over parameters of ‖u_eprun − u_base‖ / ‖u_base‖ from the same weights, "
                          f"on the first batch in {r['dtype']} · on its first {train[0]['float64_check_examples']} "
                          f"examples in float64; EB = energy-based")
+        engines = {x["case"]: x.get("relax_engine") for x in results if x.get("relax_engine")}
+        if engines:
+            from eprun import native
+
+            state = native.status()
+            built = "compiled" + (", AVX2" if state["vectorized"] else ", scalar") if state["available"] \
+                else f"unavailable: {state['reason']}"
+            notes.append("relaxation engine (eprun.native, " + built + "; EPRUN_NATIVE=0 for torch only): "
+                         + ", ".join(f"{case} {engine}" for case, engine in engines.items()))
         if r["device"].startswith("cuda") and torch.backends.cudnn.allow_tf32:
             notes.append("CUDA: cuDNN convolutions may use TF32 (torch's default), the peak matmul does not")
     for s in skipped:

@@ -187,13 +187,18 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
 
     ``order``: ``sync`` updates every layer from s_t (the papers' schedule); ``async`` updates
     the layers s¹, s³, … from s_t, then s², s⁴, … from those fresh values (the even/odd
-    schedule of Scellier et al. 2023). ``tol`` > 0 stops early once a step changes no state
+    schedule of Scellier et al. 2023). On the CPU in float32 with a fixed number of steps the
+    compiled kernel of :mod:`eprun.native` runs the same steps (see :func:`_relax_native_`).
+    ``tol`` > 0 stops early once a step changes no state
     by more than ``tol`` (max |s_{t+1} − s_t|, read every ``check_every`` steps: the only host
-    synchronisation of the loop). ``net.last_relax_steps`` holds the number of steps taken.
+    synchronisation of the loop). ``net.last_relax_steps`` holds the number of steps taken,
+    ``net.last_relax_engine`` "native" or "torch".
     """
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
+    if tol == 0.0 and _relax_native_(net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order):
+        return state
     cur, nxt = state, scratch
 
     def update(i: int, below: list[torch.Tensor], above: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -224,7 +229,33 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
             if change < tol:
                 break
     net.last_relax_steps = taken
+    net.last_relax_engine = "torch"
     if cur is not state:
         for s, new in zip(state, cur):
             s.copy_(new)
     return state
+
+
+def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bottom_up: list[torch.Tensor],
+                   top_down: list[torch.Tensor], steps: int, beta: float, order: str) -> bool:
+    """Run :func:`relax_dense_`'s steps with the compiled kernel when it applies (CPU, float32,
+    an MSE nudge or none, an activation it knows); return False to leave it to torch.
+
+    The kernel's layer update is  s_i ← g(c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) + ν·s_i)  with
+    U_i = bottom_up[i]ᵀ, D_i = top_down[i] and ν = −a·β on the output layer (the MSE nudge
+    a·β(y − s^N), its a·β·y already in the output layer's constant).
+    """
+    from eprun import native
+
+    if (beta != 0.0 and net.softmax_readout) or net.act.name not in native.ACTIVATION_CODES:
+        return False
+    n_layers = len(state)
+    up = [None] + [bottom_up[i].T.contiguous() for i in range(1, n_layers)]
+    down = [top_down[i].contiguous() for i in range(n_layers - 1)] + [None]
+    matrices = [m for m in up + down if m is not None]
+    if not native.supports(state, *const, *matrices):
+        return False
+    native.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta, steps, order)
+    net.last_relax_steps = steps
+    net.last_relax_engine = "native"
+    return True

@@ -35,8 +35,9 @@ The hot path (:meth:`relax`) is closed form and runs without autograd: the first
 pooled drive P_0(W_0 ⋆ x + b_1) depends on x only and is computed once per batch; per step
 each conv layer n ≥ 1 runs one convolution (bias-free, its bias folded into a per-channel
 constant after pooling) whose pooled output is the bottom-up term of s^{n+1} and whose argmax
-indices give the top-down term into s^n. :meth:`phi` exists as the oracle the tests
-differentiate with autograd.
+indices give the top-down term into s^n. It also runs the even/odd (``async``) schedule of
+Scellier et al. 2023 and stops a phase early at a tolerance (see :meth:`relax`). :meth:`phi`
+exists as the oracle the tests differentiate with autograd.
 """
 
 from __future__ import annotations
@@ -130,9 +131,15 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
     return layers, problems
 
 
+def _largest_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> float:
+    """max |s_{t+1} − s_t| over every layer and example (one host synchronisation)."""
+    return float(torch.stack([(n - o).abs().max() for n, o in zip(new, old)]).max())
+
+
 class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
     """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
+    relax_schedules = True  # relax() takes order / tol / check_every
     Config = ConvConfig
 
     @staticmethod
@@ -356,10 +363,34 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         a, c = self.act.scale, self.act.shift
         return self._pool(0, self._conv(0, x))[0].mul(a).add_(c)
 
+    def _relax_constants(self, drive: torch.Tensor, n_layers: int, beta: float,
+                         target: torch.Tensor | None) -> list[torch.Tensor]:
+        """The step-independent part of every z^n: the drive at n = 1, a·b_n + c above it (per
+        channel for conv layers), plus a·β·y at n = N for a nudged MSE read-out."""
+        a, c = self.act.scale, self.act.shift
+        const = [drive]
+        for n in range(1, n_layers):
+            b = self.biases[n] * a + c
+            const.append(b.view(-1, 1, 1) if n < self.n_conv else b)
+        if beta != 0.0 and target is not None and not self.softmax_readout:
+            const[-1] = const[-1] + (a * beta) * target
+        return const
+
+    def _schedule(self, order: str, n_layers: int) -> tuple[tuple[range, range], tuple[range, range]]:
+        """(convolutions, state layers) of the two halves of a step, 0-based (state layer i is
+        s^{i+1}, convolution n reads s^n = state[n − 1]). ``sync``: everything in the first half."""
+        convs = range(1, self.n_conv)
+        if order == "sync":
+            return (convs, range(n_layers)), (range(0), range(0))
+        if order == "async":  # s¹, s³, … then s², s⁴, …; W_n ⋆ s^n before the half that updates s^{n+1}
+            return (convs[1::2], range(0, n_layers, 2)), (convs[0::2], range(1, n_layers, 2))
+        raise ValueError(f"order must be 'sync' or 'async', got {order!r}")
+
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
-              target: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
+              target: torch.Tensor | None = None, order: str = "sync", tol: float = 0.0,
+              check_every: int = 5) -> list[torch.Tensor]:
+        """Run up to ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
 
         ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
         s_t (a = σ's scale, c = its shift); first, for every conv layer n ≥ 1, one bias-free
@@ -369,52 +400,92 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
                   + a·[W_nᵀ ⋆ P_nᵀ(s^{n+1}; i_n) | reshape(W_nᵀ s^{n+1})]   [+ a·β·∂(−ℓ)/∂s^N at n = N]
             s^n_{t+1} = g(z^n)
 
-        The constants a·b_n + c and a·β·y are computed once here, not per step.
+        The constants a·b_n + c and a·β·y are computed once here, not per step; steps alternate
+        between ``state`` and a scratch set, so a step allocates no state.
+
+        ``order: async`` is the even/odd schedule of Scellier et al. 2023: s¹, s³, … (state[0],
+        state[2], …) from s_t, then s², s⁴, … from s' = (those fresh layers, the others at s_t)
+        (Φ − βℓ in place of Φ when nudged)::
+
+            s^n_{t+1} = σ(∂Φ/∂s^n(x, s_t))     n odd      (first half)
+            s^n_{t+1} = σ(∂Φ/∂s^n(x, s'))      n even     (second half; s'^m = s^m_{t+1} for odd m, s^m_t for even m)
+
+        A fixed point of either schedule is a fixed point of the other. The convolution of conv
+        layer n reads s^n and feeds two terms: v_n is the bottom-up term of s^{n+1}, i_n (the
+        argmax at z_n = W_n ⋆ s^n + b_{n+1}) routes the top-down term into s^n itself. Each must
+        come from the s^n that its update reads::
+
+            n even: v_n, i_n = P_n(W_n ⋆ s^n_t)        before the first half (s^n is s^n_t in s_t and s')
+            n odd:  v_n, i_n = P_n(W_n ⋆ s^n_{t+1})    after the first half: v_n for s^{n+1} (even) now,
+                                                       i_n for s^n (odd) in the first half of step t + 1
+
+        so a step still runs one convolution per conv layer n ≥ 1; with max pooling, i_n of the
+        odd layers is computed once more before the first step, at s^n_0. The nudge reads s^N_t
+        in either half (s^N has not moved before its own update).
+
+        ``tol`` > 0 stops early once a step changes no state by more than ``tol``
+        (max |s_{t+1} − s_t| over layers and examples, read every ``check_every`` steps: the only
+        host synchronisation of the loop). ``self.last_relax_steps`` holds the number of steps taken.
         """
-        a, c = self.act.scale, self.act.shift
+        a = self.act.scale
         n_layers, n_conv = len(state), self.n_conv
         batch = state[0].shape[0]
         nudged = beta != 0.0 and target is not None
-        const = [drive]
-        for n in range(1, n_layers):
-            b = self.biases[n] * a + c
-            const.append(b.view(-1, 1, 1) if n < n_conv else b)
-        if nudged and not self.softmax_readout:
-            const[-1] = const[-1] + (a * beta) * target
-        weights = list(self.weights)
-        weights_t = [w.T if n >= n_conv else None for n, w in enumerate(weights)]
+        const = self._relax_constants(drive, n_layers, beta, target)
+        weights_t = [w.T if n >= n_conv else None for n, w in enumerate(self.weights)]
         down_weights = self._top_down_weights()
+        (first_convs, first_layers), (second_convs, second_layers) = self._schedule(order, n_layers)
         cur, nxt = state, self._scratch_for(state)
-        pooled: list = [None] * n_layers
-        indices: list = [None] * n_layers
-        for _ in range(steps):
-            for n in range(1, n_conv):  # one convolution per conv layer above the first
-                pooled[n], indices[n] = self._pool(n, self._conv(n, cur[n - 1], bias=False))
-            for i in range(n_layers):  # state layer s^{i+1}, weight layer i below it, i + 1 above
-                out = nxt[i]
-                above = i + 1 < n_layers
-                if i < n_conv:  # conv state: bottom-up a·v_i + (a·b + c), or the drive at i = 0
-                    if i + 1 < n_conv:  # conv above: the top-down term is a transposed convolution
-                        down = self._conv_t_down(i + 1, self._unpool(i + 1, cur[i + 1], indices[i + 1]))
-                        if i == 0:
-                            torch.add(const[0], down, alpha=a, out=out)
-                        else:
-                            torch.add(const[i], pooled[i].add_(down), alpha=a, out=out)
-                    else:  # fc (or nothing) above
-                        if i == 0:
-                            out.copy_(const[0])
-                        else:
-                            torch.add(const[i], pooled[i], alpha=a, out=out)
-                        if above:
-                            out.view(batch, -1).addmm_(cur[i + 1], down_weights[i + 1], alpha=a)
-                else:  # fc state
-                    torch.addmm(const[i], self.flatten(cur[i - 1]), weights_t[i], alpha=a, out=out)
+        pooled: list = [None] * n_layers  # v_n: the bottom-up term of s^{n+1}
+        indices: list = [None] * n_layers  # i_n: routes the top-down term into s^n
+
+        def convolve(n: int, src: list[torch.Tensor]) -> None:
+            """v_n, i_n = P_n(W_n ⋆ s^n) with s^n = src[n − 1]."""
+            pooled[n], indices[n] = self._pool(n, self._conv(n, src[n - 1], bias=False))
+
+        def update(i: int, src: list[torch.Tensor], out: torch.Tensor) -> None:
+            """s^{i+1} ← g(z^{i+1}) into ``out``: neighbours from ``src``, v_i / i_{i+1} as last convolved."""
+            above = i + 1 < n_layers
+            if i < n_conv:  # conv state: bottom-up a·v_i + (a·b + c), or the drive at i = 0
+                if i + 1 < n_conv:  # conv above: the top-down term is a transposed convolution
+                    down = self._conv_t_down(i + 1, self._unpool(i + 1, src[i + 1], indices[i + 1]))
+                    if i == 0:
+                        torch.add(const[0], down, alpha=a, out=out)
+                    else:
+                        torch.add(const[i], pooled[i].add_(down), alpha=a, out=out)
+                else:  # fc (or nothing) above
+                    if i == 0:
+                        out.copy_(const[0])
+                    else:
+                        torch.add(const[i], pooled[i], alpha=a, out=out)
                     if above:
-                        out.addmm_(cur[i + 1], down_weights[i + 1], alpha=a)
-                if nudged and i == n_layers - 1:
-                    self._nudge_(out, cur[i], beta, target)
-                self.act.apply_to_affine_(out)
+                        out.view(batch, -1).addmm_(src[i + 1], down_weights[i + 1], alpha=a)
+            else:  # fc state
+                torch.addmm(const[i], self.flatten(src[i - 1]), weights_t[i], alpha=a, out=out)
+                if above:
+                    out.addmm_(src[i + 1], down_weights[i + 1], alpha=a)
+            if nudged and i == n_layers - 1:
+                self._nudge_(out, cur[i], beta, target)
+            self.act.apply_to_affine_(out)
+
+        for n in second_convs:  # i_n at s^n_0 for the first half of the first step
+            if self.pools[n] == "max":
+                convolve(n, state)
+        taken = 0
+        for _ in range(steps):
+            for n in first_convs:
+                convolve(n, cur)
+            for i in first_layers:
+                update(i, cur, nxt[i])
+            for n in second_convs:  # s^n of these is fresh in nxt
+                convolve(n, nxt)
+            for i in second_layers:  # the neighbours of these layers are fresh in nxt
+                update(i, nxt, nxt[i])
             cur, nxt = nxt, cur
+            taken += 1
+            if tol > 0.0 and taken % check_every == 0 and _largest_change(cur, nxt) < tol:
+                break
+        self.last_relax_steps = taken
         if cur is not state:
             for s, new in zip(state, cur):
                 s.copy_(new)

@@ -58,13 +58,15 @@ class EPConfig:
             yield "check_every", f"must be ≥ 1, got {self.check_every}"
 
     def check_model(self, model, n_layers: int):
-        """The asynchronous schedule and early stopping exist for the prototypical MLP's relaxation."""
+        """The asynchronous schedule and early stopping exist for nets whose ``relax`` takes them
+        (``relax_schedules``: the prototypical MLP and conv nets)."""
         from eprun.nets import NETWORKS
 
         custom = self.order != "sync" or self.tol > 0.0
         if custom and not getattr(NETWORKS[model.kind], "relax_schedules", False):
+            kinds = ", ".join(kind for kind, net in NETWORKS.items() if getattr(net, "relax_schedules", False))
             yield "order" if self.order != "sync" else "tol", (
-                f"order: async and tol > 0 are available for model.kind: mlp, not {model.kind}")
+                f"order: async and tol > 0 are available for model.kind: {kinds}, not {model.kind}")
 
 
 class EP:

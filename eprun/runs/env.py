@@ -55,6 +55,10 @@ def _torch_info(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda_device_name": None,
     }
+    if str(device).startswith("cpu"):
+        from eprun import native
+
+        info["native_relaxation"] = native.status()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         try:
             info["cuda_device_name"] = torch.cuda.get_device_name(torch.device(device))

@@ -1,0 +1,177 @@
+"""A compiled relaxation for dense EP nets on the CPU (``dense_relax.c``), loaded through ctypes.
+
+Why: a relaxation step of the 784-512-10 net is two skinny products (50×10·10×512 and
+50×512·512×10) and σ of 25,600 states; through torch each is a separate pass over memory with
+its own dispatch, and σ alone costs ~1 ns an element. Every example relaxes independently, so
+the kernel runs one example at a time through all its steps with its state and the couplings in
+the first-level cache, and fuses the products, the constant, the nudge and σ into one pass per
+layer. The batch is split into row ranges run on ``torch.get_num_threads()`` threads (ctypes
+releases the GIL during the call).
+
+The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
+flags, the compiler's version and the machine. Without a compiler, or with ``EPRUN_NATIVE=0``,
+the torch path runs instead (same dynamics; float32 results differ by rounding only).
+``EPRUN_NATIVE=1`` makes a failure to build an error instead of a fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("dense_relax.c")
+FLAG_SETS = (["-O3", "-march=native", "-fPIC", "-shared"], ["-O3", "-fPIC", "-shared"])
+ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1, "hard_sigmoid_half": 1, "tanh": 2}
+MAX_LAYERS = 64
+
+_lock = threading.Lock()
+_library = None  # the loaded library, once built
+_failure: str | None = None  # why it could not be built, once tried
+_pool: ThreadPoolExecutor | None = None
+
+
+class NativeUnavailable(RuntimeError):
+    """``EPRUN_NATIVE=1`` and the kernel could not be built or loaded."""
+
+
+def mode() -> str:
+    """``EPRUN_NATIVE``: "auto" (default: use it when it builds), "0" (never), "1" (always, or fail)."""
+    value = os.environ.get("EPRUN_NATIVE", "auto").strip().lower()
+    return {"": "auto", "off": "0", "false": "0", "no": "0", "on": "1", "true": "1", "yes": "1"}.get(value, value)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("EPRUN_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "eprun"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or find in the cache) and load the library; raise with the reason on failure."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler found ($CC, cc, gcc, clang)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + " ".join(flags).encode() + version.encode()
+                             + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
+        target = _cache_dir() / "native" / f"dense_relax-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                run = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                                     capture_output=True, text=True)
+                if run.returncode != 0:
+                    errors.append(f"{' '.join(flags)}: {run.stderr.strip()[:300]}")
+                    continue
+                os.replace(built, target)  # atomic: a concurrent build sees a whole file or none
+        library = ctypes.CDLL(str(target))
+        library.eprun_relax_dense.restype = ctypes.c_int
+        library.eprun_relax_dense.argtypes = [
+            ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        library.eprun_native_vectorized.restype = ctypes.c_int
+        return library
+    raise OSError("the C compiler failed: " + " | ".join(errors))
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, building it on first call; None when disabled or unavailable."""
+    global _library, _failure
+    if mode() == "0":
+        return None
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _build()
+            except (OSError, subprocess.SubprocessError) as error:
+                _failure = str(error)
+        if _library is None and mode() == "1":
+            raise NativeUnavailable(f"EPRUN_NATIVE=1 but the native relaxation could not be built: {_failure}")
+        return _library
+
+
+def reset() -> None:
+    """Forget the build result, so the next call builds (or fails) again: after changing
+    ``EPRUN_NATIVE``, ``CC`` or ``EPRUN_CACHE`` in a running process."""
+    global _library, _failure
+    with _lock:
+        _library, _failure = None, None
+
+
+def status() -> dict:
+    """What the native path is doing here: mode, whether it loaded, vectorised, or why not."""
+    lib = library() if mode() != "0" else None
+    return {"mode": mode(), "available": lib is not None,
+            "vectorized": bool(lib.eprun_native_vectorized()) if lib is not None else False,
+            "reason": None if lib is not None else ("EPRUN_NATIVE=0" if mode() == "0" else _failure)}
+
+
+def supports(state: list[torch.Tensor], *tensors: torch.Tensor) -> bool:
+    """True when the kernel can run this relaxation: CPU, float32, contiguous, few enough layers."""
+    if mode() == "0" or len(state) > MAX_LAYERS:
+        return False
+    for t in (*state, *tensors):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return library() is not None
+
+
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows // 8 if rows >= 16 else 1))
+
+
+def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: list[torch.Tensor | None],
+                down: list[torch.Tensor | None], scale: float, activation: str, nudge: float, steps: int,
+                order: str) -> None:
+    """Run ``steps`` steps in place on ``state`` (see ``dense_relax.c`` for the step)::
+
+        s_i ← g(c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) [+ ν·s_i at the output layer])
+
+    ``constant[i]`` is [batch, n_i] or [n_i]; ``up[i]`` = U_i, [n_i, n_{i−1}] (``up[0]`` is
+    None); ``down[i]`` = D_i, [n_{i+1}, n_i] (``down[-1]`` is None); ``nudge`` ν = −a·β (0 when
+    free). The caller checked :func:`supports` for every tensor.
+    """
+    global _pool
+    lib = library()
+    n = len(state)
+    batch = state[0].shape[0]
+    sizes = (ctypes.c_int64 * n)(*[s.shape[1] for s in state])
+    states = (ctypes.c_void_p * n)(*[s.data_ptr() for s in state])
+    constants = (ctypes.c_void_p * n)(*[c.data_ptr() for c in constant])
+    per_row = (ctypes.c_int * n)(*[int(c.dim() == 2) for c in constant])
+    ups = (ctypes.c_void_p * n)(*[m.data_ptr() if m is not None else None for m in up])
+    downs = (ctypes.c_void_p * n)(*[m.data_ptr() if m is not None else None for m in down])
+    args = (n, sizes, states, constants, per_row, ups, downs, float(scale), ACTIVATION_CODES[activation],
+            float(nudge), int(steps), int(order == "async"))
+    threads = _threads(batch)
+    if threads == 1:
+        codes = [lib.eprun_relax_dense(*args, 0, batch)]
+    else:
+        with _lock:
+            if _pool is None or _pool._max_workers < threads:
+                _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eprun-relax")
+            pool = _pool
+        bounds = [batch * k // threads for k in range(threads + 1)]
+        futures = [pool.submit(lib.eprun_relax_dense, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        codes = [f.result() for f in futures]
+    if any(code != 0 for code in codes):
+        raise MemoryError("the native relaxation could not allocate its scratch state")

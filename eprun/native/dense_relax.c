@@ -1,0 +1,320 @@
+/*
+ * The relaxation of a chain of dense EP layers, one example at a time, in float32.
+ *
+ * State layers s_0 … s_{L−1} (s_0 the first hidden layer, s_{L−1} the output), row-major
+ * [batch, n_i]. Bottom-up matrices U_i [n_i, n_{i−1}] and top-down matrices D_i [n_{i+1}, n_i],
+ * row-major. One step of layer i:
+ *
+ *     z_i = c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) + ν·s_i  (ν·s_i at the output layer only)
+ *     s_i ← g(z_i)
+ *
+ * For the prototypical net U_i = D_{i−1} = W_i (the net's weight between s_{i−1} and s_i);
+ * for the vector-field net D_i is the feedback matrix B_{i+1}ᵀ.
+ *
+ * c_i is the layer's constant (for i = 0 the input drive a·(W_0 x + b_1) + c, for the output
+ * layer of a nudged phase a·(b + β y) + c), a the activation's scale, ν = −a·β the MSE nudge,
+ * g the base non-linearity. Every example relaxes independently of the others, so an example
+ * runs all its steps with its state, and the couplings of a net with a small output layer,
+ * in the first-level cache; the caller splits the batch into row ranges, one per thread.
+ *
+ * Schedules: sync (every layer from s_t, the papers') or async (the even-indexed layers from
+ * s_t, then the odd-indexed ones from those fresh values).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EPRUN_AVX2 1
+#else
+#define EPRUN_AVX2 0
+#endif
+
+enum { ACT_LOGISTIC = 0, ACT_CLAMP01 = 1, ACT_TANH = 2 };
+
+/* ------------------------------------------------------------------ the base non-linearity g */
+
+static inline float g_scalar(float z, int act) {
+    if (act == ACT_LOGISTIC) return 1.0f / (1.0f + expf(-z));
+    if (act == ACT_CLAMP01) return z < 0.0f ? 0.0f : (z > 1.0f ? 1.0f : z);
+    return tanhf(z);
+}
+
+#if EPRUN_AVX2
+/* e^x for 8 floats (Cephes' expf: x = n ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 polynomial,
+ * 2^n through the exponent bits); relative error ~1e-7. x is clamped to [−87, 88]. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* 1/d for d ≥ 1: the hardware estimate refined by one Newton step, r ← r·(2 − d·r) (relative
+ * error ~2e-7; a division costs several times more on 8 floats) */
+static inline __m256 reciprocal8(__m256 d) {
+    __m256 r = _mm256_rcp_ps(d);
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+
+static inline __m256 g8(__m256 z, int act) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    if (act == ACT_LOGISTIC)  /* 1 / (1 + e^{−z}) */
+        return reciprocal8(_mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+    if (act == ACT_CLAMP01)
+        return _mm256_min_ps(_mm256_max_ps(z, _mm256_setzero_ps()), one);
+    /* tanh z = 1 − 2 / (1 + e^{2z}); for |z| < 0.625, where that cancels, Cephes' odd polynomial
+     * z + z³·p(z²) */
+    __m256 e = exp8(_mm256_add_ps(z, z));
+    __m256 far = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(one, e)));
+    __m256 z2 = _mm256_mul_ps(z, z);
+    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(-3.33332819422e-1f));
+    __m256 near = _mm256_fmadd_ps(_mm256_mul_ps(p, z2), z, z);
+    __m256 abs_z = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z);
+    return _mm256_blendv_ps(far, near, _mm256_cmp_ps(abs_z, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* Σ_k u[k] v[k] */
+static inline float dot(const float *u, const float *v, int64_t n) {
+    int64_t k = 0;
+    float total = 0.0f;
+#if EPRUN_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(u + k), _mm256_loadu_ps(v + k), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(u + k + 8), _mm256_loadu_ps(v + k + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(u + k + 16), _mm256_loadu_ps(v + k + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(u + k + 24), _mm256_loadu_ps(v + k + 24), acc3);
+    }
+    for (; k + 8 <= n; k += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(u + k), _mm256_loadu_ps(v + k), acc0);
+    total = hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+#endif
+    for (; k < n; k++) total += u[k] * v[k];
+    return total;
+}
+
+#if EPRUN_AVX2
+/* out[r] = a · Σ_k rows[r·stride + k] u[k] for r = 0 … 3: each load of u serves four rows. */
+static inline void dot4(float *out, float a, const float *rows, int64_t stride, const float *u, int64_t n) {
+    const float *r0 = rows, *r1 = rows + stride, *r2 = rows + 2 * stride, *r3 = rows + 3 * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        __m256 u0 = _mm256_loadu_ps(u + k), u1 = _mm256_loadu_ps(u + k + 8);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), u0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), u0, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), u0, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), u0, a3);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k + 8), u1, b0);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k + 8), u1, b1);
+        b2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k + 8), u1, b2);
+        b3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k + 8), u1, b3);
+    }
+    for (; k + 8 <= n; k += 8) {
+        __m256 u0 = _mm256_loadu_ps(u + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), u0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), u0, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), u0, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), u0, a3);
+    }
+    float t0 = hsum8(_mm256_add_ps(a0, b0)), t1 = hsum8(_mm256_add_ps(a1, b1));
+    float t2 = hsum8(_mm256_add_ps(a2, b2)), t3 = hsum8(_mm256_add_ps(a3, b3));
+    for (; k < n; k++) {
+        t0 += r0[k] * u[k];
+        t1 += r1[k] * u[k];
+        t2 += r2[k] * u[k];
+        t3 += r3[k] * u[k];
+    }
+    out[0] = a * t0;
+    out[1] = a * t1;
+    out[2] = a * t2;
+    out[3] = a * t3;
+}
+#endif
+
+/* One layer of one example: out ← g(c + a·(U s_below) + a·(Dᵀ s_above) + ν·self).
+ * U [n, n_below] (may be NULL), D [n_above, n] (may be NULL); ``self`` is the layer's current
+ * state (may alias ``out``: it is read into z before out is written). z: n floats of scratch.
+ * Two passes over the layer: the affine part into z, then g from z into out (independent
+ * iterations, so the exponentials of neighbouring vectors overlap). */
+static inline __attribute__((always_inline)) void update_layer(
+        float *out, const float *c, int64_t n, float a, const int act, float nu, const float *self,
+        const float *m_below, const float *s_below, int64_t n_below,
+        const float *m_above, const float *s_above, int64_t n_above, float *z) {
+    int64_t j = 0;
+    /* bottom-up, dot form: z[j] = a · U[j,:] · s_below */
+    if (m_below) {
+#if EPRUN_AVX2
+        for (; j + 4 <= n; j += 4) dot4(z + j, a, m_below + j * n_below, n_below, s_below, n_below);
+#endif
+        for (; j < n; j++) z[j] = a * dot(m_below + j * n_below, s_below, n_below);
+    } else {
+        memset(z, 0, (size_t)n * sizeof(float));
+    }
+    /* top-down, axpy form, plus the constant and the nudge: z += c + a · Σ_k s_above[k] D[k,:] + ν·self.
+     * 32 outputs at a time: four independent accumulators share each broadcast of s_above[k]. */
+    j = 0;
+#if EPRUN_AVX2
+    const __m256 va = _mm256_set1_ps(a), vnu = _mm256_set1_ps(nu);
+    for (; j + 32 <= n; j += 32) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n_above; k++) {
+            const float *row = m_above + k * n + j;
+            __m256 s = _mm256_set1_ps(s_above[k]);
+            acc0 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row), acc0);
+            acc1 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row + 8), acc1);
+            acc2 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row + 16), acc2);
+            acc3 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row + 24), acc3);
+        }
+        __m256 acc[4] = {acc0, acc1, acc2, acc3};
+        for (int q = 0; q < 4; q++) {
+            int64_t jq = j + 8 * q;
+            __m256 zz = _mm256_fmadd_ps(va, acc[q], _mm256_add_ps(_mm256_loadu_ps(c + jq), _mm256_loadu_ps(z + jq)));
+            if (nu != 0.0f) zz = _mm256_fmadd_ps(vnu, _mm256_loadu_ps(self + jq), zz);
+            _mm256_storeu_ps(z + jq, zz);
+        }
+    }
+    for (; j + 8 <= n; j += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n_above; k++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s_above[k]), _mm256_loadu_ps(m_above + k * n + j), acc);
+        __m256 zz = _mm256_fmadd_ps(va, acc, _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(z + j)));
+        if (nu != 0.0f) zz = _mm256_fmadd_ps(vnu, _mm256_loadu_ps(self + j), zz);
+        _mm256_storeu_ps(z + j, zz);
+    }
+#endif
+    for (; j < n; j++) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < n_above; k++) acc += s_above[k] * m_above[k * n + j];
+        z[j] += c[j] + a * acc;
+        if (nu != 0.0f) z[j] += nu * self[j];
+    }
+    /* s ← g(z) */
+    j = 0;
+#if EPRUN_AVX2
+    for (; j + 16 <= n; j += 16) {
+        __m256 g0 = g8(_mm256_loadu_ps(z + j), act), g1 = g8(_mm256_loadu_ps(z + j + 8), act);
+        _mm256_storeu_ps(out + j, g0);
+        _mm256_storeu_ps(out + j + 8, g1);
+    }
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, g8(_mm256_loadu_ps(z + j), act));
+#endif
+    for (; j < n; j++) out[j] = g_scalar(z[j], act);
+}
+
+/*
+ * Relax examples [row_begin, row_end) for ``steps`` steps, in place on ``state``.
+ *   n_layers          L
+ *   sizes[i]          n_i
+ *   state[i]          [batch, n_i]
+ *   constant[i]       [batch, n_i] if constant_per_row[i], else [n_i]
+ *   up[i]             U_i, [n_i, n_{i−1}], i ≥ 1 (up[0] unused)
+ *   down[i]           D_i, [n_{i+1}, n_i], i ≤ L−2 (down[L−1] unused)
+ *   nudge             ν = −a·β on the output layer (0 for a free phase)
+ *   async_order       0: sync, 1: even/odd
+ * Returns 0, or −1 if scratch memory could not be allocated.
+ */
+static inline __attribute__((always_inline)) int relax_rows(
+        int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
+        const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act, float nudge,
+        int steps, int async_order, int64_t row_begin, int64_t row_end) {
+    int64_t total = 0, widest = 0;
+    for (int i = 0; i < n_layers; i++) {
+        total += sizes[i];
+        if (sizes[i] > widest) widest = sizes[i];
+    }
+    /* two state sets (cur, nxt) and the bottom-up partial sums z */
+    float *buffer = (float *)malloc((size_t)(2 * total + widest) * sizeof(float));
+    if (!buffer) return -1;
+    float *cur[64], *nxt[64];
+    if (n_layers > 64) { free(buffer); return -1; }
+    int64_t offset = 0;
+    for (int i = 0; i < n_layers; i++) {
+        cur[i] = buffer + offset;
+        nxt[i] = buffer + total + offset;
+        offset += sizes[i];
+    }
+    float *z = buffer + 2 * total;
+
+    for (int64_t row = row_begin; row < row_end; row++) {
+        for (int i = 0; i < n_layers; i++) memcpy(cur[i], state[i] + row * sizes[i], (size_t)sizes[i] * sizeof(float));
+        const float *c_row[64];
+        for (int i = 0; i < n_layers; i++) c_row[i] = constant[i] + (constant_per_row[i] ? row * sizes[i] : 0);
+        for (int t = 0; t < steps; t++) {
+            if (async_order) {
+                /* even layers from s_t, then odd layers from the fresh even ones: in place */
+                for (int parity = 0; parity < 2; parity++) {
+                    for (int i = parity; i < n_layers; i += 2) {
+                        float nu = (i == n_layers - 1) ? nudge : 0.0f;
+                        update_layer(cur[i], c_row[i], sizes[i], a, act, nu, cur[i],
+                                     i > 0 ? up[i] : NULL, i > 0 ? cur[i - 1] : NULL, i > 0 ? sizes[i - 1] : 0,
+                                     i + 1 < n_layers ? down[i] : NULL, i + 1 < n_layers ? cur[i + 1] : NULL,
+                                     i + 1 < n_layers ? sizes[i + 1] : 0, z);
+                    }
+                }
+            } else {
+                for (int i = 0; i < n_layers; i++) {
+                    float nu = (i == n_layers - 1) ? nudge : 0.0f;
+                    update_layer(nxt[i], c_row[i], sizes[i], a, act, nu, cur[i],
+                                 i > 0 ? up[i] : NULL, i > 0 ? cur[i - 1] : NULL, i > 0 ? sizes[i - 1] : 0,
+                                 i + 1 < n_layers ? down[i] : NULL, i + 1 < n_layers ? cur[i + 1] : NULL,
+                                 i + 1 < n_layers ? sizes[i + 1] : 0, z);
+                }
+                for (int i = 0; i < n_layers; i++) {
+                    float *swap = cur[i];
+                    cur[i] = nxt[i];
+                    nxt[i] = swap;
+                }
+            }
+        }
+        for (int i = 0; i < n_layers; i++) memcpy(state[i] + row * sizes[i], cur[i], (size_t)sizes[i] * sizeof(float));
+    }
+    free(buffer);
+    return 0;
+}
+
+int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
+                      const int *constant_per_row, const float *const *up, const float *const *down, float a, int act, float nudge,
+                      int steps, int async_order, int64_t row_begin, int64_t row_end) {
+    /* one copy of the loop per activation, so g is inlined without a branch per vector */
+    if (act == ACT_LOGISTIC)
+        return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_LOGISTIC, nudge,
+                          steps, async_order, row_begin, row_end);
+    if (act == ACT_CLAMP01)
+        return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_CLAMP01, nudge,
+                          steps, async_order, row_begin, row_end);
+    return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
+                      steps, async_order, row_begin, row_end);
+}
+
+/* 1 if the AVX2 path was compiled in (reported by ``eprun bench``). */
+int eprun_native_vectorized(void) { return EPRUN_AVX2; }

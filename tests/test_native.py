@@ -1,0 +1,236 @@
+"""The compiled dense relaxation (eprun.native) against the torch path of the same nets."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from eprun import native
+from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+from eprun.nets.vf_mlp import VFMLPConfig, VectorFieldMLP
+
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Run the block with the torch path (EPRUN_NATIVE=0)."""
+    def use(flag: bool):
+        monkeypatch.setenv("EPRUN_NATIVE", "0" if flag else "auto")
+    return use
+
+
+def _net(hidden, activation="sigmoid", readout="mse", seed=0, in_features=23, classes=6, scale=1.0, kind="mlp"):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "vf":
+        cfg = VFMLPConfig(hidden=list(hidden), activation=activation, readout=readout)
+        return VectorFieldMLP(cfg, (in_features,), classes, g)
+    cfg = MLPConfig(hidden=list(hidden), activation=activation, readout=readout, weight_scale=scale)
+    return PrototypicalMLP(cfg, (in_features,), classes, g)
+
+
+def _relax(net, x, y, steps, beta, order, start=None):
+    drive = net.input_drive(x)
+    state = [s.clone() for s in start] if start is not None else net.init_state(x.shape[0], like=x)
+    target = net.target(y, x) if beta else None
+    out = net.relax(drive, state, steps, beta, target, order=order) if hasattr(net, "relax_schedules") \
+        else net.relax(drive, state, steps, beta, target)
+    return out, net.last_relax_engine
+
+
+def _data(batch, in_features=23, classes=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, in_features, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+@needs_compiler
+@pytest.mark.parametrize("hidden", [[16], [13], [40, 9], [8, 17, 33]])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"])
+@pytest.mark.parametrize("order", ["sync", "async"])
+def test_native_matches_torch_free_and_nudged(hidden, activation, order, torch_only):
+    """Same steps as the torch path: free phase, then a nudged phase from its end (MSE nudge),
+    for layer sizes on and off the 8-wide vectors, every activation and both schedules. Both
+    float32 paths are compared with the float64 torch relaxation: the kernel's error is float32
+    rounding, no larger than torch's own (plus 1e-5)."""
+    net = _net(hidden, activation, scale=2.0)
+    x, y = _data(11)
+
+    def phases(model, inputs):
+        free, engine_free = _relax(model, inputs, y, 25, 0.0, order)
+        nudged, engine_nudged = _relax(model, inputs, y, 8, 0.5, order, start=free)
+        return free + nudged, (engine_free, engine_nudged)
+
+    with torch.no_grad():
+        torch_only(False)
+        ours, engines = phases(net, x)
+        assert engines == ("native", "native")
+        torch_only(True)
+        theirs, engines = phases(net, x)
+        assert engines == ("torch", "torch")
+        exact, _ = phases(copy.deepcopy(net).double(), x.double())
+    for a, b, e in zip(ours, theirs, exact):
+        err_ours, err_theirs = float((a.double() - e).abs().max()), float((b.double() - e).abs().max())
+        assert err_ours <= 2 * err_theirs + 1e-5, (err_ours, err_theirs)
+    # the nudge moved the output: the comparison above covers a non-trivial nudged phase
+    assert float((theirs[-1] - theirs[len(hidden)]).abs().max()) > 1e-3
+
+
+@needs_compiler
+def test_native_float32_error_is_rounding_against_float64(torch_only):
+    """Both float32 paths sit within float32 rounding of the float64 torch relaxation."""
+    net = _net([64, 32])
+    x, y = _data(9)
+    with torch.no_grad():
+        torch_only(False)
+        ours, engine = _relax(net, x, y, 40, 0.0, "sync")
+        assert engine == "native"
+        net64 = _net([64, 32]).double()
+        exact, engine = _relax(net64, x.double(), y, 40, 0.0, "sync")
+        assert engine == "torch"  # float64 always runs on torch
+    for a, b in zip(ours, exact):
+        assert float((a.double() - b).abs().max()) < 1e-5
+
+
+@needs_compiler
+def test_vector_field_net_uses_its_feedback_matrices(torch_only):
+    """The vector-field MLP's top-down matrices are B_n, not W_nᵀ: the kernel gets them as they are."""
+    net = _net([24, 12], kind="vf")
+    with torch.no_grad():
+        for f in net.feedback:  # make B clearly different from Wᵀ
+            f.mul_(-1.5)
+    x, y = _data(7)
+    with torch.no_grad():
+        torch_only(False)
+        ours, engine = _relax(net, x, y, 15, 0.3, "sync")
+        assert engine == "native"
+        torch_only(True)
+        theirs, _ = _relax(net, x, y, 15, 0.3, "sync")
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+@needs_compiler
+def test_batch_split_over_threads_is_bit_identical():
+    """Examples relax independently: splitting the batch over threads changes no bit."""
+    net = _net([48])
+    x, y = _data(64)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one, _ = _relax(net, x, y, 20, 0.0, "sync")
+            torch.set_num_threads(4)
+            assert native._threads(64) == 4
+            four, _ = _relax(net, x, y, 20, 0.0, "sync")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, four):
+        assert torch.equal(a, b)
+
+
+@needs_compiler
+def test_softmax_readout_nudge_falls_back_to_torch():
+    """The softmax read-out's nudge is outside the kernel: its free phase runs native, its nudged
+    phase on torch."""
+    net = _net([20], readout="softmax")
+    x, y = _data(5)
+    with torch.no_grad():
+        free, engine = _relax(net, x, y, 10, 0.0, "sync")
+        assert engine == "native"
+        _, engine = _relax(net, x, y, 5, 0.4, "sync", start=free)
+        assert engine == "torch"
+
+
+@needs_compiler
+def test_tolerance_and_float64_and_strided_inputs_use_torch():
+    net = _net([20])
+    x, y = _data(5)
+    with torch.no_grad():
+        drive = net.input_drive(x)
+        net.relax(drive, net.init_state(5, like=x), 10, tol=1e-4)
+        assert net.last_relax_engine == "torch"
+        strided = [torch.zeros(20, 5).T, torch.zeros(5, 6)]  # a transposed view: not contiguous
+        net.relax(drive, strided, 3)
+        assert net.last_relax_engine == "torch"
+
+
+@needs_compiler
+def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
+    native.reset()
+    try:
+        assert native.library() is not None
+        built = list((tmp_path / "native").glob("dense_relax-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.reset()
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # found in the cache, not rebuilt
+        assert native.status()["available"] and native.status()["reason"] is None
+    finally:
+        native.reset()
+
+
+def test_missing_compiler_falls_back_or_fails_as_asked(tmp_path, monkeypatch):
+    """No compiler: "auto" runs torch and says why; EPRUN_NATIVE=1 is an error naming the cause."""
+    monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    native.reset()
+    try:
+        net = _net([12])
+        x, y = _data(4)
+        with torch.no_grad():
+            _, engine = _relax(net, x, y, 5, 0.0, "sync")
+        assert engine == "torch"
+        state = native.status()
+        assert not state["available"] and "no C compiler" in state["reason"]
+        monkeypatch.setenv("EPRUN_NATIVE", "1")
+        native.reset()
+        with pytest.raises(native.NativeUnavailable, match="no C compiler"):
+            native.library()
+        monkeypatch.setenv("EPRUN_NATIVE", "0")
+        assert native.status() == {"mode": "0", "available": False, "vectorized": False, "reason": "EPRUN_NATIVE=0"}
+    finally:
+        native.reset()
+
+
+@needs_compiler
+def test_compiler_error_is_reported(tmp_path, monkeypatch):
+    """A compiler that fails on every flag set: the reason carries its message."""
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\necho 'boom: cannot compile' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("EPRUN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    native.reset()
+    try:
+        assert native.library() is None
+        assert "boom: cannot compile" in native.status()["reason"]
+    finally:
+        native.reset()
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
+def test_portable_build_without_vector_instructions(activation, tmp_path, monkeypatch, torch_only):
+    """Built without -march=native (plain x86-64: no AVX2 here), the kernel runs its scalar loops;
+    they follow the same dynamics."""
+    monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAG_SETS", (["-O2", "-fPIC", "-shared"],))
+    native.reset()
+    try:
+        net = _net([21, 7], activation)
+        x, y = _data(6)
+        with torch.no_grad():
+            ours, engine = _relax(net, x, y, 12, 0.3, "sync")
+            assert engine == "native"
+            torch_only(True)
+            theirs, _ = _relax(net, x, y, 12, 0.3, "sync")
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    finally:
+        native.reset()
