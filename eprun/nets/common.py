@@ -130,8 +130,10 @@ class Readout:
     softmax_readout: bool
 
     def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """One-hot targets in the state dtype."""
-        return F.one_hot(y, self.num_classes).to(like.dtype)
+        """One-hot targets in the state dtype (labels are checked against the class count when the
+        data is loaded; ``scatter_`` still refuses an out-of-range index)."""
+        return torch.zeros(y.shape[0], self.num_classes, dtype=like.dtype, device=like.device).scatter_(
+            1, y.unsqueeze(1), 1.0)
 
     @staticmethod
     def flatten(x: torch.Tensor) -> torch.Tensor:
@@ -228,12 +230,18 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
             change = max(float((c - n).abs().max()) for c, n in zip(cur, nxt))
             if change < tol:
                 break
-    net.last_relax_steps = taken
-    net.last_relax_engine = "torch"
+    _note_relax(net, taken, "torch")
     if cur is not state:
         for s, new in zip(state, cur):
             s.copy_(new)
     return state
+
+
+def _note_relax(net, steps: int, engine: str) -> None:
+    """``net.last_relax_steps`` / ``net.last_relax_engine``, set without nn.Module's __setattr__
+    (it searches the parameter, buffer and module tables first: slow at two calls a phase)."""
+    object.__setattr__(net, "last_relax_steps", steps)
+    object.__setattr__(net, "last_relax_engine", engine)
 
 
 def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bottom_up: list[torch.Tensor],
@@ -256,6 +264,5 @@ def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bo
     if not native.supports(state, *const, *matrices):
         return False
     native.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta, steps, order)
-    net.last_relax_steps = steps
-    net.last_relax_engine = "native"
+    _note_relax(net, steps, "native")
     return True

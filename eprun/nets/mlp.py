@@ -174,7 +174,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         a = self.act.scale
         n_layers = len(state)
         nudged = beta != 0.0 and target is not None
-        const = [drive] + [(b * a + self.act.shift) for b in self.biases[1:n_layers]]
+        const = [drive] + [(b * a + self.act.shift) for b in list(self.biases)[1:n_layers]]  # list first: slicing a ParameterList builds a module
         if nudged and not self.softmax_readout:
             const[-1] = const[-1] + (a * beta) * target
         weights = list(self.weights)

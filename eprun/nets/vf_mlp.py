@@ -260,7 +260,7 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         a = self.act.scale
         n_layers = len(state)
         nudged = beta != 0.0 and target is not None
-        const = [drive] + [(b * a + self.act.shift) for b in self.biases[1:n_layers]]
+        const = [drive] + [(b * a + self.act.shift) for b in list(self.biases)[1:n_layers]]  # list first: slicing a ParameterList builds a module
         if nudged and not self.softmax_readout:
             const[-1] = const[-1] + (a * beta) * target
         bottom_up = [w.T for w in self.weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
