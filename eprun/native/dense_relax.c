@@ -1,5 +1,5 @@
 /*
- * The relaxation of a chain of dense EP layers, one example at a time, in float32.
+ * The relaxation of a chain of dense EP layers, two examples at a time, in float32.
  *
  * State layers s_0 … s_{L−1} (s_0 the first hidden layer, s_{L−1} the output), row-major
  * [batch, n_i]. Bottom-up matrices U_i [n_i, n_{i−1}] and top-down matrices D_i [n_{i+1}, n_i],
@@ -13,9 +13,11 @@
  *
  * c_i is the layer's constant (for i = 0 the input drive a·(W_0 x + b_1) + c, for the output
  * layer of a nudged phase a·(b + β y) + c), a the activation's scale, ν = −a·β the MSE nudge,
- * g the base non-linearity. Every example relaxes independently of the others, so an example
- * runs all its steps with its state, and the couplings of a net with a small output layer,
- * in the first-level cache; the caller splits the batch into row ranges, one per thread.
+ * g the base non-linearity. Every example relaxes independently of the others, so a pair of
+ * examples runs all its steps with its states, and the couplings of a net with a small output
+ * layer, in the first-level cache (each weight loaded serves both examples); the caller splits
+ * the batch into row ranges, one per thread. The result of an example does not depend on
+ * which other example shares its pass or thread.
  *
  * Schedules: sync (every layer from s_t, the papers') or async (the even-indexed layers from
  * s_t, then the odd-indexed ones from those fresh values).
@@ -120,115 +122,161 @@ static inline float dot(const float *u, const float *v, int64_t n) {
     return total;
 }
 
+/* R examples at once (R = 1 or 2, a compile-time constant): each load of a weight serves R
+ * examples, which halves the loads of the products for R = 2. Arrays indexed [r] hold one
+ * pointer per example. */
+#define MAX_R 2
+
 #if EPRUN_AVX2
-/* out[r] = a · Σ_k rows[r·stride + k] u[k] for r = 0 … 3: each load of u serves four rows. */
-static inline void dot4(float *out, float a, const float *rows, int64_t stride, const float *u, int64_t n) {
-    const float *r0 = rows, *r1 = rows + stride, *r2 = rows + 2 * stride, *r3 = rows + 3 * stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+/* z[r][j + q] = a · U[j + q, :] · u[r] for q = 0 … 3, r < R: four rows of U against R vectors. */
+static inline __attribute__((always_inline)) void dot4_rows(const int R, float *const *z, int64_t j, float a,
+                                                            const float *m, int64_t stride,
+                                                            const float *const *u, int64_t n) {
+    const float *row[4] = {m + j * stride, m + (j + 1) * stride, m + (j + 2) * stride, m + (j + 3) * stride};
+    __m256 acc[MAX_R][4];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        __m256 u0 = _mm256_loadu_ps(u + k), u1 = _mm256_loadu_ps(u + k + 8);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), u0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), u0, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), u0, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), u0, a3);
-        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k + 8), u1, b0);
-        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k + 8), u1, b1);
-        b2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k + 8), u1, b2);
-        b3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k + 8), u1, b3);
-    }
     for (; k + 8 <= n; k += 8) {
-        __m256 u0 = _mm256_loadu_ps(u + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), u0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), u0, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), u0, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), u0, a3);
+        __m256 w[4];
+        for (int q = 0; q < 4; q++) w[q] = _mm256_loadu_ps(row[q] + k);
+        for (int r = 0; r < R; r++) {
+            __m256 x = _mm256_loadu_ps(u[r] + k);
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm256_fmadd_ps(w[q], x, acc[r][q]);
+        }
     }
-    float t0 = hsum8(_mm256_add_ps(a0, b0)), t1 = hsum8(_mm256_add_ps(a1, b1));
-    float t2 = hsum8(_mm256_add_ps(a2, b2)), t3 = hsum8(_mm256_add_ps(a3, b3));
-    for (; k < n; k++) {
-        t0 += r0[k] * u[k];
-        t1 += r1[k] * u[k];
-        t2 += r2[k] * u[k];
-        t3 += r3[k] * u[k];
+    for (int r = 0; r < R; r++) {
+        for (int q = 0; q < 4; q++) {
+            float total = hsum8(acc[r][q]);
+            for (int64_t kk = k; kk < n; kk++) total += row[q][kk] * u[r][kk];
+            z[r][j + q] = a * total;
+        }
     }
-    out[0] = a * t0;
-    out[1] = a * t1;
-    out[2] = a * t2;
-    out[3] = a * t3;
 }
 #endif
 
-/* One layer of one example: out ← g(c + a·(U s_below) + a·(Dᵀ s_above) + ν·self).
- * U [n, n_below] (may be NULL), D [n_above, n] (may be NULL); ``self`` is the layer's current
- * state (may alias ``out``: it is read into z before out is written). z: n floats of scratch.
- * Two passes over the layer: the affine part into z, then g from z into out (independent
- * iterations, so the exponentials of neighbouring vectors overlap). */
+/* One layer of R examples: out[r] ← g(c[r] + a·(U s_below[r]) + a·(Dᵀ s_above[r]) + ν·self[r]).
+ * U [n, n_below] (may be NULL), D [n_above, n] (may be NULL); ``self[r]`` is the layer's current
+ * state (may alias ``out[r]``: it is read into z before out is written); z[r]: n floats of
+ * scratch. Two passes over the layer: the affine part into z, then g from z into out
+ * (independent iterations, so the exponentials of neighbouring vectors overlap). */
 static inline __attribute__((always_inline)) void update_layer(
-        float *out, const float *c, int64_t n, float a, const int act, float nu, const float *self,
-        const float *m_below, const float *s_below, int64_t n_below,
-        const float *m_above, const float *s_above, int64_t n_above, float *z) {
+        const int R, float *const *out, const float *const *c, int64_t n, float a, const int act, float nu,
+        const float *const *self, const float *m_below, const float *const *s_below, int64_t n_below,
+        const float *m_above, const float *const *s_above, int64_t n_above, float *const *z) {
     int64_t j = 0;
-    /* bottom-up, dot form: z[j] = a · U[j,:] · s_below */
+    /* bottom-up, dot form: z[r][j] = a · U[j,:] · s_below[r] */
     if (m_below) {
 #if EPRUN_AVX2
-        for (; j + 4 <= n; j += 4) dot4(z + j, a, m_below + j * n_below, n_below, s_below, n_below);
+        for (; j + 4 <= n; j += 4) dot4_rows(R, z, j, a, m_below, n_below, s_below, n_below);
 #endif
-        for (; j < n; j++) z[j] = a * dot(m_below + j * n_below, s_below, n_below);
+        for (; j < n; j++)
+            for (int r = 0; r < R; r++) z[r][j] = a * dot(m_below + j * n_below, s_below[r], n_below);
     } else {
-        memset(z, 0, (size_t)n * sizeof(float));
+        for (int r = 0; r < R; r++) memset(z[r], 0, (size_t)n * sizeof(float));
     }
-    /* top-down, axpy form, plus the constant and the nudge: z += c + a · Σ_k s_above[k] D[k,:] + ν·self.
-     * 32 outputs at a time: four independent accumulators share each broadcast of s_above[k]. */
+    /* top-down, axpy form, plus the constant and the nudge:
+     * z[r] += c[r] + a · Σ_k s_above[r][k] D[k,:] + ν·self[r]; 32 outputs at a time, four
+     * independent accumulators per example, each row load of D shared by the R examples. */
     j = 0;
 #if EPRUN_AVX2
     const __m256 va = _mm256_set1_ps(a), vnu = _mm256_set1_ps(nu);
     for (; j + 32 <= n; j += 32) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+        __m256 acc[MAX_R][4];
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < 4; q++) acc[r][q] = _mm256_setzero_ps();
         for (int64_t k = 0; k < n_above; k++) {
             const float *row = m_above + k * n + j;
-            __m256 s = _mm256_set1_ps(s_above[k]);
-            acc0 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row), acc0);
-            acc1 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row + 8), acc1);
-            acc2 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row + 16), acc2);
-            acc3 = _mm256_fmadd_ps(s, _mm256_loadu_ps(row + 24), acc3);
+            __m256 w[4];
+            for (int q = 0; q < 4; q++) w[q] = _mm256_loadu_ps(row + 8 * q);
+            for (int r = 0; r < R; r++) {
+                __m256 sk = _mm256_set1_ps(s_above[r][k]);
+                for (int q = 0; q < 4; q++) acc[r][q] = _mm256_fmadd_ps(sk, w[q], acc[r][q]);
+            }
         }
-        __m256 acc[4] = {acc0, acc1, acc2, acc3};
-        for (int q = 0; q < 4; q++) {
-            int64_t jq = j + 8 * q;
-            __m256 zz = _mm256_fmadd_ps(va, acc[q], _mm256_add_ps(_mm256_loadu_ps(c + jq), _mm256_loadu_ps(z + jq)));
-            if (nu != 0.0f) zz = _mm256_fmadd_ps(vnu, _mm256_loadu_ps(self + jq), zz);
-            _mm256_storeu_ps(z + jq, zz);
+        for (int r = 0; r < R; r++) {
+            for (int q = 0; q < 4; q++) {
+                int64_t jq = j + 8 * q;
+                __m256 zz = _mm256_fmadd_ps(va, acc[r][q], _mm256_add_ps(_mm256_loadu_ps(c[r] + jq), _mm256_loadu_ps(z[r] + jq)));
+                if (nu != 0.0f) zz = _mm256_fmadd_ps(vnu, _mm256_loadu_ps(self[r] + jq), zz);
+                _mm256_storeu_ps(z[r] + jq, zz);
+            }
         }
     }
     for (; j + 8 <= n; j += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t k = 0; k < n_above; k++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s_above[k]), _mm256_loadu_ps(m_above + k * n + j), acc);
-        __m256 zz = _mm256_fmadd_ps(va, acc, _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(z + j)));
-        if (nu != 0.0f) zz = _mm256_fmadd_ps(vnu, _mm256_loadu_ps(self + j), zz);
-        _mm256_storeu_ps(z + j, zz);
+        for (int r = 0; r < R; r++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < n_above; k++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(s_above[r][k]), _mm256_loadu_ps(m_above + k * n + j), acc);
+            __m256 zz = _mm256_fmadd_ps(va, acc, _mm256_add_ps(_mm256_loadu_ps(c[r] + j), _mm256_loadu_ps(z[r] + j)));
+            if (nu != 0.0f) zz = _mm256_fmadd_ps(vnu, _mm256_loadu_ps(self[r] + j), zz);
+            _mm256_storeu_ps(z[r] + j, zz);
+        }
     }
 #endif
     for (; j < n; j++) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < n_above; k++) acc += s_above[k] * m_above[k * n + j];
-        z[j] += c[j] + a * acc;
-        if (nu != 0.0f) z[j] += nu * self[j];
+        for (int r = 0; r < R; r++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < n_above; k++) acc += s_above[r][k] * m_above[k * n + j];
+            z[r][j] += c[r][j] + a * acc;
+            if (nu != 0.0f) z[r][j] += nu * self[r][j];
+        }
     }
     /* s ← g(z) */
-    j = 0;
+    for (int r = 0; r < R; r++) {
+        j = 0;
 #if EPRUN_AVX2
-    for (; j + 16 <= n; j += 16) {
-        __m256 g0 = g8(_mm256_loadu_ps(z + j), act), g1 = g8(_mm256_loadu_ps(z + j + 8), act);
-        _mm256_storeu_ps(out + j, g0);
-        _mm256_storeu_ps(out + j + 8, g1);
-    }
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, g8(_mm256_loadu_ps(z + j), act));
+        for (; j + 16 <= n; j += 16) {
+            __m256 g0 = g8(_mm256_loadu_ps(z[r] + j), act), g1 = g8(_mm256_loadu_ps(z[r] + j + 8), act);
+            _mm256_storeu_ps(out[r] + j, g0);
+            _mm256_storeu_ps(out[r] + j + 8, g1);
+        }
+        for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out[r] + j, g8(_mm256_loadu_ps(z[r] + j), act));
 #endif
-    for (; j < n; j++) out[j] = g_scalar(z[j], act);
+        for (; j < n; j++) out[r][j] = g_scalar(z[r][j], act);
+    }
+}
+
+/* Scratch of one example: two state sets (cur, nxt) and the partial sums z. */
+typedef struct {
+    float *cur[64], *nxt[64], *z;
+} Example;
+
+/* ``steps`` steps of R examples whose states start in ex[r].cur; c[r][i]: their constants. */
+static inline __attribute__((always_inline)) void relax_examples(
+        const int R, Example *ex, const float *const (*c)[64], int n_layers, const int64_t *sizes,
+        const float *const *up, const float *const *down, float a, const int act, float nudge, int steps,
+        int async_order) {
+    float *z[MAX_R], *out[MAX_R];
+    const float *self[MAX_R], *below[MAX_R], *above[MAX_R], *cc[MAX_R];
+    for (int r = 0; r < R; r++) z[r] = ex[r].z;
+    for (int t = 0; t < steps; t++) {
+        /* sync: every layer from s_t into nxt; async: even layers, then odd ones, in place */
+        for (int half = 0; half < (async_order ? 2 : 1); half++) {
+            for (int i = async_order ? half : 0; i < n_layers; i += async_order ? 2 : 1) {
+                float nu = (i == n_layers - 1) ? nudge : 0.0f;
+                for (int r = 0; r < R; r++) {
+                    out[r] = async_order ? ex[r].cur[i] : ex[r].nxt[i];
+                    self[r] = ex[r].cur[i];
+                    below[r] = i > 0 ? ex[r].cur[i - 1] : NULL;
+                    above[r] = i + 1 < n_layers ? ex[r].cur[i + 1] : NULL;
+                    cc[r] = c[r][i];
+                }
+                update_layer(R, out, cc, sizes[i], a, act, nu, self,
+                             i > 0 ? up[i] : NULL, below, i > 0 ? sizes[i - 1] : 0,
+                             i + 1 < n_layers ? down[i] : NULL, above, i + 1 < n_layers ? sizes[i + 1] : 0, z);
+            }
+        }
+        if (!async_order) {
+            for (int r = 0; r < R; r++) {
+                for (int i = 0; i < n_layers; i++) {
+                    float *swap = ex[r].cur[i];
+                    ex[r].cur[i] = ex[r].nxt[i];
+                    ex[r].nxt[i] = swap;
+                }
+            }
+        }
+    }
 }
 
 /*
@@ -245,58 +293,45 @@ static inline __attribute__((always_inline)) void update_layer(
  */
 static inline __attribute__((always_inline)) int relax_rows(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
-        const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act, float nudge,
-        int steps, int async_order, int64_t row_begin, int64_t row_end) {
+        const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act,
+        float nudge, int steps, int async_order, int64_t row_begin, int64_t row_end) {
+    if (n_layers > 64) return -1;
     int64_t total = 0, widest = 0;
     for (int i = 0; i < n_layers; i++) {
         total += sizes[i];
         if (sizes[i] > widest) widest = sizes[i];
     }
-    /* two state sets (cur, nxt) and the bottom-up partial sums z */
-    float *buffer = (float *)malloc((size_t)(2 * total + widest) * sizeof(float));
+    float *buffer = (float *)malloc((size_t)(MAX_R * (2 * total + widest)) * sizeof(float));
     if (!buffer) return -1;
-    float *cur[64], *nxt[64];
-    if (n_layers > 64) { free(buffer); return -1; }
-    int64_t offset = 0;
-    for (int i = 0; i < n_layers; i++) {
-        cur[i] = buffer + offset;
-        nxt[i] = buffer + total + offset;
-        offset += sizes[i];
+    Example ex[MAX_R];
+    for (int r = 0; r < MAX_R; r++) {
+        float *base = buffer + r * (2 * total + widest);
+        int64_t offset = 0;
+        for (int i = 0; i < n_layers; i++) {
+            ex[r].cur[i] = base + offset;
+            ex[r].nxt[i] = base + total + offset;
+            offset += sizes[i];
+        }
+        ex[r].z = base + 2 * total;
     }
-    float *z = buffer + 2 * total;
-
-    for (int64_t row = row_begin; row < row_end; row++) {
-        for (int i = 0; i < n_layers; i++) memcpy(cur[i], state[i] + row * sizes[i], (size_t)sizes[i] * sizeof(float));
-        const float *c_row[64];
-        for (int i = 0; i < n_layers; i++) c_row[i] = constant[i] + (constant_per_row[i] ? row * sizes[i] : 0);
-        for (int t = 0; t < steps; t++) {
-            if (async_order) {
-                /* even layers from s_t, then odd layers from the fresh even ones: in place */
-                for (int parity = 0; parity < 2; parity++) {
-                    for (int i = parity; i < n_layers; i += 2) {
-                        float nu = (i == n_layers - 1) ? nudge : 0.0f;
-                        update_layer(cur[i], c_row[i], sizes[i], a, act, nu, cur[i],
-                                     i > 0 ? up[i] : NULL, i > 0 ? cur[i - 1] : NULL, i > 0 ? sizes[i - 1] : 0,
-                                     i + 1 < n_layers ? down[i] : NULL, i + 1 < n_layers ? cur[i + 1] : NULL,
-                                     i + 1 < n_layers ? sizes[i + 1] : 0, z);
-                    }
-                }
-            } else {
-                for (int i = 0; i < n_layers; i++) {
-                    float nu = (i == n_layers - 1) ? nudge : 0.0f;
-                    update_layer(nxt[i], c_row[i], sizes[i], a, act, nu, cur[i],
-                                 i > 0 ? up[i] : NULL, i > 0 ? cur[i - 1] : NULL, i > 0 ? sizes[i - 1] : 0,
-                                 i + 1 < n_layers ? down[i] : NULL, i + 1 < n_layers ? cur[i + 1] : NULL,
-                                 i + 1 < n_layers ? sizes[i + 1] : 0, z);
-                }
-                for (int i = 0; i < n_layers; i++) {
-                    float *swap = cur[i];
-                    cur[i] = nxt[i];
-                    nxt[i] = swap;
-                }
+    const float *c[MAX_R][64];
+    for (int64_t row = row_begin; row < row_end; row += MAX_R) {
+        int R = row + MAX_R <= row_end ? MAX_R : (int)(row_end - row);
+        for (int r = 0; r < R; r++) {
+            for (int i = 0; i < n_layers; i++) {
+                memcpy(ex[r].cur[i], state[i] + (row + r) * sizes[i], (size_t)sizes[i] * sizeof(float));
+                c[r][i] = constant[i] + (constant_per_row[i] ? (row + r) * sizes[i] : 0);
             }
         }
-        for (int i = 0; i < n_layers; i++) memcpy(state[i] + row * sizes[i], cur[i], (size_t)sizes[i] * sizeof(float));
+        if (R == 2)
+            relax_examples(2, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge, steps,
+                           async_order);
+        else
+            relax_examples(1, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge, steps,
+                           async_order);
+        for (int r = 0; r < R; r++)
+            for (int i = 0; i < n_layers; i++)
+                memcpy(state[i] + (row + r) * sizes[i], ex[r].cur[i], (size_t)sizes[i] * sizeof(float));
     }
     free(buffer);
     return 0;

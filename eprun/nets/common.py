@@ -261,7 +261,7 @@ def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bo
     up = [None] + [bottom_up[i].T.contiguous() for i in range(1, n_layers)]
     down = [top_down[i].contiguous() for i in range(n_layers - 1)] + [None]
     matrices = [m for m in up + down if m is not None]
-    if not native.supports(state, *const, *matrices):
+    if not native.supports(state, *const, *matrices, steps=steps):
         return False
     native.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta, steps, order)
     _note_relax(net, steps, "native")
