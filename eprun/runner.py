@@ -259,12 +259,17 @@ def _in_main_thread() -> bool:
 
 
 def _first_non_finite(exp: Experiment, loss: torch.Tensor) -> str | None:
-    """Where NaN/Inf appeared in this batch: the loss (i.e. the states), an update, or a weight."""
-    checks = [torch.isfinite(loss).all()]
+    """Where NaN/Inf appeared in this batch: the loss (i.e. the states), an update, or a weight;
+    None if nowhere.
+
+    Every batch: one sum per tensor, stacked, one host read. A sum is NaN/±Inf whenever its
+    tensor holds a NaN or an Inf, and costs a read of the tensor, without the boolean tensor
+    ``isfinite`` would allocate (a third of the step for the 784-512-10 net). Only when a sum is
+    not finite — a NaN/Inf, or finite values whose sum overflows — are the tensors checked one
+    by one."""
     params = list(exp.net.named_parameters())
-    checks += [torch.isfinite(p.grad).all() for _, p in params if p.grad is not None]
-    checks += [torch.isfinite(p).all() for _, p in params]
-    if bool(torch.stack(checks).all()):
+    sums = [loss.sum()] + [p.grad.sum() for _, p in params if p.grad is not None] + [p.sum() for _, p in params]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
         return None
     if not bool(torch.isfinite(loss).all()):
         return "the loss (the network's states)"
@@ -274,7 +279,7 @@ def _first_non_finite(exp: Experiment, loss: torch.Tensor) -> str | None:
     for name, p in params:
         if not bool(torch.isfinite(p).all()):
             return f"the parameter {name}"
-    return "an unknown place"
+    return None  # every value finite: only a sum overflowed
 
 
 def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
