@@ -337,6 +337,8 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     progress.show(epoch_float, stats["loss"], stats["accuracy"], stats["samples_per_s"])
                     if hasattr(exp.net, "angles"):  # vector-field nets: angle between B_n and W_nᵀ
                         stats.update({f"vf_angle_deg/{k}": v for k, v in exp.net.angles().items()})
+                    if hasattr(exp.rule, "log_stats"):  # e.g. EP with tol: steps the phases took
+                        stats.update(exp.rule.log_stats())
                     log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})
                 mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
                 stopping = stop.signum is not None and mid_epoch

@@ -149,3 +149,25 @@ def test_schedules_are_refused_for_nets_without_them(tiny_recipe):
     load_recipe(tiny_recipe, ["rule.order=async", "rule.tol=1e-4"])
     with pytest.raises(RecipeError, match="rule.order"):
         load_recipe(tiny_recipe, ["model.kind=energy_mlp", "rule.order=async"])
+
+
+def test_training_log_reports_the_steps_phases_took_with_a_tolerance(tiny_recipe, tmp_path):
+    """With tol > 0 each train record carries the mean number of steps of the free and nudged
+    phases (at most T and K); without it, none."""
+    import json
+
+    from eprun.recipe import load_recipe
+    from eprun.runner import train
+
+    def train_records(overrides):
+        run = train(load_recipe(tiny_recipe, overrides + ["train.epochs=1", "train.max_batches=10", "train.log_every=5"]),
+                    tmp_path / "runs", quiet=True)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["event"] == "train"]
+
+    records = train_records(["rule.tol=1e-3", "rule.check_every=2", "rule.T=40", "rule.K=20"])
+    assert records
+    for r in records:
+        assert 0 < r["relax_steps_free"] <= 40 and 0 < r["relax_steps_nudged"] <= 20
+    assert min(r["relax_steps_free"] for r in records) < 40  # the phases did end early
+    assert all("relax_steps_free" not in r for r in train_records([]))

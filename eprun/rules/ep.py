@@ -78,6 +78,20 @@ class EP:
         self.cfg = cfg
         self.net = net
         self.generator = generator  # β-sign draws
+        self._steps = {"free": [0, 0], "nudged": [0, 0]}  # with tol > 0: [steps taken, phases] per kind
+
+    def _count(self, phase: str) -> None:
+        if self.cfg.tol > 0.0:
+            tally = self._steps[phase]
+            tally[0] += getattr(self.net, "last_relax_steps", 0)
+            tally[1] += 1
+
+    def log_stats(self) -> dict:
+        """For the training log, with ``tol`` > 0: the mean number of steps the free and nudged
+        phases took since the last call (training batches only), then reset."""
+        out = {f"relax_steps_{phase}": taken / phases for phase, (taken, phases) in self._steps.items() if phases}
+        self._steps = {"free": [0, 0], "nudged": [0, 0]}
+        return out
 
     def _beta(self) -> float:
         """β for this mini-batch: its sign is drawn for ``random-sign``, negated for ``negative``."""
@@ -109,11 +123,14 @@ class EP:
         target = net.target(y, x)
         drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
         free = self.free_phase(drive)
+        self._count("free")
         logits, loss = net.logits(free), net.loss(free, y)
         beta = self._beta()
         nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target, **self.schedule())
+        self._count("nudged")
         if cfg.estimator in ("symmetric", "centered"):
             anti = net.relax(drive, [s.clone() for s in free], cfg.K, -beta, target, **self.schedule())
+            self._count("nudged")
             # −Δθ = (1/2β)(∂Φ/∂θ(s^{−β}) − ∂Φ/∂θ(s^β))
             net.accumulate_dphi_dtheta_difference_(x, anti, nudged, 1.0 / (2 * beta))
         else:
