@@ -1,0 +1,109 @@
+"""Where a training batch of the 784-512-10 EP net goes, part by part, and the relaxation step
+through the compiled kernel against the torch path, side by side in one process.
+
+    python -m benchmarks.mlp_breakdown [--threads N] [--batch 50] [--repeats 7]
+
+Every figure is the best of ``--repeats`` rounds (the least disturbed by other work on the
+machine). Random inputs of MNIST's shape; weights as built by ``ernoult2019/proto-mlp-1h-adam``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def best_ms(fn, calls: int, repeats: int) -> float:
+    """Best over ``repeats`` rounds of the mean milliseconds of ``calls`` calls."""
+    for _ in range(max(2, calls // 10)):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e3
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from eprun import native
+    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.optim import build_optimizer
+
+    setup = _Setup(CASES["proto-mlp-1h"], BenchOptions(overrides=[f"data.batch_size={args.batch}"]),
+                   torch.device("cpu"), torch.float32)
+    net, rule, train = setup.eprun_side()
+    x, y = setup.data(1, args.batch, "breakdown")[0]
+    T, K, beta = rule.cfg.T, rule.cfg.K, rule.cfg.beta
+    print(f"784-512-10, batch {args.batch}, T={T}, K={K}, {torch.get_num_threads()} thread(s); "
+          f"native: {native.status()}")
+
+    def engine(name: str) -> None:
+        os.environ["EPRUN_NATIVE"] = "0" if name == "torch" else "auto"
+        native.reset()
+
+    with torch.no_grad():
+        drive = net.input_drive(x)
+        target = net.target(y, x)
+        free = rule.free_phase(drive)
+        nudged = net.relax(drive, [s.clone() for s in free], K, beta, target)
+        print("\nrelaxation step (µs), free phase of T steps / T:")
+        steps = {}
+        for name in ("torch", "native"):
+            engine(name)
+            steps[name] = best_ms(lambda: rule.free_phase(drive), 20, args.repeats) / T * 1e3
+            assert net.last_relax_engine == name, net.last_relax_engine
+            print(f"  {name:7s} {steps[name]:8.1f}")
+        print(f"  ratio   {steps['torch'] / steps['native']:8.2f}×")
+
+        print("\nparts of a training batch (ms):")
+        parts = {}
+        for name in ("torch", "native"):
+            engine(name)
+            parts[name] = {
+                "input drive a·(W₀x + b₁) + c": best_ms(lambda: net.input_drive(x), 50, args.repeats),
+                f"free phase, T={T}": best_ms(lambda: rule.free_phase(drive), 20, args.repeats),
+                f"nudged phase, K={K}": best_ms(
+                    lambda: net.relax(drive, [s.clone() for s in free], K, beta, target), 20, args.repeats),
+                "update into .grad": best_ms(
+                    lambda: net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta), 50, args.repeats),
+            }
+    optimizer = build_optimizer(setup.recipe.optim, net.layer_groups())
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    common = {"fused Adam step": best_ms(optimizer.step, 50, args.repeats),
+              "zero_grad": best_ms(lambda: optimizer.zero_grad(set_to_none=False), 50, args.repeats)}
+    whole = {}
+    for name in ("torch", "native"):
+        engine(name)
+        whole[name] = best_ms(lambda: train(x, y), 30, args.repeats)
+    os.environ.pop("EPRUN_NATIVE", None)
+    native.reset()
+    print(f"  {'':34s} {'torch':>8s} {'native':>8s}")
+    for part in parts["torch"]:
+        print(f"  {part:34s} {parts['torch'][part]:8.3f} {parts['native'][part]:8.3f}")
+    for part, ms in common.items():
+        print(f"  {part:34s} {ms:8.3f} {ms:8.3f}")
+    for name in ("torch", "native"):
+        rest = whole[name] - sum(parts[name].values()) - sum(common.values())
+        parts[name]["rest"] = rest
+    print(f"  {'rest (Python, small ops)':34s} {parts['torch']['rest']:8.3f} {parts['native']['rest']:8.3f}")
+    print(f"  {'whole training step':34s} {whole['torch']:8.3f} {whole['native']:8.3f}")
+    print(f"  samples/s {args.batch / whole['torch'] * 1e3:,.0f} (torch) · {args.batch / whole['native'] * 1e3:,.0f} "
+          f"(native)")
+
+
+if __name__ == "__main__":
+    main()
