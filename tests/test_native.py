@@ -122,10 +122,11 @@ def test_vector_field_net_uses_its_feedback_matrices(torch_only):
 
 
 @needs_compiler
-def test_batch_split_over_threads_is_bit_identical():
+def test_batch_split_over_threads_is_bit_identical(monkeypatch):
     """Examples relax independently: splitting the batch over threads changes no bit, nor does
     which example shares a pass with which (63 rows in 4 ranges: 15 + 16 + 16 + 16, so the
     pairs of one thread's range are not the pairs of the whole batch)."""
+    monkeypatch.setattr(native, "SPLIT_ROWS", 8)  # split this small batch (large ones split by default)
     net = _net([48, 11])
     x, y = _data(63)
     threads = torch.get_num_threads()
