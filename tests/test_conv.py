@@ -32,9 +32,9 @@ def random_batch(net, batch=4, seed=1):
     return x, y, state
 
 
-def close(got, want):
+def close(got, want, tol=1e-12):
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 # --------------------------------------------------------------------------- Φ and its derivatives

@@ -8,8 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eprun.nets.conv import ConvConfig, ConvNet
 from eprun.rules.ep import EP, EPConfig
+from tests.test_conv import close, random_batch
+from tests.test_conv import make_net as conv_net
 
 # (channels, pools): one convolution per step (n = 1); n = 1, 2; n = 1, 2, 3 with mixed pooling
 GEOMETRIES = [
@@ -24,23 +25,9 @@ HEADS = [("mse", [5, 3]), ("softmax", []), ("softmax", [5])]  # (readout, fc)
 
 def make_net(channels=(3, 4), pools=("max", "max"), readout="mse", fc=(5, 3), activation="sigmoid", scale=1.0,
              seed=0):
-    cfg = ConvConfig(channels=list(channels), kernels=3, paddings=1, pools=list(pools), fc=list(fc),
-                     activation=activation, readout=readout, weight_scale=scale)
-    return ConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(seed)).double()
-
-
-def random_batch(net, batch=3, seed=1):
-    """Random inputs and states: with random floats, ties in a max-pool window have measure zero."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, *net.input_shape, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (batch,), generator=g)
-    state = [torch.rand(batch, *shape, generator=g, dtype=torch.float64) for shape in net.state_shapes]
-    return x, y, state
-
-
-def close(got, want, tol=1e-12):
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    """tests.test_conv's float64 conv net on 1×8×8 inputs, channels first."""
+    return conv_net(pools=pools, readout=readout, fc=fc, activation=activation, scale=scale, seed=seed,
+                    channels=channels)
 
 
 def relaxed(net, x, state, steps, beta=0.0, y=None, **schedule):

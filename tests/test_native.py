@@ -55,6 +55,20 @@ def _data(batch, in_features=23, classes=6, seed=1):
     return torch.rand(batch, in_features, generator=g), torch.randint(0, classes, (batch,), generator=g)
 
 
+def _assert_engines_agree(net, data, steps, beta, torch_only):
+    """A nudged relaxation from s = 0 through the kernel, then through torch: within 1e-5."""
+    x, y = data
+    with torch.no_grad():
+        torch_only(False)
+        ours, engine = _relax(net, x, y, steps, beta, "sync")
+        assert engine == "native"
+        torch_only(True)
+        theirs, engine = _relax(net, x, y, steps, beta, "sync")
+        assert engine == "torch"
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
 @needs_compiler
 @pytest.mark.parametrize("hidden", [[16], [13], [40, 9], [8, 17, 33]])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"])
@@ -110,15 +124,7 @@ def test_vector_field_net_uses_its_feedback_matrices(torch_only):
     with torch.no_grad():
         for f in net.feedback:  # make B clearly different from Wᵀ
             f.mul_(-1.5)
-    x, y = _data(7)
-    with torch.no_grad():
-        torch_only(False)
-        ours, engine = _relax(net, x, y, 15, 0.3, "sync")
-        assert engine == "native"
-        torch_only(True)
-        theirs, _ = _relax(net, x, y, 15, 0.3, "sync")
-    for a, b in zip(ours, theirs):
-        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    _assert_engines_agree(net, _data(7), 15, 0.3, torch_only)
 
 
 @needs_compiler
@@ -240,14 +246,6 @@ def test_portable_build_without_vector_instructions(activation, tmp_path, monkey
     monkeypatch.setattr(native, "FLAG_SETS", (["-O2", "-fPIC", "-shared"],))
     native.reset()
     try:
-        net = _net([21, 7], activation)
-        x, y = _data(6)
-        with torch.no_grad():
-            ours, engine = _relax(net, x, y, 12, 0.3, "sync")
-            assert engine == "native"
-            torch_only(True)
-            theirs, _ = _relax(net, x, y, 12, 0.3, "sync")
-        for a, b in zip(ours, theirs):
-            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        _assert_engines_agree(_net([21, 7], activation), _data(6), 12, 0.3, torch_only)
     finally:
         native.reset()
