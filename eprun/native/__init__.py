@@ -5,8 +5,9 @@ Why: a relaxation step of the 784-512-10 net is two skinny products (50×10·10�
 its own dispatch, and σ alone costs ~1 ns an element. Every example relaxes independently, so
 the kernel runs two examples at a time through all their steps with their states and the
 couplings in the first-level cache (each weight loaded serves both), and fuses the products, the
-constant, the nudge and σ into one pass per layer. The batch is split into row ranges run on ``torch.get_num_threads()`` threads (ctypes
-releases the GIL during the call).
+constant, the nudge and σ into one pass per layer. A batch of at least :data:`SPLIT_ROWS` rows a
+thread is split into row ranges run on up to ``torch.get_num_threads()`` threads (ctypes
+releases the GIL during the call); the split changes no result.
 
 The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
@@ -39,6 +40,7 @@ _lock = threading.Lock()
 _library = None  # the loaded library, once built
 _failure: str | None = None  # why it could not be built, once tried
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _mode: str | None = None  # EPRUN_NATIVE, as read
 SPLIT_ROWS = 256  # rows per thread before a batch is split: at batch 50 the split gained nothing (measured)
 MIN_STEPS = 2  # a single step costs more through the call than on torch (202 vs 170 µs, batch 20, 784-512-10)
@@ -158,7 +160,7 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     None); ``down[i]`` = D_i, [n_{i+1}, n_i] (``down[-1]`` is None); ``nudge`` ν = −a·β (0 when
     free). The caller checked :func:`supports` for every tensor.
     """
-    global _pool
+    global _pool, _pool_size
     lib = library()
     n = len(state)
     batch = state[0].shape[0]
@@ -175,8 +177,8 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
         codes = [lib.eprun_relax_dense(*args, 0, batch)]
     else:
         with _lock:
-            if _pool is None or _pool._max_workers < threads:
-                _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eprun-relax")
+            if _pool is None or _pool_size < threads:
+                _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eprun-relax"), threads
             pool = _pool
         bounds = [batch * k // threads for k in range(threads + 1)]
         futures = [pool.submit(lib.eprun_relax_dense, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]

@@ -227,17 +227,21 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
         cur, nxt = nxt, cur
         taken += 1
         if tol > 0.0 and taken % check_every == 0:
-            change = max(float((c - n).abs().max()) for c, n in zip(cur, nxt))
-            if change < tol:
+            if largest_change(cur, nxt) < tol:
                 break
-    _note_relax(net, taken, "torch")
+    note_relax(net, taken, "torch")
     if cur is not state:
         for s, new in zip(state, cur):
             s.copy_(new)
     return state
 
 
-def _note_relax(net, steps: int, engine: str) -> None:
+def largest_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> float:
+    """max |s_{t+1} − s_t| over every layer and example (one host synchronisation)."""
+    return float(torch.stack([(n - o).abs().max() for n, o in zip(new, old)]).max())
+
+
+def note_relax(net, steps: int, engine: str) -> None:
     """``net.last_relax_steps`` / ``net.last_relax_engine``, set without nn.Module's __setattr__
     (it searches the parameter, buffer and module tables first: slow at two calls a phase)."""
     object.__setattr__(net, "last_relax_steps", steps)
@@ -264,5 +268,5 @@ def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bo
     if not native.supports(state, *const, *matrices, steps=steps):
         return False
     native.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta, steps, order)
-    _note_relax(net, steps, "native")
+    note_relax(net, steps, "native")
     return True

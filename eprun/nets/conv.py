@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, grad_of, per_layer,
-                                uniform_parameter)
+from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, grad_of, largest_change,
+                                note_relax, per_layer, uniform_parameter)
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
@@ -129,11 +129,6 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
         layers.append(((c, h, w), (hz, wz), (out_ch, ho, wo)))
         c, h, w = out_ch, ho, wo
     return layers, problems
-
-
-def _largest_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> float:
-    """max |s_{t+1} − s_t| over every layer and example (one host synchronisation)."""
-    return float(torch.stack([(n - o).abs().max() for n, o in zip(new, old)]).max())
 
 
 class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
@@ -483,9 +478,9 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
                 update(i, nxt, nxt[i])
             cur, nxt = nxt, cur
             taken += 1
-            if tol > 0.0 and taken % check_every == 0 and _largest_change(cur, nxt) < tol:
+            if tol > 0.0 and taken % check_every == 0 and largest_change(cur, nxt) < tol:
                 break
-        self.last_relax_steps = taken
+        note_relax(self, taken, "torch")
         if cur is not state:
             for s, new in zip(state, cur):
                 s.copy_(new)
