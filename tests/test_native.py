@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,10 +130,16 @@ def test_vector_field_net_uses_its_feedback_matrices(torch_only):
 
 
 @needs_compiler
-def test_batch_split_over_threads_is_bit_identical(monkeypatch):
+@pytest.mark.parametrize("splitter", ["openmp", "python threads"])
+def test_batch_split_over_threads_is_bit_identical(splitter, monkeypatch):
     """Examples relax independently: splitting the batch over threads changes no bit, nor does
-    which example shares a pass with which (63 rows in 4 ranges: 15 + 16 + 16 + 16, so the
-    pairs of one thread's range are not the pairs of the whole batch)."""
+    which example shares a pass with which (63 rows in 4 ranges of whole pairs: 16 + 16 + 16 +
+    15 on the OpenMP workers, 15 + 16 + 16 + 16 on Python threads, so the pairs of a thread's
+    range are not always the pairs of the whole batch)."""
+    native.library()
+    if splitter == "openmp" and not native.status()["openmp"]:
+        pytest.skip("the kernel was built without OpenMP here")
+    monkeypatch.setattr(native, "_shares_openmp", splitter == "openmp")
     monkeypatch.setattr(native, "SPLIT_ROWS", 8)  # split this small batch (large ones split by default)
     net = _net([48, 11])
     x, y = _data(63)
@@ -216,7 +224,8 @@ def test_missing_compiler_falls_back_or_fails_as_asked(tmp_path, monkeypatch):
             native.library()
         monkeypatch.setenv("EPRUN_NATIVE", "0")
         native.reset()
-        assert native.status() == {"mode": "0", "available": False, "vectorized": False, "reason": "EPRUN_NATIVE=0"}
+        assert native.status() == {"mode": "0", "available": False, "vectorized": False, "openmp": False,
+                                   "reason": "EPRUN_NATIVE=0"}
     finally:
         native.reset()
 
@@ -249,3 +258,16 @@ def test_portable_build_without_vector_instructions(activation, tmp_path, monkey
         _assert_engines_agree(_net([21, 7], activation), _data(6), 12, 0.3, torch_only)
     finally:
         native.reset()
+
+
+@needs_compiler
+def test_openmp_build_shares_torchs_runtime():
+    """Built with OpenMP, the kernel's parallel region must run on torch's worker threads: the
+    process holds one OpenMP runtime, not a second pool of threads spinning on the same cores."""
+    lib = native.library()
+    if not lib.eprun_native_openmp():
+        pytest.skip("the kernel was built without OpenMP here")
+    if "OpenMP" not in torch.__config__.parallel_info() or not Path("/proc/self/maps").exists():
+        pytest.skip("torch without OpenMP, or no /proc: the split runs on Python threads")
+    assert native.status()["openmp"]
+    assert native._one_openmp_runtime()

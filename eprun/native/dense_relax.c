@@ -26,6 +26,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -349,6 +352,49 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
                           steps, async_order, row_begin, row_end);
     return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
                       steps, async_order, row_begin, row_end);
+}
+
+/*
+ * The same relaxation with the rows split into `threads` contiguous ranges of whole pairs, run in
+ * one OpenMP parallel region. Built with -fopenmp, the library shares the process's OpenMP
+ * runtime (torch's libgomp, loaded first under the same soname), so the region runs on the
+ * worker threads that torch's own parallel operations use, which are still spinning from the
+ * previous product: no thread is created, and none competes with an idle-spinning one. Without
+ * OpenMP it runs the rows on the calling thread. Returns what the ranges returned (0, or −1).
+ */
+int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
+                            const int *constant_per_row, const float *const *up, const float *const *down, float a,
+                            int act, float nudge, int steps, int async_order, int64_t row_begin, int64_t row_end,
+                            int threads) {
+    int failed = 0;
+#ifdef _OPENMP
+    int64_t pairs = (row_end - row_begin + 1) / 2;
+    if (threads > pairs) threads = (int)pairs;
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+            int64_t lo = row_begin + 2 * (pairs * k / n), hi = row_begin + 2 * (pairs * (k + 1) / n);
+            if (hi > row_end) hi = row_end;
+            if (lo < hi)
+                failed |= eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
+                                            nudge, steps, async_order, lo, hi) != 0;
+        }
+        return failed ? -1 : 0;
+    }
+#endif
+    (void)threads;
+    return eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
+                             async_order, row_begin, row_end);
+}
+
+/* 1 if the library was built with OpenMP, so eprun_relax_dense_split runs on several threads. */
+int eprun_native_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* 1 if the AVX2 path was compiled in (reported by ``eprun bench``). */
