@@ -107,7 +107,8 @@ def _build() -> ctypes.CDLL:
         library.eprun_relax_dense.argtypes = [
             ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
             ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p),
-            ctypes.POINTER(ctypes.c_void_p), ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            ctypes.POINTER(ctypes.c_void_p), ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+            ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         library.eprun_relax_dense_split.restype = ctypes.c_int
         library.eprun_relax_dense_split.argtypes = library.eprun_relax_dense.argtypes + [ctypes.c_int]
         library.eprun_native_vectorized.restype = ctypes.c_int
@@ -185,7 +186,7 @@ def _threads(rows: int) -> int:
 
 def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: list[torch.Tensor | None],
                 down: list[torch.Tensor | None], scale: float, activation: str, nudge: float, steps: int,
-                order: str) -> None:
+                order: str, tol: float = 0.0, check_every: int = 1) -> torch.Tensor | None:
     """Run ``steps`` steps in place on ``state`` (see ``dense_relax.c`` for the step)::
 
         s_i ← g(c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) [+ ν·s_i at the output layer])
@@ -193,6 +194,10 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     ``constant[i]`` is [batch, n_i] or [n_i]; ``up[i]`` = U_i, [n_i, n_{i−1}] (``up[0]`` is
     None); ``down[i]`` = D_i, [n_{i+1}, n_i] (``down[-1]`` is None); ``nudge`` ν = −a·β (0 when
     free). The caller checked :func:`supports` for every tensor.
+
+    ``tol`` > 0: each example stops after the first step t (a multiple of ``check_every``) in
+    which none of its states moved by ``tol`` or more; the steps each example took are returned
+    ([batch] int32). With ``tol`` = 0 every example takes ``steps`` and None is returned.
     """
     global _pool, _pool_size
     lib = library()
@@ -204,8 +209,10 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     per_row = (ctypes.c_int * n)(*[int(c.dim() == 2) for c in constant])
     ups = (ctypes.c_void_p * n)(*[m.data_ptr() if m is not None else None for m in up])
     downs = (ctypes.c_void_p * n)(*[m.data_ptr() if m is not None else None for m in down])
+    taken = torch.empty(batch, dtype=torch.int32) if tol > 0.0 else None
     args = (n, sizes, states, constants, per_row, ups, downs, float(scale), ACTIVATION_CODES[activation],
-            float(nudge), int(steps), int(order == "async"))
+            float(nudge), int(steps), int(order == "async"), float(tol), int(check_every),
+            taken.data_ptr() if taken is not None else None)
     threads = _threads(batch)
     if threads == 1:
         codes = [lib.eprun_relax_dense(*args, 0, batch)]
@@ -221,3 +228,4 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
         codes = [f.result() for f in futures]
     if any(code != 0 for code in codes):
         raise MemoryError("the native relaxation could not allocate its scratch state")
+    return taken

@@ -49,10 +49,11 @@ static inline float g_scalar(float z, int act) {
 
 #if EPRUN_AVX2
 /* e^x for 8 floats (Cephes' expf: x = n ln2 + r, |r| ≤ ln2/2, e^r by a degree-6 polynomial,
- * 2^n through the exponent bits); relative error ~1e-7. x is clamped to [−87, 88]. */
+ * 2^n through the exponent bits); relative error ~1e-7. x is clamped to [−87, 88]; a NaN stays
+ * NaN (min/max return their second operand when either is NaN). */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
@@ -79,8 +80,8 @@ static inline __m256 g8(__m256 z, int act) {
     const __m256 one = _mm256_set1_ps(1.0f);
     if (act == ACT_LOGISTIC)  /* 1 / (1 + e^{−z}) */
         return reciprocal8(_mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
-    if (act == ACT_CLAMP01)
-        return _mm256_min_ps(_mm256_max_ps(z, _mm256_setzero_ps()), one);
+    if (act == ACT_CLAMP01)  /* NaN in, NaN out, as torch's clamp */
+        return _mm256_min_ps(one, _mm256_max_ps(_mm256_setzero_ps(), z));
     /* tanh z = 1 − 2 / (1 + e^{2z}); for |z| < 0.625, where that cancels, Cephes' odd polynomial
      * z + z³·p(z²) */
     __m256 e = exp8(_mm256_add_ps(z, z));
@@ -160,13 +161,16 @@ static inline __attribute__((always_inline)) void dot4_rows(const int R, float *
 
 /* One layer of R examples: out[r] ← g(c[r] + a·(U s_below[r]) + a·(Dᵀ s_above[r]) + ν·self[r]).
  * U [n, n_below] (may be NULL), D [n_above, n] (may be NULL); ``self[r]`` is the layer's current
- * state (may alias ``out[r]``: it is read into z before out is written); z[r]: n floats of
+ * state (may alias ``out[r]``: each value is read before it is overwritten); z[r]: n floats of
  * scratch. Two passes over the layer: the affine part into z, then g from z into out
- * (independent iterations, so the exponentials of neighbouring vectors overlap). */
+ * (independent iterations, so the exponentials of neighbouring vectors overlap). With
+ * ``moved`` not NULL, moved[r] is set to 1 if some |out[r][j] − self[r][j]| is not below ``tol``
+ * (a NaN counts as moved). */
 static inline __attribute__((always_inline)) void update_layer(
         const int R, float *const *out, const float *const *c, int64_t n, float a, const int act, float nu,
         const float *const *self, const float *m_below, const float *const *s_below, int64_t n_below,
-        const float *m_above, const float *const *s_above, int64_t n_above, float *const *z) {
+        const float *m_above, const float *const *s_above, int64_t n_above, float *const *z, int *moved,
+        float tol) {
     int64_t j = 0;
     /* bottom-up, dot form: z[r][j] = a · U[j,:] · s_below[r] */
     if (m_below) {
@@ -228,6 +232,27 @@ static inline __attribute__((always_inline)) void update_layer(
     /* s ← g(z) */
     for (int r = 0; r < R; r++) {
         j = 0;
+        if (moved) {  /* the same, noting whether some |g(z) − self| ≥ tol (or is NaN) */
+            int any = 0;
+#if EPRUN_AVX2
+            const __m256 sign = _mm256_set1_ps(-0.0f), vtol = _mm256_set1_ps(tol);
+            __m256 far = _mm256_setzero_ps();
+            for (; j + 8 <= n; j += 8) {
+                __m256 g = g8(_mm256_loadu_ps(z[r] + j), act);
+                __m256 d = _mm256_andnot_ps(sign, _mm256_sub_ps(g, _mm256_loadu_ps(self[r] + j)));
+                far = _mm256_or_ps(far, _mm256_cmp_ps(d, vtol, _CMP_NLT_UQ));
+                _mm256_storeu_ps(out[r] + j, g);
+            }
+            any = _mm256_movemask_ps(far) != 0;
+#endif
+            for (; j < n; j++) {
+                float g = g_scalar(z[r][j], act);
+                if (!(fabsf(g - self[r][j]) < tol)) any = 1;
+                out[r][j] = g;
+            }
+            moved[r] |= any;
+            continue;
+        }
 #if EPRUN_AVX2
         for (; j + 16 <= n; j += 16) {
             __m256 g0 = g8(_mm256_loadu_ps(z[r] + j), act), g1 = g8(_mm256_loadu_ps(z[r] + j + 8), act);
@@ -245,15 +270,21 @@ typedef struct {
     float *cur[64], *nxt[64], *z;
 } Example;
 
-/* ``steps`` steps of R examples whose states start in ex[r].cur; c[r][i]: their constants. */
-static inline __attribute__((always_inline)) void relax_examples(
+/* Steps first+1 … steps of R examples whose states are in ex[r].cur; c[r][i]: their constants.
+ * With tol > 0, after each step t that is a multiple of check_every, an example none of whose
+ * states moved by tol or more in that step stops there: done[r] is set and the call returns t
+ * (the others of the group have also taken t steps; the caller goes on with them). Otherwise it
+ * returns ``steps``. */
+static inline __attribute__((always_inline)) int relax_examples(
         const int R, Example *ex, const float *const (*c)[64], int n_layers, const int64_t *sizes,
-        const float *const *up, const float *const *down, float a, const int act, float nudge, int steps,
-        int async_order) {
+        const float *const *up, const float *const *down, float a, const int act, float nudge, int first,
+        int steps, int async_order, float tol, int check_every, int *done) {
     float *z[MAX_R], *out[MAX_R];
     const float *self[MAX_R], *below[MAX_R], *above[MAX_R], *cc[MAX_R];
     for (int r = 0; r < R; r++) z[r] = ex[r].z;
-    for (int t = 0; t < steps; t++) {
+    for (int t = first; t < steps; t++) {
+        const int check = tol > 0.0f && (t + 1) % check_every == 0;
+        int moved[MAX_R] = {0};
         /* sync: every layer from s_t into nxt; async: even layers, then odd ones, in place */
         for (int half = 0; half < (async_order ? 2 : 1); half++) {
             for (int i = async_order ? half : 0; i < n_layers; i += async_order ? 2 : 1) {
@@ -267,7 +298,8 @@ static inline __attribute__((always_inline)) void relax_examples(
                 }
                 update_layer(R, out, cc, sizes[i], a, act, nu, self,
                              i > 0 ? up[i] : NULL, below, i > 0 ? sizes[i - 1] : 0,
-                             i + 1 < n_layers ? down[i] : NULL, above, i + 1 < n_layers ? sizes[i + 1] : 0, z);
+                             i + 1 < n_layers ? down[i] : NULL, above, i + 1 < n_layers ? sizes[i + 1] : 0, z,
+                             check ? moved : NULL, tol);
             }
         }
         if (!async_order) {
@@ -279,7 +311,14 @@ static inline __attribute__((always_inline)) void relax_examples(
                 }
             }
         }
+        if (check) {
+            int stopped = 0;
+            for (int r = 0; r < R; r++)
+                if (!moved[r]) done[r] = stopped = 1;
+            if (stopped) return t + 1;
+        }
     }
+    return steps;
 }
 
 /*
@@ -292,13 +331,19 @@ static inline __attribute__((always_inline)) void relax_examples(
  *   down[i]           D_i, [n_{i+1}, n_i], i ≤ L−2 (down[L−1] unused)
  *   nudge             ν = −a·β on the output layer (0 for a free phase)
  *   async_order       0: sync, 1: even/odd
+ *   tol, check_every  tol > 0: each example stops after the first step t, a multiple of
+ *                     check_every, in which none of its states moved by tol or more (as the
+ *                     torch path with tol_scope "example"); tol = 0: every example takes `steps`
+ *   steps_taken       NULL, or [batch] int32: the steps each example took
  * Returns 0, or −1 if scratch memory could not be allocated.
  */
 static inline __attribute__((always_inline)) int relax_rows(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
         const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act,
-        float nudge, int steps, int async_order, int64_t row_begin, int64_t row_end) {
+        float nudge, int steps, int async_order, float tol, int check_every, int32_t *steps_taken,
+        int64_t row_begin, int64_t row_end) {
     if (n_layers > 64) return -1;
+    if (check_every < 1) check_every = 1;
     int64_t total = 0, widest = 0;
     for (int i = 0; i < n_layers; i++) {
         total += sizes[i];
@@ -326,12 +371,21 @@ static inline __attribute__((always_inline)) int relax_rows(
                 c[r][i] = constant[i] + (constant_per_row[i] ? (row + r) * sizes[i] : 0);
             }
         }
-        if (R == 2)
-            relax_examples(2, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge, steps,
-                           async_order);
-        else
-            relax_examples(1, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge, steps,
-                           async_order);
+        int done[MAX_R] = {0}, taken[MAX_R];
+        if (R == 2) {
+            taken[0] = taken[1] = relax_examples(2, ex, (const float *const (*)[64])c, n_layers, sizes, up, down,
+                                                 a, act, nudge, 0, steps, async_order, tol, check_every, done);
+            if (done[0] != done[1]) {  /* one has stopped: the other goes on alone */
+                int r = done[0] ? 1 : 0;
+                taken[r] = relax_examples(1, &ex[r], (const float *const (*)[64])c[r], n_layers, sizes, up, down,
+                                          a, act, nudge, taken[r], steps, async_order, tol, check_every, &done[r]);
+            }
+        } else {
+            taken[0] = relax_examples(1, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge,
+                                      0, steps, async_order, tol, check_every, done);
+        }
+        if (steps_taken)
+            for (int r = 0; r < R; r++) steps_taken[row + r] = taken[r];
         for (int r = 0; r < R; r++)
             for (int i = 0; i < n_layers; i++)
                 memcpy(state[i] + (row + r) * sizes[i], ex[r].cur[i], (size_t)sizes[i] * sizeof(float));
@@ -341,17 +395,18 @@ static inline __attribute__((always_inline)) int relax_rows(
 }
 
 int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
-                      const int *constant_per_row, const float *const *up, const float *const *down, float a, int act, float nudge,
-                      int steps, int async_order, int64_t row_begin, int64_t row_end) {
+                      const int *constant_per_row, const float *const *up, const float *const *down, float a, int act,
+                      float nudge, int steps, int async_order, float tol, int check_every, int32_t *steps_taken,
+                      int64_t row_begin, int64_t row_end) {
     /* one copy of the loop per activation, so g is inlined without a branch per vector */
     if (act == ACT_LOGISTIC)
         return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_LOGISTIC, nudge,
-                          steps, async_order, row_begin, row_end);
+                          steps, async_order, tol, check_every, steps_taken, row_begin, row_end);
     if (act == ACT_CLAMP01)
         return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_CLAMP01, nudge,
-                          steps, async_order, row_begin, row_end);
+                          steps, async_order, tol, check_every, steps_taken, row_begin, row_end);
     return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
-                      steps, async_order, row_begin, row_end);
+                      steps, async_order, tol, check_every, steps_taken, row_begin, row_end);
 }
 
 /*
@@ -364,10 +419,10 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
  */
 int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
                             const int *constant_per_row, const float *const *up, const float *const *down, float a,
-                            int act, float nudge, int steps, int async_order, int64_t row_begin, int64_t row_end,
-                            int threads) {
-    int failed = 0;
+                            int act, float nudge, int steps, int async_order, float tol, int check_every,
+                            int32_t *steps_taken, int64_t row_begin, int64_t row_end, int threads) {
 #ifdef _OPENMP
+    int failed = 0;
     int64_t pairs = (row_end - row_begin + 1) / 2;
     if (threads > pairs) threads = (int)pairs;
     if (threads > 1) {
@@ -378,14 +433,14 @@ int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *st
             if (hi > row_end) hi = row_end;
             if (lo < hi)
                 failed |= eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
-                                            nudge, steps, async_order, lo, hi) != 0;
+                                            nudge, steps, async_order, tol, check_every, steps_taken, lo, hi) != 0;
         }
         return failed ? -1 : 0;
     }
 #endif
     (void)threads;
     return eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
-                             async_order, row_begin, row_end);
+                             async_order, tol, check_every, steps_taken, row_begin, row_end);
 }
 
 /* 1 if the library was built with OpenMP, so eprun_relax_dense_split runs on several threads. */

@@ -177,7 +177,7 @@ class Readout:
 def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scratch: list[torch.Tensor],
                  bottom_up: list[torch.Tensor], top_down: list[torch.Tensor], steps: int, beta: float,
                  target: torch.Tensor | None, order: str = "sync", tol: float = 0.0,
-                 check_every: int = 5) -> list[torch.Tensor]:
+                 check_every: int = 5, tol_scope: str = "batch") -> list[torch.Tensor]:
     """Up to ``steps`` steps of a chain of dense layers, in place on ``state``::
 
         z^i = const_i + a·(s^{i−1} @ bottom_up[i]) + a·(s^{i+1} @ top_down[i])  [+ nudge at the last layer]
@@ -189,19 +189,29 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
 
     ``order``: ``sync`` updates every layer from s_t (the papers' schedule); ``async`` updates
     the layers s¹, s³, … from s_t, then s², s⁴, … from those fresh values (the even/odd
-    schedule of Scellier et al. 2023). On the CPU in float32 with a fixed number of steps the
-    compiled kernel of :mod:`eprun.native` runs the same steps (see :func:`_relax_native_`).
-    ``tol`` > 0 stops early once a step changes no state
-    by more than ``tol`` (max |s_{t+1} − s_t|, read every ``check_every`` steps: the only host
-    synchronisation of the loop). ``net.last_relax_steps`` holds the number of steps taken,
-    ``net.last_relax_engine`` "native" or "torch".
+    schedule of Scellier et al. 2023). On the CPU in float32 the compiled kernel of
+    :mod:`eprun.native` runs the same steps (see :func:`_relax_native_`), with a fixed number of
+    steps or ``tol_scope`` "example".
+
+    ``tol`` > 0 stops early, checked after every ``check_every``-th step t from the change
+    |s_{t} − s_{t−1}| of that step (the check is the loop's only host synchronisation):
+
+    * ``tol_scope`` "batch": the phase ends once no state of any example changed by ``tol``
+      or more;
+    * ``tol_scope`` "example": each example stops at its own first such check (its state is
+      held from then on while the others go on); the phase ends when all have stopped.
+
+    ``net.last_relax_steps`` holds the steps taken (with "example", their mean over the
+    examples), ``net.last_relax_engine`` "native" or "torch".
     """
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
-    if tol == 0.0 and _relax_native_(net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order):
+    if (tol == 0.0 or tol_scope == "example") and _relax_native_(net, const, state, bottom_up, top_down, steps,
+                                                      beta if nudged else 0.0, order, tol, check_every):
         return state
     cur, nxt = state, scratch
+    stop = EarlyStop(tol, check_every, tol_scope, steps)
 
     def update(i: int, below: list[torch.Tensor], above: list[torch.Tensor], out: torch.Tensor) -> None:
         if i == 0:
@@ -226,10 +236,9 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
             update(i, nxt, nxt, nxt[i])
         cur, nxt = nxt, cur
         taken += 1
-        if tol > 0.0 and taken % check_every == 0:
-            if largest_change(cur, nxt) < tol:
-                break
-    note_relax(net, taken, "torch")
+        if stop.after_step(cur, nxt, taken):
+            break
+    note_relax(net, stop.steps_taken(taken), "torch")
     if cur is not state:
         for s, new in zip(state, cur):
             s.copy_(new)
@@ -241,7 +250,46 @@ def largest_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> float:
     return float(torch.stack([(n - o).abs().max() for n, o in zip(new, old)]).max())
 
 
-def note_relax(net, steps: int, engine: str) -> None:
+def row_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> torch.Tensor:
+    """[batch]: each example's max |s_{t+1} − s_t| over its layers (no host synchronisation)."""
+    return torch.stack([(n - o).abs().flatten(1).amax(1) for n, o in zip(new, old)]).amax(0)
+
+
+class EarlyStop:
+    """The ``tol`` / ``check_every`` / ``tol_scope`` rule of a relaxation loop of at most
+    ``steps`` steps (see :func:`relax_dense_`); call :meth:`after_step` after each step with the
+    new and the previous states."""
+
+    def __init__(self, tol: float, check_every: int, scope: str, steps: int):
+        if scope not in ("batch", "example"):
+            raise ValueError(f"tol_scope must be 'batch' or 'example', got {scope!r}")
+        self.tol, self.check_every, self.per_example, self.steps = tol, check_every, scope == "example", steps
+        self.relaxing: torch.Tensor | None = None  # per example, once a check has run: [batch] bool
+        self.row_steps: torch.Tensor | None = None  # and the steps each example took
+
+    def after_step(self, new: list[torch.Tensor], old: list[torch.Tensor], taken: int) -> bool:
+        """Hold the examples that have stopped at ``old``; True when the loop should end."""
+        if self.relaxing is not None:
+            for n, o in zip(new, old):
+                torch.where(self.relaxing.view(-1, *[1] * (n.dim() - 1)), n, o, out=n)
+        if self.tol <= 0.0 or taken % self.check_every:
+            return False
+        if not self.per_example:
+            return largest_change(new, old) < self.tol
+        moving = ~(row_change(new, old) < self.tol)  # a NaN counts as moving
+        if self.relaxing is None:
+            self.relaxing, self.row_steps = moving, torch.full_like(moving, self.steps, dtype=torch.int32)
+        else:
+            self.relaxing &= moving
+        self.row_steps.masked_fill_(self.row_steps.eq(self.steps) & ~self.relaxing, taken)
+        return not bool(self.relaxing.any())
+
+    def steps_taken(self, taken: int) -> float:
+        """The steps of the loop, or with ``tol_scope`` "example" their mean over the examples."""
+        return taken if self.row_steps is None else float(self.row_steps.float().mean())
+
+
+def note_relax(net, steps: float, engine: str) -> None:
     """``net.last_relax_steps`` / ``net.last_relax_engine``, set without nn.Module's __setattr__
     (it searches the parameter, buffer and module tables first: slow at two calls a phase)."""
     object.__setattr__(net, "last_relax_steps", steps)
@@ -249,9 +297,11 @@ def note_relax(net, steps: int, engine: str) -> None:
 
 
 def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bottom_up: list[torch.Tensor],
-                   top_down: list[torch.Tensor], steps: int, beta: float, order: str) -> bool:
+                   top_down: list[torch.Tensor], steps: int, beta: float, order: str, tol: float = 0.0,
+                   check_every: int = 1) -> bool:
     """Run :func:`relax_dense_`'s steps with the compiled kernel when it applies (CPU, float32,
-    an MSE nudge or none, an activation it knows); return False to leave it to torch.
+    an MSE nudge or none, an activation it knows); return False to leave it to torch. ``tol`` > 0
+    stops each example on its own (``tol_scope`` "example").
 
     The kernel's layer update is  s_i ← g(c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) + ν·s_i)  with
     U_i = bottom_up[i]ᵀ, D_i = top_down[i] and ν = −a·β on the output layer (the MSE nudge
@@ -267,6 +317,7 @@ def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bo
     matrices = [m for m in up + down if m is not None]
     if not native.supports(state, *const, *matrices, steps=steps):
         return False
-    native.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta, steps, order)
-    note_relax(net, steps, "native")
+    row_steps = native.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta,
+                                   steps, order, tol, check_every)
+    note_relax(net, steps if row_steps is None else float(row_steps.float().mean()), "native")
     return True

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, grad_of, largest_change,
+from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, EarlyStop, grad_of,
                                 note_relax, per_layer, uniform_parameter)
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
@@ -134,7 +134,7 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
 class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
     """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
-    relax_schedules = True  # relax() takes order / tol / check_every
+    relax_schedules = True  # relax() takes order / tol / check_every / tol_scope
     Config = ConvConfig
 
     @staticmethod
@@ -384,7 +384,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
               target: torch.Tensor | None = None, order: str = "sync", tol: float = 0.0,
-              check_every: int = 5) -> list[torch.Tensor]:
+              check_every: int = 5, tol_scope: str = "batch") -> list[torch.Tensor]:
         """Run up to ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
 
         ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
@@ -418,9 +418,11 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         odd layers is computed once more before the first step, at s^n_0. The nudge reads s^N_t
         in either half (s^N has not moved before its own update).
 
-        ``tol`` > 0 stops early once a step changes no state by more than ``tol``
-        (max |s_{t+1} − s_t| over layers and examples, read every ``check_every`` steps: the only
-        host synchronisation of the loop). ``self.last_relax_steps`` holds the number of steps taken.
+        ``tol`` > 0 stops early once a step changes no state by ``tol`` or more (max |s_{t+1} − s_t|
+        over layers, and over examples with ``tol_scope`` "batch", or per example with "example";
+        read every ``check_every`` steps: the only host synchronisation of the loop; see
+        :class:`~eprun.nets.common.EarlyStop`). ``self.last_relax_steps`` holds the steps taken (with
+        "example", their mean over the examples).
         """
         a = self.act.scale
         n_layers, n_conv = len(state), self.n_conv
@@ -431,6 +433,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         down_weights = self._top_down_weights()
         (first_convs, first_layers), (second_convs, second_layers) = self._schedule(order, n_layers)
         cur, nxt = state, self._scratch_for(state)
+        stop = EarlyStop(tol, check_every, tol_scope, steps)
         pooled: list = [None] * n_layers  # v_n: the bottom-up term of s^{n+1}
         indices: list = [None] * n_layers  # i_n: routes the top-down term into s^n
 
@@ -478,9 +481,9 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
                 update(i, nxt, nxt[i])
             cur, nxt = nxt, cur
             taken += 1
-            if tol > 0.0 and taken % check_every == 0 and largest_change(cur, nxt) < tol:
+            if stop.after_step(cur, nxt, taken):
                 break
-        note_relax(self, taken, "torch")
+        note_relax(self, stop.steps_taken(taken), "torch")
         if cur is not state:
             for s, new in zip(state, cur):
                 s.copy_(new)

@@ -61,7 +61,7 @@ class MLPConfig:
 class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
-    relax_schedules = True  # relax() takes order / tol / check_every
+    relax_schedules = True  # relax() takes order / tol / check_every / tol_scope
     Config = MLPConfig
 
     @staticmethod
@@ -159,7 +159,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,
               target: torch.Tensor | None = None, order: str = "sync", tol: float = 0.0,
-              check_every: int = 5) -> list[torch.Tensor]:
+              check_every: int = 5, tol_scope: str = "batch") -> list[torch.Tensor]:
         """Run ``steps`` steps of the (nudged if β ≠ 0) dynamics, updating ``state`` in place.
 
         ``drive`` is :meth:`input_drive` of the batch. One step, all layers synchronously from
@@ -169,7 +169,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
             s^n_{t+1} = g(z^n)
 
         The constants a·b_n + c and a·β·y are computed once here, not per step. ``order``,
-        ``tol`` and ``check_every`` choose the schedule (see :func:`relax_dense_`).
+        ``tol``, ``check_every`` and ``tol_scope`` choose the schedule (see :func:`relax_dense_`).
         """
         a = self.act.scale
         n_layers = len(state)
@@ -181,7 +181,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         bottom_up = [w.T for w in weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = weights[1:]  # s^{n+1} @ W_n = (W_nᵀ s^{n+1})ᵀ
         return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target,
-                            order=order, tol=tol, check_every=check_every)
+                            order=order, tol=tol, check_every=check_every, tol_scope=tol_scope)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None, input_term: torch.Tensor | None = None) -> list[torch.Tensor]:

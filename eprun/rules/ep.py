@@ -40,8 +40,11 @@ class EPConfig:
     sign_probability: float = 0.5
     pair_with: Optional[Literal["bptt"]] = None  # also train BPTT from the same initial weights
     order: Literal["sync", "async"] = "sync"  # layer update schedule of every phase
-    tol: float = 0.0  # > 0: end a phase early once no state changes by more than tol in a step
+    tol: float = 0.0  # > 0: end a phase early once no state changes by tol or more in a step
     check_every: int = 5  # steps between two convergence checks (host synchronisations) when tol > 0
+    # with tol > 0, whose change ends the phase: the whole batch's (the phase ends for all at once),
+    # or each example's own (an example stops at its own check; the compiled MLP kernel runs this one)
+    tol_scope: Literal["batch", "example"] = "batch"
 
     def check(self):
         if self.T < 1:
@@ -108,7 +111,8 @@ class EP:
         order, tol = getattr(self.cfg, "order", "sync"), getattr(self.cfg, "tol", 0.0)
         if order == "sync" and tol == 0.0:
             return {}
-        return {"order": order, "tol": tol, "check_every": self.cfg.check_every}
+        return {"order": order, "tol": tol, "check_every": self.cfg.check_every,
+                "tol_scope": getattr(self.cfg, "tol_scope", "batch")}
 
     @torch.no_grad()
     def free_phase(self, drive: torch.Tensor) -> list[torch.Tensor]:
