@@ -271,3 +271,44 @@ def test_openmp_build_shares_torchs_runtime():
         pytest.skip("torch without OpenMP, or no /proc: the split runs on Python threads")
     assert native.status()["openmp"]
     assert native._one_openmp_runtime()
+
+
+@needs_compiler
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
+@pytest.mark.parametrize("order", ["sync", "async"])
+def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, monkeypatch):
+    """With a fixed number of steps, an example stops computing once a step leaves its state
+    unchanged bit for bit: the result equals running every step, bit for bit, free and nudged,
+    and most examples of this contracting net stop well before the end."""
+    net = _net([30, 12], activation, scale=0.5)
+    x, y = _data(13)
+    drive = net.input_drive(x)
+    target = net.target(y, x)
+    U1, U2 = net.weights[1].detach(), net.weights[2].detach()  # between s¹ and s², s² and s³
+    const_free = [drive, net.biases[1].detach() * net.act.scale + net.act.shift,
+                  net.biases[2].detach() * net.act.scale + net.act.shift]
+    a = net.act.scale
+
+    def run(stop: bool, beta: float, start):
+        monkeypatch.setattr(native, "STOP_AT_FIXED_POINT", stop)
+        state = [s.clone() for s in start]
+        const = list(const_free)
+        if beta:
+            const[-1] = const[-1] + a * beta * target
+        taken = native.relax_dense(state, const, [None, U1, U2], [U1.contiguous(), U2.contiguous(), None], a,
+                                   activation, -a * beta, 200, order, count_steps=True)
+        return state, taken
+
+    with torch.no_grad():
+        zero = net.init_state(13, like=x)
+        every, every_steps = run(False, 0.0, zero)
+        stopped, stopped_steps = run(True, 0.0, zero)
+        assert (every_steps == 200).all()
+        assert (stopped_steps < 200).float().mean() > 0.5
+        for u, v in zip(every, stopped):
+            assert torch.equal(u, v)
+        nudged_every, _ = run(False, 0.4, every)
+        nudged_stopped, nudged_steps = run(True, 0.4, every)
+        assert (nudged_steps < 200).any()
+        for u, v in zip(nudged_every, nudged_stopped):
+            assert torch.equal(u, v)

@@ -165,7 +165,7 @@ static inline __attribute__((always_inline)) void dot4_rows(const int R, float *
  * scratch. Two passes over the layer: the affine part into z, then g from z into out
  * (independent iterations, so the exponentials of neighbouring vectors overlap). With
  * ``moved`` not NULL, moved[r] is set to 1 if some |out[r][j] − self[r][j]| is not below ``tol``
- * (a NaN counts as moved). */
+ * (a NaN counts as moved), or with tol = 0 if some out[r][j] differs from self[r][j] in any bit. */
 static inline __attribute__((always_inline)) void update_layer(
         const int R, float *const *out, const float *const *c, int64_t n, float a, const int act, float nu,
         const float *const *self, const float *m_below, const float *const *s_below, int64_t n_below,
@@ -232,6 +232,26 @@ static inline __attribute__((always_inline)) void update_layer(
     /* s ← g(z) */
     for (int r = 0; r < R; r++) {
         j = 0;
+        if (moved && tol == 0.0f) {  /* the same, noting whether some g(z) differs from self in a bit */
+            int any = 0;
+#if EPRUN_AVX2
+            __m256i same = _mm256_set1_epi32(-1);
+            for (; j + 8 <= n; j += 8) {
+                __m256 g = g8(_mm256_loadu_ps(z[r] + j), act);
+                __m256i old = _mm256_loadu_si256((const __m256i *)(self[r] + j));
+                same = _mm256_and_si256(same, _mm256_cmpeq_epi32(_mm256_castps_si256(g), old));
+                _mm256_storeu_ps(out[r] + j, g);
+            }
+            any = _mm256_movemask_ps(_mm256_castsi256_ps(same)) != 0xFF;
+#endif
+            for (; j < n; j++) {
+                float g = g_scalar(z[r][j], act);
+                if (memcmp(&g, self[r] + j, sizeof g) != 0) any = 1;
+                out[r][j] = g;
+            }
+            moved[r] |= any;
+            continue;
+        }
         if (moved) {  /* the same, noting whether some |g(z) − self| ≥ tol (or is NaN) */
             int any = 0;
 #if EPRUN_AVX2
@@ -274,16 +294,22 @@ typedef struct {
  * With tol > 0, after each step t that is a multiple of check_every, an example none of whose
  * states moved by tol or more in that step stops there: done[r] is set and the call returns t
  * (the others of the group have also taken t steps; the caller goes on with them). Otherwise it
- * returns ``steps``. */
+ * returns ``steps``.
+ *
+ * With tol = 0 and ``exact``, an example stops, the same way, after the first step that left its
+ * every state bit for bit as it was: a step is a function of the example's state alone (its
+ * constants fixed, no other example involved), so from a state it maps to itself every further
+ * step would return that same state, and stopping changes no bit of the result of ``steps``
+ * steps. Checked after every step. */
 static inline __attribute__((always_inline)) int relax_examples(
         const int R, Example *ex, const float *const (*c)[64], int n_layers, const int64_t *sizes,
         const float *const *up, const float *const *down, float a, const int act, float nudge, int first,
-        int steps, int async_order, float tol, int check_every, int *done) {
+        int steps, int async_order, float tol, int check_every, int exact, int *done) {
     float *z[MAX_R], *out[MAX_R];
     const float *self[MAX_R], *below[MAX_R], *above[MAX_R], *cc[MAX_R];
     for (int r = 0; r < R; r++) z[r] = ex[r].z;
     for (int t = first; t < steps; t++) {
-        const int check = tol > 0.0f && (t + 1) % check_every == 0;
+        const int check = tol > 0.0f ? (t + 1) % check_every == 0 : exact;
         int moved[MAX_R] = {0};
         /* sync: every layer from s_t into nxt; async: even layers, then odd ones, in place */
         for (int half = 0; half < (async_order ? 2 : 1); half++) {
@@ -334,13 +360,15 @@ static inline __attribute__((always_inline)) int relax_examples(
  *   tol, check_every  tol > 0: each example stops after the first step t, a multiple of
  *                     check_every, in which none of its states moved by tol or more (as the
  *                     torch path with tol_scope "example"); tol = 0: every example takes `steps`
- *   steps_taken       NULL, or [batch] int32: the steps each example took
+ *   exact             with tol = 0: stop an example once a step leaves its state unchanged bit for
+ *                     bit (the result is that of `steps` steps; see relax_examples)
+ *   steps_taken       NULL, or [batch] int32: the steps each example took (computed, with exact)
  * Returns 0, or −1 if scratch memory could not be allocated.
  */
 static inline __attribute__((always_inline)) int relax_rows(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
         const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act,
-        float nudge, int steps, int async_order, float tol, int check_every, int32_t *steps_taken,
+        float nudge, int steps, int async_order, float tol, int check_every, int exact, int32_t *steps_taken,
         int64_t row_begin, int64_t row_end) {
     if (n_layers > 64) return -1;
     if (check_every < 1) check_every = 1;
@@ -374,15 +402,15 @@ static inline __attribute__((always_inline)) int relax_rows(
         int done[MAX_R] = {0}, taken[MAX_R];
         if (R == 2) {
             taken[0] = taken[1] = relax_examples(2, ex, (const float *const (*)[64])c, n_layers, sizes, up, down,
-                                                 a, act, nudge, 0, steps, async_order, tol, check_every, done);
+                                                 a, act, nudge, 0, steps, async_order, tol, check_every, exact, done);
             if (done[0] != done[1]) {  /* one has stopped: the other goes on alone */
                 int r = done[0] ? 1 : 0;
                 taken[r] = relax_examples(1, &ex[r], (const float *const (*)[64])c[r], n_layers, sizes, up, down,
-                                          a, act, nudge, taken[r], steps, async_order, tol, check_every, &done[r]);
+                                          a, act, nudge, taken[r], steps, async_order, tol, check_every, exact, &done[r]);
             }
         } else {
             taken[0] = relax_examples(1, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge,
-                                      0, steps, async_order, tol, check_every, done);
+                                      0, steps, async_order, tol, check_every, exact, done);
         }
         if (steps_taken)
             for (int r = 0; r < R; r++) steps_taken[row + r] = taken[r];
@@ -396,17 +424,17 @@ static inline __attribute__((always_inline)) int relax_rows(
 
 int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
                       const int *constant_per_row, const float *const *up, const float *const *down, float a, int act,
-                      float nudge, int steps, int async_order, float tol, int check_every, int32_t *steps_taken,
-                      int64_t row_begin, int64_t row_end) {
+                      float nudge, int steps, int async_order, float tol, int check_every, int exact,
+                      int32_t *steps_taken, int64_t row_begin, int64_t row_end) {
     /* one copy of the loop per activation, so g is inlined without a branch per vector */
     if (act == ACT_LOGISTIC)
         return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_LOGISTIC, nudge,
-                          steps, async_order, tol, check_every, steps_taken, row_begin, row_end);
+                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
     if (act == ACT_CLAMP01)
         return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_CLAMP01, nudge,
-                          steps, async_order, tol, check_every, steps_taken, row_begin, row_end);
+                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
     return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
-                      steps, async_order, tol, check_every, steps_taken, row_begin, row_end);
+                      steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
 }
 
 /*
@@ -420,7 +448,7 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
 int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
                             const int *constant_per_row, const float *const *up, const float *const *down, float a,
                             int act, float nudge, int steps, int async_order, float tol, int check_every,
-                            int32_t *steps_taken, int64_t row_begin, int64_t row_end, int threads) {
+                            int exact, int32_t *steps_taken, int64_t row_begin, int64_t row_end, int threads) {
 #ifdef _OPENMP
     int failed = 0;
     int64_t pairs = (row_end - row_begin + 1) / 2;
@@ -433,14 +461,14 @@ int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *st
             if (hi > row_end) hi = row_end;
             if (lo < hi)
                 failed |= eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
-                                            nudge, steps, async_order, tol, check_every, steps_taken, lo, hi) != 0;
+                                            nudge, steps, async_order, tol, check_every, exact, steps_taken, lo, hi) != 0;
         }
         return failed ? -1 : 0;
     }
 #endif
     (void)threads;
     return eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
-                             async_order, tol, check_every, steps_taken, row_begin, row_end);
+                             async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
 }
 
 /* 1 if the library was built with OpenMP, so eprun_relax_dense_split runs on several threads. */
