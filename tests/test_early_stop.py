@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from eprun import native
-from eprun.nets.common import EarlyStop
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from tests.test_conv_schedules import make_net as conv_net
 from tests.test_conv_schedules import relaxed
@@ -104,25 +103,27 @@ def test_conv_per_example_scope_is_each_example_relaxed_alone(order):
     assert mean_steps == pytest.approx(sum(taken) / 5)
 
 
-def test_a_nan_counts_as_moving_and_stops_nobody_else():
-    """A row whose change is NaN never stops (max |Δ| < tol is false); the others do."""
-    stop = EarlyStop(0.1, 1, "example", steps=10)
-    old = [torch.zeros(3, 4)]
-    new = [torch.tensor([[0.0] * 4, [float("nan")] + [0.0] * 3, [0.5] * 4])]
-    assert not stop.after_step(new, old, 1)
-    assert stop.relaxing.tolist() == [False, True, True]
-    # a held row keeps its state from then on
-    moved = [torch.ones(3, 4)]
-    stop.after_step(moved, [torch.full((3, 4), 7.0)], 2)
-    assert moved[0][0].tolist() == [7.0] * 4 and moved[0][1].tolist() == [1.0] * 4
-    assert stop.steps_taken(2) == pytest.approx((1 + 10 + 10) / 3)
-    batch_wide = EarlyStop(0.1, 1, "batch", steps=10)
-    assert not batch_wide.after_step(new, old, 1)
+def test_a_nan_counts_as_moving_and_stops_nobody_else(monkeypatch):
+    """An example whose state is NaN never stops (max |Δ| < tol is false) and runs every step;
+    the others stop as they would without it."""
+    monkeypatch.setenv("EPRUN_NATIVE", "0")
+    net, (x, y) = mlp(), batch(6)
+    x[2, 0] = float("nan")
+    with torch.no_grad():
+        got, mean_steps = relax(net, x, y, 100, tol=1e-6, check_every=4, tol_scope="example")
+        clean = [i for i in range(6) if i != 2]
+        want, taken = each_alone(net, x[clean], y[clean], 100, tol=1e-6, check_every=4)
+    assert got[0][2].isnan().all() and not any(layer[clean].isnan().any() for layer in got)
+    assert min(taken) < 100
+    assert mean_steps == pytest.approx((sum(taken) + 100) / 6)
+    for layer, w in zip(got, want):
+        torch.testing.assert_close(layer[clean], w, rtol=0, atol=1e-12)
 
 
 def test_scope_is_checked():
+    net, (x, y) = mlp(), batch(3)
     with pytest.raises(ValueError, match="tol_scope"):
-        EarlyStop(0.1, 1, "layer", steps=10)
+        relax(net, x, y, 10, tol=1e-3, tol_scope="layer")
 
 
 @needs_compiler

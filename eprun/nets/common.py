@@ -207,11 +207,13 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
-    if (tol == 0.0 or tol_scope == "example") and _relax_native_(net, const, state, bottom_up, top_down, steps,
+    per_example = tol > 0.0 and check_tol_scope(tol_scope) == "example"
+    if (tol == 0.0 or per_example) and _relax_native_(net, const, state, bottom_up, top_down, steps,
                                                       beta if nudged else 0.0, order, tol, check_every):
         return state
+    if per_example:  # const[0] is the input drive
+        return relax_each_example(net, const[0], state, steps, beta, target, order, tol, check_every)
     cur, nxt = state, scratch
-    stop = EarlyStop(tol, check_every, tol_scope, steps)
 
     def update(i: int, below: list[torch.Tensor], above: list[torch.Tensor], out: torch.Tensor) -> None:
         if i == 0:
@@ -236,9 +238,9 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
             update(i, nxt, nxt, nxt[i])
         cur, nxt = nxt, cur
         taken += 1
-        if stop.after_step(cur, nxt, taken):
+        if tol > 0.0 and taken % check_every == 0 and largest_change(cur, nxt) < tol:
             break
-    note_relax(net, stop.steps_taken(taken), "torch")
+    note_relax(net, taken, "torch")
     if cur is not state:
         for s, new in zip(state, cur):
             s.copy_(new)
@@ -255,38 +257,53 @@ def row_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> torch.Tensor
     return torch.stack([(n - o).abs().flatten(1).amax(1) for n, o in zip(new, old)]).amax(0)
 
 
-class EarlyStop:
-    """The ``tol`` / ``check_every`` / ``tol_scope`` rule of a relaxation loop of at most
-    ``steps`` steps (see :func:`relax_dense_`); call :meth:`after_step` after each step with the
-    new and the previous states."""
+def check_tol_scope(scope: str) -> str:
+    if scope not in ("batch", "example"):
+        raise ValueError(f"tol_scope must be 'batch' or 'example', got {scope!r}")
+    return scope
 
-    def __init__(self, tol: float, check_every: int, scope: str, steps: int):
-        if scope not in ("batch", "example"):
-            raise ValueError(f"tol_scope must be 'batch' or 'example', got {scope!r}")
-        self.tol, self.check_every, self.per_example, self.steps = tol, check_every, scope == "example", steps
-        self.relaxing: torch.Tensor | None = None  # per example, once a check has run: [batch] bool
-        self.row_steps: torch.Tensor | None = None  # and the steps each example took
 
-    def after_step(self, new: list[torch.Tensor], old: list[torch.Tensor], taken: int) -> bool:
-        """Hold the examples that have stopped at ``old``; True when the loop should end."""
-        if self.relaxing is not None:
-            for n, o in zip(new, old):
-                torch.where(self.relaxing.view(-1, *[1] * (n.dim() - 1)), n, o, out=n)
-        if self.tol <= 0.0 or taken % self.check_every:
-            return False
-        if not self.per_example:
-            return largest_change(new, old) < self.tol
-        moving = ~(row_change(new, old) < self.tol)  # a NaN counts as moving
-        if self.relaxing is None:
-            self.relaxing, self.row_steps = moving, torch.full_like(moving, self.steps, dtype=torch.int32)
+def relax_each_example(net, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float,
+                       target: torch.Tensor | None, order: str, tol: float, check_every: int) -> list[torch.Tensor]:
+    """``tol_scope`` "example" on the torch path: every example stops at its own first check (a step
+    t, multiple of ``check_every``, in which none of its states moved by ``tol`` or more; a NaN
+    counts as moving), in place on ``state``. The examples still relaxing are gathered into a
+    smaller batch after each check, so a stopped example costs nothing more: ``net.relax`` runs
+    ``check_every`` − 1 steps on them, then the checked step. ``net.last_relax_steps`` is the mean
+    of the steps the examples took."""
+    batch = state[0].shape[0]
+    rows = torch.arange(batch, device=drive.device)  # the original index of each example still relaxing
+    row_steps = torch.full((batch,), float(steps), device=drive.device)
+    live, live_drive, live_target = state, drive, target
+    taken = 0
+    while taken < steps:
+        chunk = min(check_every, steps - taken)
+        if chunk == check_every:  # this chunk ends at a check (taken is a multiple of check_every)
+            if chunk > 1:
+                live = net.relax(live_drive, live, chunk - 1, beta, live_target, order=order)
+            before = [s.clone() for s in live]
+            live = net.relax(live_drive, live, 1, beta, live_target, order=order)
+            taken += chunk
+            stopped = row_change(live, before) < tol
+            if bool(stopped.any()):
+                done = rows[stopped]
+                row_steps[done] = float(taken)
+                for out, s in zip(state, live):
+                    out[done] = s[stopped]
+                going = ~stopped
+                rows, live = rows[going], [s[going] for s in live]
+                live_drive = live_drive[going]
+                live_target = live_target[going] if live_target is not None else None
+                if rows.numel() == 0:
+                    break
         else:
-            self.relaxing &= moving
-        self.row_steps.masked_fill_(self.row_steps.eq(self.steps) & ~self.relaxing, taken)
-        return not bool(self.relaxing.any())
-
-    def steps_taken(self, taken: int) -> float:
-        """The steps of the loop, or with ``tol_scope`` "example" their mean over the examples."""
-        return taken if self.row_steps is None else float(self.row_steps.float().mean())
+            live = net.relax(live_drive, live, chunk, beta, live_target, order=order)
+            taken += chunk
+    if rows.numel() and live is not state:
+        for out, s in zip(state, live):
+            out[rows] = s
+    note_relax(net, float(row_steps.mean()), "torch")
+    return state
 
 
 def note_relax(net, steps: float, engine: str) -> None:

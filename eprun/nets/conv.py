@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, EarlyStop, grad_of,
-                                note_relax, per_layer, uniform_parameter)
+from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, check_tol_scope, grad_of,
+                                largest_change, note_relax, per_layer, relax_each_example, uniform_parameter)
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
@@ -420,10 +420,12 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
 
         ``tol`` > 0 stops early once a step changes no state by ``tol`` or more (max |s_{t+1} − s_t|
         over layers, and over examples with ``tol_scope`` "batch", or per example with "example";
-        read every ``check_every`` steps: the only host synchronisation of the loop; see
-        :class:`~eprun.nets.common.EarlyStop`). ``self.last_relax_steps`` holds the steps taken (with
-        "example", their mean over the examples).
+        read every ``check_every`` steps: the only host synchronisation of the loop; with
+        "example", see :func:`~eprun.nets.common.relax_each_example`). ``self.last_relax_steps``
+        holds the steps taken (with "example", their mean over the examples).
         """
+        if tol > 0.0 and check_tol_scope(tol_scope) == "example":
+            return relax_each_example(self, drive, state, steps, beta, target, order, tol, check_every)
         a = self.act.scale
         n_layers, n_conv = len(state), self.n_conv
         batch = state[0].shape[0]
@@ -433,7 +435,6 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         down_weights = self._top_down_weights()
         (first_convs, first_layers), (second_convs, second_layers) = self._schedule(order, n_layers)
         cur, nxt = state, self._scratch_for(state)
-        stop = EarlyStop(tol, check_every, tol_scope, steps)
         pooled: list = [None] * n_layers  # v_n: the bottom-up term of s^{n+1}
         indices: list = [None] * n_layers  # i_n: routes the top-down term into s^n
 
@@ -481,9 +482,9 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
                 update(i, nxt, nxt[i])
             cur, nxt = nxt, cur
             taken += 1
-            if stop.after_step(cur, nxt, taken):
+            if tol > 0.0 and taken % check_every == 0 and largest_change(cur, nxt) < tol:
                 break
-        note_relax(self, stop.steps_taken(taken), "torch")
+        note_relax(self, taken, "torch")
         if cur is not state:
             for s, new in zip(state, cur):
                 s.copy_(new)
