@@ -808,8 +808,9 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
                          f"its median round; × = baseline time / eprun time; evaluation = free phase "
                          f"at the training batch size")
             notes.append(f"memory: {train[0]['memory_method']}")
-            notes.append("GFLOP/s: 2 × multiply-adds of eprun's step counted from the shapes "
-                         "(eprun.bench.train_macs) over its measured time; peak = the matmul above")
+            notes.append("GFLOP/s: 2 × multiply-adds of eprun's step counted from the shapes for T and K steps "
+                         "(eprun.bench.train_macs) over its measured time; peak = the matmul above; a phase that "
+                         "stops early (tol; the compiled kernel at a bitwise fixed point) computes fewer")
             notes.append(f"Δupdate: max over parameters of ‖u_eprun − u_base‖ / ‖u_base‖ from the same weights, "
                          f"on the first batch in {r['dtype']} · on its first {train[0]['float64_check_examples']} "
                          f"examples in float64; EB = energy-based")
@@ -818,7 +819,8 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
             from eprun import native
 
             state = native.status()
-            built = "compiled" + (", AVX2" if state["vectorized"] else ", scalar") if state["available"] \
+            built = "compiled" + (", AVX2" if state["vectorized"] else ", scalar") \
+                + (", split on torch's OpenMP threads" if state["openmp"] else "") if state["available"] \
                 else f"unavailable: {state['reason']}"
             notes.append("relaxation engine (eprun.native, " + built + "; EPRUN_NATIVE=0 for torch only): "
                          + ", ".join(f"{case} {engine}" for case, engine in engines.items()))
