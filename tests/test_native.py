@@ -135,26 +135,38 @@ def test_batch_split_over_threads_is_bit_identical(splitter, monkeypatch):
     """Examples relax independently: splitting the batch over threads changes no bit, nor does
     which example shares a pass with which (63 rows in 4 ranges of whole pairs: 16 + 16 + 16 +
     15 on the OpenMP workers, 15 + 16 + 16 + 16 on Python threads, so the pairs of a thread's
-    range are not always the pairs of the whole batch)."""
+    range are not always the pairs of the whole batch), with a fixed number of steps and with
+    per-example early stopping."""
     native.library()
     if splitter == "openmp" and not native.status()["openmp"]:
         pytest.skip("the kernel was built without OpenMP here")
     monkeypatch.setattr(native, "_shares_openmp", splitter == "openmp")
     monkeypatch.setattr(native, "SPLIT_ROWS", 8)  # split this small batch (large ones split by default)
     net = _net([48, 11])
-    x, y = _data(63)
+    x, _ = _data(63)
     threads = torch.get_num_threads()
-    try:
+    drive = net.input_drive(x)
+
+    def relaxed(tol: float):
+        state = net.init_state(63, like=x)
         with torch.no_grad():
-            torch.set_num_threads(1)
-            one, _ = _relax(net, x, y, 20, 0.0, "sync")
-            torch.set_num_threads(4)
-            assert native._threads(63) == 4
-            four, _ = _relax(net, x, y, 20, 0.0, "sync")
+            net.relax(drive, state, 20, tol=tol, check_every=2, tol_scope="example")
+        return state, net.last_relax_steps
+
+    try:
+        torch.set_num_threads(1)
+        one, one_tol = relaxed(0.0), relaxed(1e-4)
+        torch.set_num_threads(4)
+        assert native._threads(63) == 4
+        four, four_tol = relaxed(0.0), relaxed(1e-4)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(one, four):
-        assert torch.equal(a, b)
+    assert net.last_relax_engine == "native"
+    for (a_state, a_steps), (b_state, b_steps) in ((one, four), (one_tol, four_tol)):
+        assert a_steps == b_steps
+        for a, b in zip(a_state, b_state):
+            assert torch.equal(a, b)
+    assert one_tol[1] < 20  # the per-example stop did stop examples: both paths of the split are covered
 
 
 @needs_compiler
