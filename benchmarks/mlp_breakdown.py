@@ -85,6 +85,15 @@ def main(argv=None) -> None:
         p.grad = torch.zeros_like(p)
     common = {"fused Adam step": best_ms(optimizer.step, 50, args.repeats),
               "zero_grad": best_ms(lambda: optimizer.zero_grad(set_to_none=False), 50, args.repeats)}
+    with torch.no_grad():
+        # Adam writes W₀ in place: right after the drive has read W₀ on every thread, that write
+        # costs more than in the loop above (compare a product of the same shape with another matrix)
+        other = torch.randn_like(net.weights[0])
+        in_sequence = {
+            "input drive, then Adam": best_ms(lambda: (net.input_drive(x), optimizer.step()), 50, args.repeats),
+            "same product with another matrix, then Adam": best_ms(
+                lambda: (torch.addmm(net.biases[0], net.flatten(x), other.T), optimizer.step()), 50, args.repeats),
+        }
     whole = {}
     for name in ("torch", "native"):
         engine(name)
@@ -103,6 +112,9 @@ def main(argv=None) -> None:
     print(f"  {'whole training step':34s} {whole['torch']:8.3f} {whole['native']:8.3f}")
     print(f"  samples/s {args.batch / whole['torch'] * 1e3:,.0f} (torch) · {args.batch / whole['native'] * 1e3:,.0f} "
           f"(native)")
+    print("\nin sequence (ms):")
+    for part, ms in in_sequence.items():
+        print(f"  {part:44s} {ms:8.3f}")
 
 
 if __name__ == "__main__":
