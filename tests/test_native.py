@@ -254,6 +254,15 @@ def test_compiler_error_is_reported(tmp_path, monkeypatch):
     try:
         assert native.library() is None
         assert "boom: cannot compile" in native.status()["reason"]
+        # each failed flag set left a note: the next process does not run the compiler again
+        notes = sorted((tmp_path / "cache" / "native").glob("*.failed"))
+        assert len(notes) == len(native.FLAG_SETS)
+        fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+                        "echo called > \"$0.called\"\nexit 1\n")
+        native.reset()
+        assert native.library() is None
+        assert not (tmp_path / "fake-cc.called").exists()
+        assert "boom: cannot compile" in native.status()["reason"] and "cached" in native.status()["reason"]
     finally:
         native.reset()
 

@@ -17,7 +17,9 @@ torch's workers, spinning after a product, took the second core from them (no ga
 
 The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
-flags, the compiler's version and the machine. Without a compiler, or with ``EPRUN_NATIVE=0``,
+flags, the compiler's version and the machine; a flag set that failed leaves a ``.failed`` note
+there with the compiler's message, so later processes go straight to the next set (delete the
+note to try again). Without a compiler, or with ``EPRUN_NATIVE=0``,
 the torch path runs instead (same dynamics; float32 results differ by rounding only).
 ``EPRUN_NATIVE=1`` makes a failure to build an error instead of a fallback.
 """
@@ -95,6 +97,10 @@ def _build() -> ctypes.CDLL:
         key = hashlib.sha256(source + " ".join(flags).encode() + version.encode()
                              + platform.machine().encode() + platform.node().encode()).hexdigest()[:16]
         target = _cache_dir() / "native" / f"dense_relax-{key}.so"
+        failed = target.with_suffix(".failed")  # this compiler failed on these flags: not tried again
+        if not target.exists() and failed.exists():
+            errors.append(f"{' '.join(flags)}: {failed.read_text(errors='replace')} (cached: {failed})")
+            continue
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -103,6 +109,9 @@ def _build() -> ctypes.CDLL:
                                      capture_output=True, text=True)
                 if run.returncode != 0:
                     errors.append(f"{' '.join(flags)}: {run.stderr.strip()[:300]}")
+                    note = Path(tmp) / failed.name
+                    note.write_text(run.stderr.strip()[:300])
+                    os.replace(note, failed)
                     continue
                 os.replace(built, target)  # atomic: a concurrent build sees a whole file or none
         library = ctypes.CDLL(str(target))
