@@ -26,8 +26,8 @@ def fresh_native_state():
     native.reset()
 
 
-def mlp(hidden=(20, 15), seed=0, dtype=torch.float64, scale=2.0):
-    cfg = MLPConfig(hidden=list(hidden), weight_scale=scale)
+def mlp(hidden=(20, 15), seed=0, dtype=torch.float64, scale=2.0, readout="mse"):
+    cfg = MLPConfig(hidden=list(hidden), weight_scale=scale, readout=readout)
     net = PrototypicalMLP(cfg, (12,), 5, torch.Generator().manual_seed(seed))
     return net.to(dtype)
 
@@ -58,11 +58,13 @@ def each_alone(net, x, y, steps, beta=0.0, start=None, **schedule):
 
 @pytest.mark.parametrize("order", ["sync", "async"])
 @pytest.mark.parametrize("check_every", [1, 3])
-def test_per_example_scope_is_each_example_relaxed_alone(order, check_every, monkeypatch):
+@pytest.mark.parametrize("readout", ["mse", "softmax"])
+def test_per_example_scope_is_each_example_relaxed_alone(order, check_every, readout, monkeypatch):
     """Dense net, torch path (float64): the batch with ``tol_scope: example`` equals every example
-    relaxed alone, free and nudged, and the mean of their steps is reported."""
+    relaxed alone, free and nudged (the softmax read-out's nudge reads each example's own target
+    and read-out), and the mean of their steps is reported."""
     monkeypatch.setenv("EPRUN_NATIVE", "0")
-    net, (x, y) = mlp(), batch()
+    net, (x, y) = mlp(readout=readout), batch()
     schedule = dict(tol=1e-6, check_every=check_every, order=order)
     with torch.no_grad():
         free, free_steps = relax(net, x, y, 200, tol_scope="example", **schedule)
