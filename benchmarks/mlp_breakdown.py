@@ -115,6 +115,40 @@ def main(argv=None) -> None:
     print("\nin sequence (ms):")
     for part, ms in in_sequence.items():
         print(f"  {part:44s} {ms:8.3f}")
+    steps_computed(setup, args.batch)
+
+
+def steps_computed(setup, batch: int, batches: int = 300) -> None:
+    """The steps the kernel computes per example with a fixed T and K (it stops an example at a
+    bitwise fixed point), at the initial weights and after ``batches`` training batches of random
+    MNIST-shaped data; every call of the kernel is counted, free and nudged."""
+    from eprun import native
+
+    calls = []
+    relax = native.relax_dense
+
+    def counting(*args, **kwargs):
+        taken = relax(*args, **{**kwargs, "count_steps": True})
+        calls.append((args[7], float(taken.float().mean())))  # (steps asked, mean steps computed)
+        return taken
+
+    net, rule, train = setup.eprun_side()
+    data = setup.data(batches + 10, batch, "steps")
+    native.relax_dense = counting
+    try:
+        print("\nsteps computed per example by the kernel (fixed T, K), mean:")
+        for label, run in (("initial weights", data[:10]), (f"after {batches} batches", data[batches:])):
+            calls.clear()
+            for x, y in run:
+                train(x, y)
+            for steps in sorted({asked for asked, _ in calls}, reverse=True):
+                done = [mean for asked, mean in calls if asked == steps]
+                print(f"  {label:22s} {sum(done) / len(done):5.1f} of {steps}")
+            if label == "initial weights":
+                for x, y in data[10:batches]:
+                    train(x, y)
+    finally:
+        native.relax_dense = relax
 
 
 if __name__ == "__main__":
