@@ -819,7 +819,8 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
             from eprun import native
 
             state = native.status()
-            built = "compiled" + (", AVX2" if state["vectorized"] else ", scalar") \
+            vectors = ", AVX-512 one pass for one hidden layer, AVX2" if state["avx512"] else ", AVX2"
+            built = "compiled" + (vectors if state["vectorized"] else ", scalar") \
                 + (", split on torch's OpenMP threads" if state["openmp"] else "") if state["available"] \
                 else f"unavailable: {state['reason']}"
             notes.append("relaxation engine (eprun.native, " + built + "; EPRUN_NATIVE=0 for torch only): "

@@ -104,6 +104,53 @@ def test_native_matches_torch_free_and_nudged(hidden, activation, order, torch_o
 
 
 @needs_compiler
+@pytest.mark.parametrize("hidden, classes", [([37], 10), ([37], 6), ([16], 1), ([40], 17), ([512], 10)])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
+@pytest.mark.parametrize("order", ["sync", "async"])
+def test_two_layer_nets_match_torch(hidden, classes, activation, order, torch_only):
+    """One hidden layer under an output of up to 16 units runs in one pass over the hidden units
+    a step (with AVX-512; ten outputs unrolled, other sizes in masked vectors, a hidden layer
+    off the 16-wide blocks in a masked tail), more outputs on the general path: free and
+    nudged phases within float32 rounding of the torch path."""
+    net = _net(hidden, activation, classes=classes, scale=2.0)
+    x, y = _data(9, classes=classes)
+
+    def phases():
+        free, engine_free = _relax(net, x, y, 20, 0.0, order)
+        nudged, engine_nudged = _relax(net, x, y, 6, 0.5, order, start=free)
+        return free + nudged, (engine_free, engine_nudged)
+
+    with torch.no_grad():
+        torch_only(False)
+        ours, engines = phases()
+        assert engines == ("native", "native")
+        torch_only(True)
+        theirs, _ = phases()
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=2e-5, rtol=0), float((a - b).abs().max())
+    assert float((theirs[-1] - theirs[1]).abs().max()) > 1e-3  # the nudge moved the output
+
+
+@needs_compiler
+def test_vector_field_net_with_one_hidden_layer(torch_only):
+    """The one-pass path reads the top-down matrix D and the bottom-up U separately: the
+    vector-field net's feedback B ≠ Wᵀ reaches it as it is."""
+    net = _net([24], kind="vf", classes=10)
+    with torch.no_grad():
+        for f in net.feedback:
+            f.mul_(-1.5)
+    _assert_engines_agree(net, _data(7, classes=10), 15, 0.3, torch_only)
+
+
+@needs_compiler
+def test_status_reports_the_vector_paths():
+    """status() says which vector paths the build holds; AVX-512 implies AVX2."""
+    state = native.status()
+    assert state["available"] and isinstance(state["avx512"], bool)
+    assert state["vectorized"] or not state["avx512"]
+
+
+@needs_compiler
 def test_native_float32_error_is_rounding_against_float64(torch_only):
     """Both float32 paths sit within float32 rounding of the float64 torch relaxation."""
     net = _net([64, 32])
@@ -131,7 +178,8 @@ def test_vector_field_net_uses_its_feedback_matrices(torch_only):
 
 @needs_compiler
 @pytest.mark.parametrize("splitter", ["openmp", "python threads"])
-def test_batch_split_over_threads_is_bit_identical(splitter, monkeypatch):
+@pytest.mark.parametrize("hidden", [[48, 11], [37]])
+def test_batch_split_over_threads_is_bit_identical(splitter, hidden, monkeypatch):
     """Examples relax independently: splitting the batch over threads changes no bit, nor does
     which example shares a pass with which (63 rows in 4 ranges of whole pairs: 16 + 16 + 16 +
     15 on the OpenMP workers, 15 + 16 + 16 + 16 on Python threads, so the pairs of a thread's
@@ -142,7 +190,7 @@ def test_batch_split_over_threads_is_bit_identical(splitter, monkeypatch):
         pytest.skip("the kernel was built without OpenMP here")
     monkeypatch.setattr(native, "_shares_openmp", splitter == "openmp")
     monkeypatch.setattr(native, "SPLIT_ROWS", 8)  # split this small batch (large ones split by default)
-    net = _net([48, 11])
+    net = _net(hidden)
     x, _ = _data(63)
     threads = torch.get_num_threads()
     drive = net.input_drive(x)
@@ -236,8 +284,8 @@ def test_missing_compiler_falls_back_or_fails_as_asked(tmp_path, monkeypatch):
             native.library()
         monkeypatch.setenv("EPRUN_NATIVE", "0")
         native.reset()
-        assert native.status() == {"mode": "0", "available": False, "vectorized": False, "openmp": False,
-                                   "reason": "EPRUN_NATIVE=0"}
+        assert native.status() == {"mode": "0", "available": False, "vectorized": False, "avx512": False,
+                                   "openmp": False, "reason": "EPRUN_NATIVE=0"}
     finally:
         native.reset()
 
@@ -297,17 +345,19 @@ def test_openmp_build_shares_torchs_runtime():
 @needs_compiler
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
-def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, monkeypatch):
+@pytest.mark.parametrize("hidden", [[30, 12], [30]])
+def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, hidden, monkeypatch):
     """With a fixed number of steps, an example stops computing once a step leaves its state
     unchanged bit for bit: the result equals running every step, bit for bit, free and nudged,
-    and most examples of this contracting net stop well before the end."""
-    net = _net([30, 12], activation, scale=0.5)
+    and most examples of this contracting net stop well before the end (three layers, and two:
+    the one-pass path)."""
+    net = _net(hidden, activation, scale=0.5)
     x, y = _data(13)
     drive = net.input_drive(x)
     target = net.target(y, x)
-    U1, U2 = net.weights[1].detach(), net.weights[2].detach()  # between s¹ and s², s² and s³
-    const_free = [drive, net.biases[1].detach() * net.act.scale + net.act.shift,
-                  net.biases[2].detach() * net.act.scale + net.act.shift]
+    weights = [w.detach() for w in net.weights][1:]  # W_i between s^i and s^{i+1}
+    up, down = [None, *weights], [*[w.contiguous() for w in weights], None]
+    const_free = [drive] + [b.detach() * net.act.scale + net.act.shift for b in list(net.biases)[1:]]
     a = net.act.scale
 
     def run(stop: bool, beta: float, start):
@@ -316,8 +366,7 @@ def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, monkeyp
         const = list(const_free)
         if beta:
             const[-1] = const[-1] + a * beta * target
-        taken = native.relax_dense(state, const, [None, U1, U2], [U1.contiguous(), U2.contiguous(), None], a,
-                                   activation, -a * beta, 200, order, count_steps=True)
+        taken = native.relax_dense(state, const, up, down, a, activation, -a * beta, 200, order, count_steps=True)
         return state, taken
 
     with torch.no_grad():

@@ -5,7 +5,10 @@ Why: a relaxation step of the 784-512-10 net is two skinny products (50×10·10�
 its own dispatch, and σ alone costs ~1 ns an element. Every example relaxes independently, so
 the kernel runs two examples at a time through all their steps with their states and the
 couplings in the first-level cache (each weight loaded serves both), and fuses the products, the
-constant, the nudge and σ into one pass per layer.
+constant, the nudge and σ into one pass per layer. Where the compiler targets AVX-512, a net of
+one hidden layer under at most 16 outputs goes one example at a time through one pass over the
+hidden units a step, both products and σ in 16-wide vectors (784-512-10, batch 50, one thread:
+590 → 310 ns an example-step).
 
 A batch is split into row ranges run on up to ``torch.get_num_threads()`` threads; the split
 changes no result. Built with OpenMP (the first flag set), the library shares torch's OpenMP
@@ -125,6 +128,7 @@ def _build() -> ctypes.CDLL:
         library.eprun_relax_dense_split.argtypes = library.eprun_relax_dense.argtypes + [ctypes.c_int]
         library.eprun_native_vectorized.restype = ctypes.c_int
         library.eprun_native_openmp.restype = ctypes.c_int
+        library.eprun_native_avx512.restype = ctypes.c_int
         return library
     raise OSError("the C compiler failed: " + " | ".join(errors))
 
@@ -171,10 +175,12 @@ def reset() -> None:
 
 
 def status() -> dict:
-    """What the native path is doing here: mode, whether it loaded, vectorised, or why not."""
+    """What the native path is doing here: mode, whether it loaded, vectorised (AVX2; AVX-512 for
+    the one-pass two-layer path), whether it splits on OpenMP, or why not."""
     lib = library() if mode() != "0" else None
     return {"mode": mode(), "available": lib is not None,
             "vectorized": bool(lib.eprun_native_vectorized()) if lib is not None else False,
+            "avx512": bool(lib.eprun_native_avx512()) if lib is not None else False,
             "openmp": _shares_openmp if lib is not None else False,
             "reason": None if lib is not None else ("EPRUN_NATIVE=0" if mode() == "0" else _failure)}
 

@@ -21,6 +21,10 @@
  *
  * Schedules: sync (every layer from s_t, the papers') or async (the even-indexed layers from
  * s_t, then the odd-indexed ones from those fresh values).
+ *
+ * Built with AVX-512, a net of one hidden layer under an output of at most 16 units (the
+ * papers' 784-512-10) takes a shorter path: one pass over the hidden units a step, in 16-wide
+ * vectors (relax_two_layers below).
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +39,11 @@
 #define EPRUN_AVX2 1
 #else
 #define EPRUN_AVX2 0
+#endif
+#if EPRUN_AVX2 && defined(__AVX512F__)
+#define EPRUN_AVX512 1
+#else
+#define EPRUN_AVX512 0
 #endif
 
 enum { ACT_LOGISTIC = 0, ACT_CLAMP01 = 1, ACT_TANH = 2 };
@@ -285,6 +294,170 @@ static inline __attribute__((always_inline)) void update_layer(
     }
 }
 
+#if EPRUN_AVX512
+/* ------------------------------------------- two layers with a small output, one pass a step
+ *
+ * The common net of the papers, one hidden layer s_0 (n_0 units) under an output s_1 of
+ * n_1 ≤ 16 units, has a step that fits one pass over the hidden units. The hidden layer has no
+ * layer below it (its input drive is the constant c_0) and no self term, so
+ *
+ *     s_0 ← g(c_0 + a·(D s_1))          D = down[0], [n_1, n_0], read as columns
+ *     s_1 ← g(c_1 + a·(U s_0) + ν·s_1)  U = up[1], [n_1, n_0]
+ *
+ * and for each block of 16 hidden units the kernel loads the block of D (and of U, the same
+ * matrix for the prototypical net), computes the 16 new hidden states from the old output
+ * (broadcast from memory), and adds the block's share of U s_0 into 16 running sums of the
+ * output, one vector register each: from the old hidden states for the synchronous schedule,
+ * from the new ones for the even/odd schedule (layer 0 first, then layer 1 from its fresh
+ * values). The old block is read before the new one is written, so both schedules run in place.
+ * One example at a time: each block's loads serve 2·n_1 multiply-adds, which keeps the two
+ * vector units busy without a second example. The output's n_1 sums are then reduced and g
+ * applied to them in one masked vector. */
+
+/* e^x for 16 floats: exp8's reduction and polynomial (Cephes' constants), evaluated for a short
+ * dependency chain: x = n ln2 + r, e^r = 1 + r + r²·q(r) with q's six terms in Estrin's scheme,
+ * and 2^n applied by vscalefps; a NaN stays NaN */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    const __m512 r2 = _mm512_mul_ps(r, r), r4 = _mm512_mul_ps(r2, r2);
+    const __m512 q01 = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459e-1f), r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 q23 = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073e-3f), r, _mm512_set1_ps(4.1665795894e-2f));
+    const __m512 q45 = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+    const __m512 q = _mm512_fmadd_ps(q45, r4, _mm512_fmadd_ps(q23, r2, q01));
+    const __m512 e_r = _mm512_add_ps(_mm512_fmadd_ps(q, r2, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(e_r, n);
+}
+
+/* 1/d for d ≥ 1: the 14-bit hardware estimate refined by one Newton step, r ← r·(2 − d·r) */
+static inline __m512 reciprocal16(__m512 d) {
+    __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+static inline __m512 g16(__m512 z, int act) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    if (act == ACT_LOGISTIC)  /* 1 / (1 + e^{−z}) */
+        return reciprocal16(_mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+    if (act == ACT_CLAMP01)  /* NaN in, NaN out, as torch's clamp */
+        return _mm512_min_ps(one, _mm512_max_ps(_mm512_setzero_ps(), z));
+    /* tanh, as g8: 1 − 2 / (1 + e^{2z}), and z + z³·p(z²) for |z| < 0.625 */
+    __m512 e = exp16(_mm512_add_ps(z, z));
+    __m512 far = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)));
+    __m512 z2 = _mm512_mul_ps(z, z);
+    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-3.33332819422e-1f));
+    __m512 near = _mm512_fmadd_ps(_mm512_mul_ps(p, z2), z, z);
+    __m512 abs_z = _mm512_abs_ps(z);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(abs_z, _mm512_set1_ps(0.625f), _CMP_LT_OQ), far, near);
+}
+
+/* the lanes of a vector where new differs from old: in some bit (tol = 0), or by tol or more
+ * (or a NaN) */
+static inline __mmask16 moved16(__m512 new_values, __m512 old, float tol, __mmask16 lanes) {
+    if (tol == 0.0f)
+        return _mm512_mask_cmpneq_epi32_mask(lanes, _mm512_castps_si512(new_values), _mm512_castps_si512(old));
+    __m512 d = _mm512_abs_ps(_mm512_sub_ps(new_values, old));
+    return _mm512_mask_cmp_ps_mask(lanes, d, _mm512_set1_ps(tol), _CMP_NLT_UQ);
+}
+
+#define FUSED_MAX_OUT 16
+
+/* One block of up to 16 hidden units (the lanes set), h, c0, U and D offset to it:
+ * h ← g(c0 + a·(D s_1)) and acc[k] += U[k]·(old or fresh h), k < n1; returns the lanes that
+ * moved when check is set. The old block is loaded before the fresh one is stored. */
+static inline __attribute__((always_inline)) __mmask16 two_layer_block(
+        float *h, const float *y, const float *c0, int64_t n0, int n1, const float *U, const float *D, __m512 va,
+        const int act, int async_order, int check, float tol, __mmask16 lanes, __m512 *acc) {
+    const __m512 old = _mm512_maskz_loadu_ps(lanes, h);
+    /* D s_1 for this block: two chains of multiply-adds, k even and k odd */
+    __m512 top0 = _mm512_setzero_ps(), top1 = _mm512_setzero_ps();
+    for (int k = 0; k < FUSED_MAX_OUT; k++) {
+        if (k >= n1) break;
+        const __m512 col = _mm512_maskz_loadu_ps(lanes, D + k * n0);
+        if (k & 1) top1 = _mm512_fmadd_ps(_mm512_set1_ps(y[k]), col, top1);
+        else top0 = _mm512_fmadd_ps(_mm512_set1_ps(y[k]), col, top0);
+    }
+    const __m512 fresh = g16(_mm512_fmadd_ps(va, _mm512_add_ps(top0, top1), _mm512_maskz_loadu_ps(lanes, c0)), act);
+    _mm512_mask_storeu_ps(h, lanes, fresh);
+    /* U s_0: from the old states (sync) or the fresh ones (even/odd); masked-off lanes add 0 */
+    const __m512 src = async_order ? _mm512_maskz_mov_ps(lanes, fresh) : old;
+    for (int k = 0; k < FUSED_MAX_OUT; k++) {
+        if (k >= n1) break;
+        acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, U + k * n0), src, acc[k]);
+    }
+    return check ? moved16(fresh, old, tol, lanes) : (__mmask16)0;
+}
+
+/* Steps first+1 … steps of one example of the two-layer net, in place on h (n_0) and y (n_1),
+ * stopping as relax_examples does (tol and check_every, or exact with tol = 0): returns the
+ * steps taken. */
+static inline __attribute__((always_inline)) int relax_two_layers(
+        float *h, float *y, const float *c0, const float *c1, int64_t n0, int n1, const float *U, const float *D,
+        float a, const int act, float nu, int steps, int async_order, float tol, int check_every, int exact) {
+    const __m512 va = _mm512_set1_ps(a);
+    const __mmask16 out_lanes = (__mmask16)((1u << n1) - 1u);
+    for (int t = 0; t < steps; t++) {
+        const int check = tol > 0.0f ? (t + 1) % check_every == 0 : exact;
+        __m512 acc[FUSED_MAX_OUT];
+        for (int k = 0; k < FUSED_MAX_OUT; k++) acc[k] = _mm512_setzero_ps();
+        __mmask16 moved = 0;
+        int64_t j = 0;
+        for (; j + 16 <= n0; j += 16)  /* whole blocks: constant all-ones lanes, plain loads */
+            moved |= two_layer_block(h + j, y, c0 + j, n0, n1, U + j, D + j, va, act, async_order, check, tol,
+                                     (__mmask16)0xFFFF, acc);
+        if (j < n0)
+            moved |= two_layer_block(h + j, y, c0 + j, n0, n1, U + j, D + j, va, act, async_order, check, tol,
+                                     (__mmask16)((1u << (n0 - j)) - 1u), acc);
+        float sums[FUSED_MAX_OUT];
+        for (int k = 0; k < FUSED_MAX_OUT; k++) {
+            if (k >= n1) break;
+            sums[k] = _mm512_reduce_add_ps(acc[k]);
+        }
+        const __m512 old_y = _mm512_maskz_loadu_ps(out_lanes, y);
+        __m512 z = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(out_lanes, sums), _mm512_maskz_loadu_ps(out_lanes, c1));
+        if (nu != 0.0f) z = _mm512_fmadd_ps(_mm512_set1_ps(nu), old_y, z);
+        const __m512 fresh_y = g16(z, act);
+        if (check) moved |= moved16(fresh_y, old_y, tol, out_lanes);
+        _mm512_mask_storeu_ps(y, out_lanes, fresh_y);
+        if (check && !moved) return t + 1;
+    }
+    return steps;
+}
+
+/* relax_rows for the two-layer net with n_1 ≤ FUSED_MAX_OUT, in place on the caller's rows, one
+ * example at a time (a second example in the same pass was slower: its sums no longer fit in
+ * the registers) */
+static inline __attribute__((always_inline)) void relax_rows_two_layers(
+        const int64_t *sizes, float *const *state, const float *const *constant, const int *constant_per_row,
+        const float *const *up, const float *const *down, float a, const int act, float nudge, int steps,
+        int async_order, float tol, int check_every, int exact, int32_t *steps_taken, int64_t row_begin,
+        int64_t row_end) {
+    const int64_t n0 = sizes[0];
+    const int n1 = (int)sizes[1];
+    for (int64_t row = row_begin; row < row_end; row++) {
+        float *h = state[0] + row * n0, *y = state[1] + row * n1;
+        const float *c0 = constant[0] + (constant_per_row[0] ? row * n0 : 0);
+        const float *c1 = constant[1] + (constant_per_row[1] ? row * n1 : 0);
+        int taken;
+        if (n1 == 10)  /* ten classes: the loops over the output unrolled, its sums kept in registers */
+            taken = relax_two_layers(h, y, c0, c1, n0, 10, up[1], down[0], a, act, nudge, steps, async_order, tol,
+                                     check_every, exact);
+        else
+            taken = relax_two_layers(h, y, c0, c1, n0, n1, up[1], down[0], a, act, nudge, steps, async_order, tol,
+                                     check_every, exact);
+        if (steps_taken) steps_taken[row] = taken;
+    }
+}
+#endif
+
 /* Scratch of one example: two state sets (cur, nxt) and the partial sums z. */
 typedef struct {
     float *cur[64], *nxt[64], *z;
@@ -372,6 +545,13 @@ static inline __attribute__((always_inline)) int relax_rows(
         int64_t row_begin, int64_t row_end) {
     if (n_layers > 64) return -1;
     if (check_every < 1) check_every = 1;
+#if EPRUN_AVX512
+    if (n_layers == 2 && sizes[1] <= FUSED_MAX_OUT) {
+        relax_rows_two_layers(sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps, async_order,
+                              tol, check_every, exact, steps_taken, row_begin, row_end);
+        return 0;
+    }
+#endif
     int64_t total = 0, widest = 0;
     for (int i = 0; i < n_layers; i++) {
         total += sizes[i];
@@ -482,3 +662,6 @@ int eprun_native_openmp(void) {
 
 /* 1 if the AVX2 path was compiled in (reported by ``eprun bench``). */
 int eprun_native_vectorized(void) { return EPRUN_AVX2; }
+
+/* 1 if the AVX-512 one-pass path for two-layer nets with a small output was compiled in. */
+int eprun_native_avx512(void) { return EPRUN_AVX512; }
