@@ -67,6 +67,7 @@ from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
 from eprun.nets.common import Readout, WeightLayers, grad_of, per_layer, uniform_parameter
+from eprun.nets.products import linear
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -302,7 +303,7 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
     @torch.no_grad()
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:
         """The constant part of the first layer's interaction, W_0 x̃ + b_1 (once per batch)."""
-        return torch.addmm(self.biases[0], self.rho_input(x), self.weights[0].T)
+        return linear(self.rho_input(x), self.weights[0], self.biases[0])
 
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,

@@ -30,6 +30,7 @@ from torch import nn
 
 from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
                                 relax_dense_)
+from eprun.nets.products import linear
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -154,7 +155,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         per batch and shared by every phase.
         """
         a, c = self.act.scale, self.act.shift
-        return torch.addmm(self.biases[0], self.flatten(x), self.weights[0].T).mul_(a).add_(c)
+        return linear(self.flatten(x), self.weights[0], self.biases[0]).mul_(a).add_(c)
 
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,

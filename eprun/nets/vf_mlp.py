@@ -52,6 +52,7 @@ from torch import nn
 from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
                                 relax_dense_)
 from eprun.nets.mlp import MLPConfig
+from eprun.nets.products import linear
 
 
 @dataclass
@@ -242,7 +243,7 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:
         """The constant part of the first layer's pre-activation, a·(W_0 x + b_1) + c, once per batch."""
         a, c = self.act.scale, self.act.shift
-        return torch.addmm(self.biases[0], self.flatten(x), self.weights[0].T).mul_(a).add_(c)
+        return linear(self.flatten(x), self.weights[0], self.biases[0]).mul_(a).add_(c)
 
     @torch.no_grad()
     def relax(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float = 0.0,

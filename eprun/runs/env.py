@@ -58,7 +58,10 @@ def _torch_info(device: str) -> dict[str, Any]:
     if str(device).startswith("cpu"):
         from eprun import native
 
+        from eprun.nets.products import onednn_status
+
         info["native_relaxation"] = native.status()
+        info["input_drive_product"] = onednn_status()
     if str(device).startswith("cuda") and torch.cuda.is_available():
         try:
             info["cuda_device_name"] = torch.cuda.get_device_name(torch.device(device))

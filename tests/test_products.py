@@ -1,0 +1,61 @@
+"""eprun.nets.products.linear: x·Wᵀ + b through oneDNN or addmm, the same within rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eprun.nets import products
+
+
+@pytest.fixture(autouse=True)
+def fresh_setting():
+    products.reset()
+    yield
+    products.reset()
+
+
+def _operands(batch=7, n_in=300, n_out=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, n_in, generator=g), torch.randn(n_out, n_in, generator=g) * 0.05,
+            torch.randn(n_out, generator=g))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_is_x_wt_plus_b(with_bias):
+    x, w, b = _operands()
+    bias = b if with_bias else None
+    with torch.no_grad():
+        ours = products.linear(x, w, bias)
+    exact = x.double() @ w.double().T + (b.double() if with_bias else 0.0)
+    assert ours.shape == (7, 256) and ours.dtype == torch.float32
+    assert float((ours.double() - exact).abs().max()) < 1e-5
+
+
+def test_onednn_is_used_when_available_and_off_by_setting(monkeypatch):
+    """With oneDNN in this torch, a float32 product of a large weight goes through it; with
+    EPRUN_ONEDNN=0 the result is torch.addmm's, bit for bit."""
+    x, w, b = _operands()
+    status = products.onednn_status()
+    if not status["onednn"]:
+        pytest.skip(f"no oneDNN here: {status['reason']}")
+    monkeypatch.setenv("EPRUN_ONEDNN", "0")
+    products.reset()
+    with torch.no_grad():
+        assert torch.equal(products.linear(x, w, b), torch.addmm(b, x, w.T))
+    assert products.onednn_status() == {"onednn": False, "reason": "EPRUN_ONEDNN=0"}
+
+
+def test_small_weights_autograd_and_other_dtypes_use_addmm():
+    """Below MIN_WEIGHT elements, with autograd on, or in float64, the product is addmm's exactly
+    (and keeps its graph)."""
+    x, w, b = _operands(n_in=20, n_out=30)
+    with torch.no_grad():
+        assert torch.equal(products.linear(x, w, b), torch.addmm(b, x, w.T))
+    x, w, b = _operands()
+    w.requires_grad_(True)
+    out = products.linear(x, w, b)
+    assert out.requires_grad and torch.equal(out, torch.addmm(b, x, w.T))
+    x64, w64, b64 = x.double(), w.detach().double(), b.double()
+    with torch.no_grad():
+        assert torch.equal(products.linear(x64, w64, b64), torch.addmm(b64, x64, w64.T))
