@@ -59,3 +59,51 @@ def test_small_weights_autograd_and_other_dtypes_use_addmm():
     x64, w64, b64 = x.double(), w.detach().double(), b.double()
     with torch.no_grad():
         assert torch.equal(products.linear(x64, w64, b64), torch.addmm(b64, x64, w64.T))
+
+
+@pytest.mark.parametrize("shape", [(50, 512, 784), (7, 13, 45), (3, 1, 17), (60, 12, 16)])
+def test_add_outer_is_g_plus_alpha_at_x(shape):
+    """out += α·aᵀx, compiled (AVX-512 builds) or addmm_: within float32 rounding of float64,
+    whole tiles and tails of rows and columns."""
+    batch, n, m = shape
+    g = torch.Generator().manual_seed(2)
+    a, x, out = torch.randn(batch, n, generator=g), torch.rand(batch, m, generator=g), torch.randn(n, m, generator=g)
+    exact = out.double() + 0.3 * a.double().T @ x.double()
+    with torch.no_grad():
+        result = products.add_outer_(out, a, x, 0.3)
+    assert result is out
+    assert float((out.double() - exact).abs().max()) < 1e-5
+
+
+def test_add_outer_split_over_threads_changes_no_bit():
+    """Each element of G belongs to one thread and sums the batch in order: 1 and 2 threads agree
+    bit for bit."""
+    from eprun import native
+
+    if not native.add_outer_available():
+        pytest.skip("no AVX-512 build of the kernel here")
+    g = torch.Generator().manual_seed(3)
+    a, x, start = torch.randn(50, 77, generator=g), torch.rand(50, 101, generator=g), torch.randn(77, 101, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = start.clone()
+            assert native.add_outer_(out, a, x, 0.7)
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_add_outer_declines_what_it_cannot_take():
+    """The compiled product takes float32, contiguous CPU tensors of matching shapes only; anything
+    else is left to addmm_ (native.add_outer_ returns False and writes nothing)."""
+    from eprun import native
+
+    a, x, out = torch.randn(5, 8), torch.rand(5, 9), torch.zeros(8, 9)
+    for args in ((out, a.double(), x), (out, torch.randn(8, 5).T, x), (torch.zeros(8, 10), a, x),
+                 (out, a, torch.rand(4, 9))):
+        assert native.add_outer_(*args, 1.0) is False
+    assert torch.equal(out, torch.zeros(8, 9))

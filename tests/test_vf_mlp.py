@@ -319,7 +319,7 @@ def test_two_hidden_layer_vf_net_with_a_large_angle_trains_with_the_ep_rule():
                          torch.Generator().manual_seed(0))
     rule = EP(EPConfig(T=25, K=10, beta=0.3), net, torch.Generator().manual_seed(0))
     opt = build_optimizer(OptimConfig(kind="adam", lr=[0.02, 0.01, 0.005]), net.layer_groups())
-    for _ in range(60):
+    for _ in range(80):  # at 60 steps the accuracy sits at 0.90–0.98 depending on float32 rounding
         opt.zero_grad(set_to_none=False)
         rule.train_step(x, y)
         opt.step()

@@ -18,7 +18,8 @@ thread (batch 50, 2 threads: free phase 1.0 → 0.6 ms). Otherwise the ranges go
 (ctypes releases the GIL during the call), from :data:`SPLIT_ROWS` rows a thread: below that,
 torch's workers, spinning after a product, took the second core from them (no gain at batch 50).
 
-The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+The sources (``dense_relax.c``, and ``outer_product.c`` for :func:`add_outer_`) are compiled
+into one library on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
 flags, the compiler's version and the machine; a flag set that failed leaves a ``.failed`` note
 there with the compiler's message, so later processes go straight to the next set (delete the
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("dense_relax.c")
+SOURCES = (Path(__file__).with_name("dense_relax.c"), Path(__file__).with_name("outer_product.c"))
 # the first set that builds is used: OpenMP (to split a batch on torch's own worker threads), then
 # without it, then without the host's vector instructions
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"], ["-O3", "-march=native", "-fPIC", "-shared"],
@@ -94,7 +95,7 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise OSError("no C compiler found ($CC, cc, gcc, clang)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(source + " ".join(flags).encode() + version.encode()
@@ -108,7 +109,7 @@ def _build() -> ctypes.CDLL:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                run = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                run = subprocess.run([compiler, *flags, "-o", str(built), *map(str, SOURCES), "-lm"],
                                      capture_output=True, text=True)
                 if run.returncode != 0:
                     errors.append(f"{' '.join(flags)}: {run.stderr.strip()[:300]}")
@@ -129,6 +130,10 @@ def _build() -> ctypes.CDLL:
         library.eprun_native_vectorized.restype = ctypes.c_int
         library.eprun_native_openmp.restype = ctypes.c_int
         library.eprun_native_avx512.restype = ctypes.c_int
+        library.eprun_add_outer.restype = ctypes.c_int
+        library.eprun_add_outer.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        library.eprun_add_outer_available.restype = ctypes.c_int
         return library
     raise OSError("the C compiler failed: " + " | ".join(errors))
 
@@ -249,3 +254,24 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     if any(code != 0 for code in codes):
         raise MemoryError("the native relaxation could not allocate its scratch state")
     return taken
+
+
+def add_outer_available() -> bool:
+    """True when :func:`add_outer_` runs compiled here (a build with AVX-512)."""
+    lib = library()
+    return lib is not None and bool(lib.eprun_add_outer_available())
+
+
+def add_outer_(out: torch.Tensor, a: torch.Tensor, x: torch.Tensor, alpha: float) -> bool:
+    """out += α · aᵀ x  (``outer_product.c``) for out [n, m], a [batch, n], x [batch, m]: CPU,
+    float32, contiguous, checked here. Returns False, having done nothing, when the tensors or
+    the build do not allow it."""
+    if not add_outer_available():
+        return False
+    batch, n = a.shape
+    if (out.shape != (n, x.shape[1]) or x.shape[0] != batch
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in (out, a, x))):
+        return False
+    code = library().eprun_add_outer(out.data_ptr(), a.data_ptr(), x.data_ptr(), batch, n, x.shape[1], float(alpha),
+                                     torch.get_num_threads() if _shares_openmp else 1)
+    return code == 0

@@ -67,7 +67,7 @@ from torch import nn
 
 from eprun.nets.activations import ACTIVATIONS
 from eprun.nets.common import Readout, WeightLayers, grad_of, per_layer, uniform_parameter
-from eprun.nets.products import linear
+from eprun.nets.products import add_outer_, linear
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -257,7 +257,7 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
             diff = ra[n + 1] - rb[n + 1]
             if n == 0:
-                grad_of(w).addmm_(diff.T, xr, alpha=c)
+                add_outer_(grad_of(w), diff, xr, c)
             else:
                 grad_of(w).addmm_(ra[n + 1].T, ra[n], alpha=c)
                 grad_of(w).addmm_(rb[n + 1].T, rb[n], alpha=-c)

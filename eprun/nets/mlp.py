@@ -30,7 +30,7 @@ from torch import nn
 
 from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
                                 relax_dense_)
-from eprun.nets.products import linear
+from eprun.nets.products import add_outer_, linear
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -139,7 +139,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         c = scale / layers_a[0].shape[0]
         for n, (w, b) in enumerate(zip(self.weights, self.biases)):
             if n == 0:
-                grad_of(w).addmm_((layers_a[1] - layers_b[1]).T, layers_a[0], alpha=c)
+                add_outer_(grad_of(w), layers_a[1] - layers_b[1], layers_a[0], c)
             else:
                 grad_of(w).addmm_(layers_a[n + 1].T, layers_a[n], alpha=c)
                 grad_of(w).addmm_(layers_b[n + 1].T, layers_b[n], alpha=-c)

@@ -1,4 +1,6 @@
-"""x·Wᵀ + b on the CPU through oneDNN, where torch's BLAS takes a narrower path.
+"""The dense nets' two large products a batch, on the CPU faster than torch's BLAS here.
+
+**x·Wᵀ + b** (:func:`linear`) through oneDNN, where torch's BLAS takes a narrower path.
 
 The input drive a·(W₀x + b₁) + c of a dense net is its one large product per batch (batch 50,
 784 → 512: 40 MFLOP, once per batch and shared by every phase). torch sends a float32 ``addmm``
@@ -12,6 +14,12 @@ enough for the call's fixed cost to be worth it, and ``torch.addmm`` otherwise, 
 ``EPRUN_ONEDNN=0``, or when this torch has no oneDNN. The choice depends on the tensors and the
 setting only, never on a timing, so the same run gives the same numbers each time. The two
 differ by float32 rounding (summation order).
+
+**G += α·aᵀx** (:func:`add_outer_`): EP's update of the first weight matrix, a the difference of
+the first hidden layer's states between two phases and x the input. Its inner dimension is the
+batch (50), so the product is mostly reading and writing G; the compiled kernel of
+:mod:`eprun.native` (AVX-512 builds) does it in 0.09–0.13 ms against addmm_'s 0.20–0.28 ms for
+784-512 at batch 50 on 2 cores. Elsewhere, with autograd, or with ``EPRUN_NATIVE=0``, addmm_.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from eprun import native
 
 MIN_WEIGHT = 1 << 16  # elements of W from which oneDNN is used (its call costs ~20 µs more than addmm's)
 
@@ -67,3 +77,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is None:
         return x @ weight.T
     return torch.addmm(bias, x, weight.T)
+
+
+def add_outer_(out: torch.Tensor, a: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """out += α · aᵀ x  for out [n, m], a [batch, n], x [batch, m]; returns out."""
+    if not torch.is_grad_enabled() and native.add_outer_(out, a, x, alpha):
+        return out
+    return out.addmm_(a.T, x, alpha=alpha)

@@ -52,7 +52,7 @@ from torch import nn
 from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
                                 relax_dense_)
 from eprun.nets.mlp import MLPConfig
-from eprun.nets.products import linear
+from eprun.nets.products import add_outer_, linear
 
 
 @dataclass
@@ -232,7 +232,7 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
                 grad_of(w).add_(tied, alpha=c)
                 grad_of(self.backward_weight(n)).add_(tied.T, alpha=c)
             else:
-                grad_of(w).addmm_(diff_post.T, layers_a[n], alpha=c)  # (s^{n+1}_a − s^{n+1}_b) s^{nᵀ}_a
+                add_outer_(grad_of(w), diff_post, layers_a[n], c)  # (s^{n+1}_a − s^{n+1}_b) s^{nᵀ}_a
                 if n >= 1:  # (s^n_a − s^n_b) s^{n+1 ᵀ}_a
                     grad_of(self.backward_weight(n)).addmm_(diff_post_prev.T, layers_a[n + 1], alpha=c)
             diff_post_prev = diff_post
