@@ -28,8 +28,8 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
-                                relax_dense_)
+from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward, grad_of,
+                                init_dense_chain, parameters_in, relax_dense_)
 from eprun.nets.products import add_outer_, linear
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
@@ -172,13 +172,8 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         The constants a·b_n + c and a·β·y are computed once here, not per step. ``order``,
         ``tol``, ``check_every`` and ``tol_scope`` choose the schedule (see :func:`relax_dense_`).
         """
-        a = self.act.scale
-        n_layers = len(state)
-        nudged = beta != 0.0 and target is not None
-        const = [drive] + [(b * a + self.act.shift) for b in list(self.biases)[1:n_layers]]  # list first: slicing a ParameterList builds a module
-        if nudged and not self.softmax_readout:
-            const[-1] = const[-1] + (a * beta) * target
-        weights = list(self.weights)
+        const = dense_constants(self, drive, len(state), beta, target)
+        weights = parameters_in(self.weights)
         bottom_up = [w.T for w in weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = weights[1:]  # s^{n+1} @ W_n = (W_nᵀ s^{n+1})ᵀ
         return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target,

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_feedforward, grad_of, init_dense_chain,
-                                relax_dense_)
+from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward, grad_of,
+                                init_dense_chain, parameters_in, relax_dense_)
 from eprun.nets.mlp import MLPConfig
 from eprun.nets.products import add_outer_, linear
 
@@ -258,14 +258,9 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
 
         The MLP's loop with W_nᵀ replaced by B_n; constants computed once per call.
         """
-        a = self.act.scale
-        n_layers = len(state)
-        nudged = beta != 0.0 and target is not None
-        const = [drive] + [(b * a + self.act.shift) for b in list(self.biases)[1:n_layers]]  # list first: slicing a ParameterList builds a module
-        if nudged and not self.softmax_readout:
-            const[-1] = const[-1] + (a * beta) * target
-        bottom_up = [w.T for w in self.weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
-        top_down = [f.T for f in self.feedback]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
+        const = dense_constants(self, drive, len(state), beta, target)
+        bottom_up = [w.T for w in parameters_in(self.weights)]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
+        top_down = [f.T for f in parameters_in(self.feedback)]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
         return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
