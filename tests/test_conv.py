@@ -296,3 +296,23 @@ def test_conv_recipe_errors_name_the_key(tmp_path, monkeypatch):
     bad = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", "-s", "optim.lr=[0.1, 0.1]"])
     assert bad.exit_code == 2 and "optim.lr" in bad.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(100, 64, 8, 8), (20, 32, 24, 24), (7, 5, 9, 9), (2, 3, 6, 6)])
+@pytest.mark.parametrize("window", [2, 3])
+def test_max_pool_through_channels_last_is_torchs_bit_for_bit(shape, window):
+    """The CPU pooling of large inputs runs on a channels-last copy: the same values and argmax
+    indices as F.max_pool2d on the input as it is, with ties (few distinct values) and NaNs, and
+    the results contiguous."""
+    from eprun.nets.conv import max_pool_with_indices
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 3, shape, generator=g).float()
+    nans = torch.rand(shape, generator=g)
+    nans[nans < 0.1] = float("nan")
+    for z in (ties, nans):
+        values, indices = max_pool_with_indices(z, window)
+        expected_values, expected_indices = F.max_pool2d(z, window, window, return_indices=True)
+        assert torch.equal(indices, expected_indices)
+        assert torch.allclose(values, expected_values, equal_nan=True)
+        assert values.is_contiguous() and indices.is_contiguous()

@@ -57,6 +57,21 @@ from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLay
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
 
+CHANNELS_LAST_POOL_MIN = 1 << 14  # elements of z from which the CPU pooling goes through channels-last
+
+
+def max_pool_with_indices(z: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.max_pool2d(z, p, p, return_indices=True)``, the same values and indices bit for bit.
+
+    On the CPU, torch's kernel for (N, C, H, W)-contiguous input is several times slower than
+    its channels-last one at the conv nets' shapes (2 threads, AMD EPYC: (100, 64, 8, 8) 0.96
+    against 0.16 ms, (100, 32, 24, 24) 4.3 against 1.1 ms, the two layout conversions included),
+    so a large z is pooled in a channels-last copy and the results are returned contiguous."""
+    if z.device.type == "cpu" and z.dim() == 4 and z.numel() >= CHANNELS_LAST_POOL_MIN:
+        pooled, indices = F.max_pool2d(z.contiguous(memory_format=torch.channels_last), p, p, return_indices=True)
+        return pooled.contiguous(), indices.contiguous()
+    return F.max_pool2d(z, p, p, return_indices=True)
+
 
 @dataclass
 class ConvConfig(ConvLayerLists):
@@ -214,7 +229,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         """P_n(z) and, for max pooling, the argmax indices (for :meth:`_unpool`)."""
         p = self.pool_size
         if self.pools[n] == "max":
-            return F.max_pool2d(z, p, p, return_indices=True)
+            return max_pool_with_indices(z, p)
         if self.pools[n] == "avg":
             return F.avg_pool2d(z, p, p), None
         return z, None
