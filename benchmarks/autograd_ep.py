@@ -18,9 +18,9 @@ and ε·∂(−βℓ)/∂s^N = εβ(y − s^N): the dynamics of :mod:`eprun.nets
 
 A softmax read-out (outside Φ) gets the autograd gradient of its loss at s* (once per batch).
 The baselines reuse the parameters of an eprun network (``mlp``, ``energy_mlp``, ``conv``) but
-none of its closed forms; the conv net's own :meth:`~eprun.nets.conv.ConvNet.phi` is used
-because it is autograd-friendly and rebuilds every convolution from x at each call. They are
-what ``eprun bench`` and ``benchmarks/bench_mlp.py`` time eprun against, side by side.
+none of its code: Φ of every net is written here, so a faster eprun helper never makes the
+baseline faster. They are what ``eprun bench`` and ``benchmarks/bench_mlp.py`` time eprun
+against, side by side.
 """
 
 from __future__ import annotations
@@ -91,8 +91,21 @@ def _energy_mlp_phi(net, x, state):
 
 
 def _conv_phi(net, x, state):
-    """The conv net's own Φ: every convolution (the first one of x included) and pooling rebuilt."""
-    return net.phi(x, state)
+    """Φ = Σ s^{n+1}·P_n(W_n ⋆ s^n + b_{n+1}) over the conv layers + Σ s^{n+1}·(W_n s^n + b_{n+1})
+    over the dense ones, per example: every convolution (the first one of x included) and
+    pooling rebuilt, with torch's own pooling as the reference code has it."""
+    layers = [x] + list(state)
+    total = 0.0
+    for n, (w, b) in enumerate(zip(net.weights, net.biases)):
+        if n < net.n_conv:
+            z = F.conv2d(layers[n], w, b, net.strides[n], net.paddings[n])
+            p = net.pool_size
+            pooled = {"max": lambda: F.max_pool2d(z, p, p), "avg": lambda: F.avg_pool2d(z, p, p),
+                      "none": lambda: z}[net.pools[n]]()
+            total = total + (layers[n + 1] * pooled).sum(dim=(1, 2, 3))
+        else:
+            total = total + (layers[n + 1] * (_flat(layers[n]) @ w.T + b)).sum(dim=1)
+    return total
 
 
 _PHI = {PrototypicalMLP: _prototypical_mlp_phi, EnergyMLP: _energy_mlp_phi, ConvNet: _conv_phi}
