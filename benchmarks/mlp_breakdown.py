@@ -40,6 +40,7 @@ def main(argv=None) -> None:
 
     from eprun import native
     from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.nets.products import linear
     from eprun.optim import build_optimizer
 
     setup = _Setup(CASES["proto-mlp-1h"], BenchOptions(overrides=[f"data.batch_size={args.batch}"]),
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
         in_sequence = {
             "input drive, then Adam": best_ms(lambda: (net.input_drive(x), optimizer.step()), 50, args.repeats),
             "same product with another matrix, then Adam": best_ms(
-                lambda: (torch.addmm(net.biases[0], net.flatten(x), other.T), optimizer.step()), 50, args.repeats),
+                lambda: (linear(net.flatten(x), other, net.biases[0]), optimizer.step()), 50, args.repeats),
         }
     whole = {}
     for name in ("torch", "native"):
@@ -115,7 +116,61 @@ def main(argv=None) -> None:
     print("\nin sequence (ms):")
     for part, ms in in_sequence.items():
         print(f"  {part:44s} {ms:8.3f}")
+    fixed_costs(args.repeats)
+    after_the_baseline(setup, args.batch)
     steps_computed(setup, args.batch)
+
+
+def fixed_costs(repeats: int) -> None:
+    """What a training step costs whatever the batch: the 784-512-10 step at batch 2 (the passes
+    over W₀-sized arrays, and everything around the kernels), and a 16-8-10 net's step at batch 2
+    (Python and dispatch alone)."""
+    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+    from eprun.optim import build_optimizer
+    from eprun.recipe import OptimConfig
+    from eprun.rules.ep import EP, EPConfig
+
+    print("\nfixed costs of a training step (ms):")
+    setup = _Setup(CASES["proto-mlp-1h"], BenchOptions(overrides=["data.batch_size=2"]), torch.device("cpu"),
+                   torch.float32)
+    _, _, train = setup.eprun_side()
+    x, y = setup.data(1, 2, "fixed")[0]
+    print(f"  {'784-512-10, batch 2':44s} {best_ms(lambda: train(x, y), 200, repeats):8.3f}")
+    tiny = PrototypicalMLP(MLPConfig(hidden=[8], activation="sigmoid"), (16,), 10, torch.Generator().manual_seed(0))
+    rule = EP(EPConfig(T=30, K=10, beta=0.1), tiny, torch.Generator().manual_seed(0))
+    optimizer = build_optimizer(OptimConfig(kind="adam", lr=[5e-4, 5e-4]), tiny.layer_groups())
+    x, y = torch.rand(2, 16), torch.randint(0, 10, (2,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        rule.train_step(x, y)
+        optimizer.step()
+    print(f"  {'16-8-10, batch 2 (Python and dispatch)':44s} {best_ms(step, 500, repeats):8.3f}")
+
+
+def after_the_baseline(setup, batch: int, rounds: int = 5, size: int = 20) -> None:
+    """eprun's batches right after a round of baseline batches, as ``eprun bench`` alternates
+    them: the median over ``rounds`` rounds of each position in a round of ``size`` batches."""
+    import statistics
+    import time
+
+    _, _, train = setup.eprun_side()
+    _, base = setup.baseline_side()
+    pool = setup.data(4, batch, "rounds")
+    for i in range(2):
+        base(*pool[i])
+        train(*pool[i])
+    times = [[] for _ in range(size)]
+    for _ in range(rounds):
+        for i in range(size):
+            base(*pool[i % 4])
+        for i in range(size):
+            start = time.perf_counter()
+            train(*pool[i % 4])
+            times[i].append(time.perf_counter() - start)
+    print(f"\neprun's batches after {size} baseline batches, by position (median of {rounds} rounds, ms):")
+    print("  " + " ".join(f"{statistics.median(t) * 1e3:.2f}" for t in times))
 
 
 def steps_computed(setup, batch: int, batches: int = 300) -> None:

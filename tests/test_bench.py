@@ -181,3 +181,15 @@ def test_dtp_case_is_timed_against_bp_on_the_same_net_without_an_update_check():
     table = CliRunner().invoke(app, ["--threads", "1", "bench", "--quick", "--device", "cpu",
                                      "--only", "dtp-lenet", *tiny])
     assert table.exit_code == 0 and "vs BP" in table.stdout
+
+
+@pytest.mark.skipif(__import__("eprun.native", fromlist=["_compiler"])._compiler() is None,
+                    reason="no C compiler on this machine")
+def test_native_step_script_times_each_build_and_compares_states(capsys):
+    """benchmarks/native_step.py builds each source it is given and prints ns per example-step
+    and the states' difference from the first build (0 for a build against itself)."""
+    from benchmarks import native_step
+
+    native_step.main(["--steps", "3", "--rounds", "1"])
+    line = capsys.readouterr().out.strip()
+    assert "ns per example-step" in line and "max |Δ| 0.0e+00" in line
