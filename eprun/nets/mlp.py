@@ -137,13 +137,14 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         layers_a = [self.flatten(x)] + list(state_a)
         layers_b = [layers_a[0]] + list(state_b)
         c = scale / layers_a[0].shape[0]
-        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for n, (w, b) in enumerate(zip(parameters_in(self.weights), parameters_in(self.biases))):
+            diff = layers_a[n + 1] - layers_b[n + 1]  # s^{n+1}_a − s^{n+1}_b
             if n == 0:
-                add_outer_(grad_of(w), layers_a[1] - layers_b[1], layers_a[0], c)
+                add_outer_(grad_of(w), diff, layers_a[0], c)
             else:
                 grad_of(w).addmm_(layers_a[n + 1].T, layers_a[n], alpha=c)
                 grad_of(w).addmm_(layers_b[n + 1].T, layers_b[n], alpha=-c)
-            grad_of(b).add_(layers_a[n + 1].sum(dim=0) - layers_b[n + 1].sum(dim=0), alpha=c)
+            grad_of(b).add_(diff.sum(dim=0), alpha=c)
 
     # ------------------------------------------------------------------ dynamics (hot path)
 

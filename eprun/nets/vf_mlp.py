@@ -224,7 +224,7 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         layers_b = [layers_a[0]] + list(state_b)
         c = scale / layers_a[0].shape[0]
         diff_post_prev = None  # s^n_a − s^n_b of the layer below (None for the clamped input)
-        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+        for n, (w, b) in enumerate(zip(parameters_in(self.weights), parameters_in(self.biases))):
             diff_post = layers_a[n + 1] - layers_b[n + 1]
             grad_of(b).add_(diff_post.sum(dim=0), alpha=c)  # s^{n+1}_a − s^{n+1}_b
             if n >= 1 and self.same_update:  # tied: W_n and B_nᵀ both get V_{W_n} + V_{B_n}ᵀ
