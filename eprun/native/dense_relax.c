@@ -310,9 +310,10 @@ static inline __attribute__((always_inline)) void update_layer(
  * output, one vector register each: from the old hidden states for the synchronous schedule,
  * from the new ones for the even/odd schedule (layer 0 first, then layer 1 from its fresh
  * values). The old block is read before the new one is written, so both schedules run in place.
- * One example at a time: each block's loads serve 2·n_1 multiply-adds, which keeps the two
- * vector units busy without a second example. The output's n_1 sums are then reduced and g
- * applied to them in one masked vector. */
+ * One example at a time: a second example in the same pass measured slower (its sums no longer
+ * fit in the registers), as did two passes a step (products, then g) and examples taking their
+ * steps in turns. The output's n_1 sums are then reduced and g applied to them in one masked
+ * vector. */
 
 /* e^x for 16 floats: exp8's reduction and polynomial (Cephes' constants), evaluated for a short
  * dependency chain: x = n ln2 + r, e^r = 1 + r + r²·q(r) with q's six terms in Estrin's scheme,
