@@ -99,10 +99,11 @@ def _conv_phi(net, x, state):
     for n, (w, b) in enumerate(zip(net.weights, net.biases)):
         if n < net.n_conv:
             z = F.conv2d(layers[n], w, b, net.strides[n], net.paddings[n])
-            p = net.pool_size
-            pooled = {"max": lambda: F.max_pool2d(z, p, p), "avg": lambda: F.avg_pool2d(z, p, p),
-                      "none": lambda: z}[net.pools[n]]()
-            total = total + (layers[n + 1] * pooled).sum(dim=(1, 2, 3))
+            if net.pools[n] == "max":
+                z = F.max_pool2d(z, net.pool_size, net.pool_size)
+            elif net.pools[n] == "avg":
+                z = F.avg_pool2d(z, net.pool_size, net.pool_size)
+            total = total + (layers[n + 1] * z).sum(dim=(1, 2, 3))
         else:
             total = total + (layers[n + 1] * (_flat(layers[n]) @ w.T + b)).sum(dim=1)
     return total

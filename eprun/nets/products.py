@@ -6,8 +6,9 @@ The input drive a·(W₀x + b₁) + c of a dense net is its one large product pe
 784 → 512: 40 MFLOP, once per batch and shared by every phase). torch sends a float32 ``addmm``
 to MKL, whose kernels on AMD CPUs are its AVX2 ones even where the CPU has AVX-512; oneDNN, also
 inside torch (its convolutions use it), picks its kernels from the instruction set alone. On 2
-cores of an AMD EPYC with AVX-512 the drive takes 0.27 ms through ``addmm`` and 0.13 ms through
-oneDNN (``python -m benchmarks.mlp_breakdown``).
+cores of an AMD EPYC with AVX-512 the drive takes 0.29–0.32 ms through ``addmm`` and 0.16–0.18 ms
+through oneDNN (``[EPRUN_ONEDNN=0] python -m benchmarks.mlp_breakdown --threads 2``, "input
+drive" row, two runs each, alternating).
 
 :func:`linear` uses oneDNN for float32 CPU tensors without autograd when the weight is large
 enough for the call's fixed cost to be worth it, and ``torch.addmm`` otherwise, or when
@@ -18,8 +19,10 @@ differ by float32 rounding (summation order).
 **G += α·aᵀx** (:func:`add_outer_`): EP's update of the first weight matrix, a the difference of
 the first hidden layer's states between two phases and x the input. Its inner dimension is the
 batch (50), so the product is mostly reading and writing G; the compiled kernel of
-:mod:`eprun.native` (AVX-512 builds) does it in 0.09–0.13 ms against addmm_'s 0.20–0.28 ms for
-784-512 at batch 50 on 2 cores. Elsewhere, with autograd, or with ``EPRUN_NATIVE=0``, addmm_.
+:mod:`eprun.native` (AVX-512 builds) does it in 8×32 tiles. The whole update of the 784-512-10 net
+at batch 50 on 2 cores, the small products and sums included: 0.25–0.28 ms with addmm_, 0.15–0.18
+ms with the kernel (``python -m benchmarks.mlp_breakdown --threads 2``, "update into .grad" row,
+torch and native columns). Elsewhere, with autograd, or with ``EPRUN_NATIVE=0``, addmm_.
 """
 
 from __future__ import annotations

@@ -57,7 +57,6 @@ def _torch_info(device: str) -> dict[str, Any]:
     }
     if str(device).startswith("cpu"):
         from eprun import native
-
         from eprun.nets.products import onednn_status
 
         info["native_relaxation"] = native.status()
