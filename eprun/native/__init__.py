@@ -10,6 +10,10 @@ one hidden layer under at most 16 outputs goes one example at a time through one
 hidden units a step, both products and σ in 16-wide vectors (784-512-10, batch 50, one thread:
 562 → 313 ns an example-step against the two-example path, ``python -m benchmarks.native_step``).
 
+The conv nets' top-down term of a max-pooled layer, Wᵀ ⋆ Pᵀ(s), is computed here too
+(``unpool_conv_t.c``, :func:`unpool_conv_t`): from the one nonzero in each pooling window,
+a quarter of the dense transposed convolution's multiply-adds with 2×2 pools.
+
 A batch is split into row ranges run on up to ``torch.get_num_threads()`` threads; the split
 changes no result. Built with OpenMP (the first flag set), the library shares torch's OpenMP
 runtime, and the split runs in one parallel region on the same worker threads as torch's
@@ -18,7 +22,8 @@ thread (batch 50, 2 threads: free phase 1.0 → 0.6 ms). Otherwise the ranges go
 (ctypes releases the GIL during the call), from :data:`SPLIT_ROWS` rows a thread: below that,
 torch's workers, spinning after a product, took the second core from them (no gain at batch 50).
 
-The sources (``dense_relax.c``, and ``outer_product.c`` for :func:`add_outer_`) are compiled
+The sources (``dense_relax.c``, ``outer_product.c`` for :func:`add_outer_` and
+``unpool_conv_t.c`` for :func:`unpool_conv_t`) are compiled
 into one library on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
 flags, the compiler's version and the machine; a flag set that failed leaves a ``.failed`` note
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("dense_relax.c"), Path(__file__).with_name("outer_product.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("dense_relax.c", "outer_product.c", "unpool_conv_t.c"))
 # the first set that builds is used: OpenMP (to split a batch on torch's own worker threads), then
 # without it, then without the host's vector instructions
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"], ["-O3", "-march=native", "-fPIC", "-shared"],
@@ -134,6 +139,11 @@ def _build() -> ctypes.CDLL:
         library.eprun_add_outer.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
         library.eprun_add_outer_available.restype = ctypes.c_int
+        library.eprun_unpool_conv_t.restype = ctypes.c_int
+        library.eprun_unpool_conv_t.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int] + [
+            ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int]
+        library.eprun_unpool_conv_t_available.restype = ctypes.c_int
+        library.eprun_unpool_conv_t_available.argtypes = [ctypes.c_int64] * 6
         return library
     raise OSError("the C compiler failed: " + " | ".join(errors))
 
@@ -274,4 +284,50 @@ def add_outer_(out: torch.Tensor, a: torch.Tensor, x: torch.Tensor, alpha: float
         return False
     code = library().eprun_add_outer(out.data_ptr(), a.data_ptr(), x.data_ptr(), batch, n, x.shape[1], float(alpha),
                                      torch.get_num_threads() if _shares_openmp else 1)
+    return code == 0
+
+
+def unpool_conv_t_available(kernel: int, stride: int, padding: int, z_width: int, width: int, channels: int) -> bool:
+    """True when :func:`unpool_conv_t` runs compiled for this geometry (an AVX-512 build, stride 1,
+    one of the kernel / padding / widths that ``unpool_conv_t.c`` instantiates, ``channels`` the
+    output channels)."""
+    lib = library()
+    return lib is not None and bool(lib.eprun_unpool_conv_t_available(kernel, stride, padding, z_width, width,
+                                                                       channels))
+
+
+def unpool_conv_t(above: torch.Tensor, indices: torch.Tensor, weight_r: torch.Tensor, z_size: tuple[int, int],
+                  size: tuple[int, int], padding: int, out: torch.Tensor, base: torch.Tensor | None = None,
+                  alpha: float = 1.0, clamp01: bool = False) -> bool:
+    """out = base + α·(Wᵀ ⋆ Pᵀ(above)), then clamped to [0, 1] if ``clamp01`` (``unpool_conv_t.c``):
+    the transposed convolution (stride 1) of the max-pool adjoint,
+    ``conv_transpose2d(max_unpool2d(above, indices, …, z_size), W, padding)``, with the rest of a
+    layer's update fused in.
+
+    ``above`` [batch, co, hp, wp] float32 and ``indices`` (int64, the argmax of each window,
+    row-major in the z_size plane) with any strides; ``weight_r`` = W.permute(2, 0, 3, 1),
+    contiguous [k, co, k, ci]; ``out`` and ``base`` (or None: 0) contiguous [batch, h, w, ci]
+    float32 (``size`` = (h, w); a channels-last [batch, ci, h, w] tensor permuted), ``out``
+    written whole. CPU tensors, checked here. Returns False, having done nothing, when the
+    tensors, the geometry or the build do not allow it."""
+    lib = library()
+    if lib is None:
+        return False
+    batch, co, hp, wp = above.shape
+    k, c_out, _, ci = weight_r.shape
+    tensors = (above, weight_r, out) if base is None else (above, weight_r, out, base)
+    if (indices.shape != above.shape or c_out != co or out.shape != (batch, *size, ci) or not out.is_contiguous()
+            or not weight_r.is_contiguous() or indices.dtype != torch.int64
+            or (base is not None and (base.shape != out.shape or not base.is_contiguous()))
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+            or not lib.eprun_unpool_conv_t_available(k, 1, padding, z_size[1], size[1], ci)):
+        return False
+    shape = (ctypes.c_int64 * 10)(co, hp, wp, z_size[0], z_size[1], ci, size[0], size[1], k, padding)
+    code = lib.eprun_unpool_conv_t(out.data_ptr(), None if base is None else base.data_ptr(), float(alpha),
+                                   int(clamp01), above.data_ptr(), indices.data_ptr(), weight_r.data_ptr(), batch,
+                                   shape, (ctypes.c_int64 * 4)(*above.stride()),
+                                   (ctypes.c_int64 * 4)(*indices.stride()),
+                                   torch.get_num_threads() if _shares_openmp else 1)
+    if code == -2:
+        raise MemoryError("the native transposed convolution could not allocate its scratch")
     return code == 0
