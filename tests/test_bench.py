@@ -193,3 +193,20 @@ def test_native_step_script_times_each_build_and_compares_states(capsys):
     native_step.main(["--steps", "3", "--rounds", "1"])
     line = capsys.readouterr().out.strip()
     assert "ns per example-step" in line and "max |Δ| 0.0e+00" in line
+
+
+def test_conv_step_script_times_both_paths_and_the_parts(capsys, monkeypatch):
+    """benchmarks/conv_step.py relaxes the MNIST conv net on both paths and times a step's parts,
+    leaving EPRUN_NATIVE as it found it."""
+    from benchmarks import conv_step
+    from eprun import native
+
+    monkeypatch.delenv("EPRUN_NATIVE", raising=False)
+    try:
+        conv_step.main(["--threads", "1", "--batch", "2", "--steps", "2", "--rounds", "1"])
+    finally:
+        native.reset()
+    out = capsys.readouterr().out
+    assert "compiled top-down term" in out and "torch" in out and "ratio" in out
+    assert "z = W ⋆ s¹, channels-last" in out and "max pool with indices" in out
+    assert "EPRUN_NATIVE" not in __import__("os").environ

@@ -46,8 +46,9 @@ CIFAR-10 nets): from the nonzeros of P_nᵀ(s^{n+1}) only, one in p² of the unp
 (hard sigmoids) in the same pass. Its output is channels-last, so the layers that receive it are
 kept channels-last during :meth:`relax` (scratch copies; the given state is updated in place at
 the end), and so is the convolution that reads them, which oneDNN also runs faster that way.
-MNIST net, batch 100, 2 threads: 6.3 → 2.7–3.0 ms a step, bench ratio 2.3–2.7× → 3.9–4.5×
-(``eprun --threads 2 bench --only conv-mnist -s data.batch_size=100 --batches 3 --warmup 1``).
+MNIST net, batch 100, 2 threads: 4.3–4.6 → 2.5–2.7 ms a step (``python -m benchmarks.conv_step``);
+against the autograd baseline 2.3–2.4× → 4.1–4.3× (``eprun --threads 2 bench --only conv-mnist
+-s data.batch_size=100 --batches 3 --warmup 1``, the two versions alternately).
 ``EPRUN_NATIVE=0`` keeps torch for everything.
 """
 
