@@ -308,7 +308,7 @@ def unpool_conv_t(above: torch.Tensor, indices: torch.Tensor, weight_r: torch.Te
     row-major in the z_size plane) with any strides; ``weight_r`` = W.permute(2, 0, 3, 1),
     contiguous [k, co, k, ci]; ``out`` and ``base`` (or None: 0) contiguous [batch, h, w, ci]
     float32 (``size`` = (h, w); a channels-last [batch, ci, h, w] tensor permuted), ``out``
-    written whole. CPU tensors, checked here. Returns False, having done nothing, when the
+    written whole; ``base`` must not overlap ``out`` (which holds partial sums on the way). CPU tensors, checked here. Returns False, having done nothing, when the
     tensors, the geometry or the build do not allow it."""
     lib = library()
     if lib is None:

@@ -12,16 +12,20 @@
  *
  * summed over the z positions that are an argmax, which is the transposed convolution of the
  * unpooled map term by term. Per example the nonzeros are first sorted by z position (a counting
- * sort). Then, for each output row y and each block of 16·V output channels, the W output
- * positions of the row are V·W vector accumulators held in registers: for each kernel row ky the
- * z row zy = y + π − ky is walked position by position, and every value there adds v·W[co, ky, kx]
- * to the accumulator of x = zx − π + kx. The row's width, the kernel, the padding and the z
- * width are compile-time constants (one instantiation per geometry in GEOMETRIES below), so
- * every accumulator index is a constant and the accumulators never go to memory; a loaded
- * weight vector serves one multiply-add, from Wr[ky, co, kx, ci] (the caller permutes W once per
- * relaxation). Values of exactly 0 (a saturated hard sigmoid) are skipped. The output is
- * channels-last, D[b, y, x, ci], and may take the rest of its layer's update on the way out:
- * base + α·D, clamped to [0, 1] (s¹ ← g(drive + a·D) in one pass, for the hard sigmoids).
+ * sort, branch-free). Then, for each block of 16·V output channels and each kernel row ky (the
+ * outermost loop, so that row's weights Wr[ky, ·, ·, block], co·K·16V floats, stay in the
+ * first-level cache), every output row y is walked: its W positions are V·W vector accumulators
+ * in registers, loaded with the row's partial sums from `out` (zero at ky = 0), then the z row
+ * zy = y + π − ky is walked position by position and every value there adds v·W[co, ky, kx] to the
+ * accumulator of x = zx − π + kx; the row goes back to `out`. The row's width, the kernel, the
+ * padding, the z width and the channel count are compile-time constants (one instantiation per
+ * geometry in GEOMETRIES below), so every accumulator index and weight offset is a constant; a
+ * loaded weight vector serves one multiply-add (the caller permutes W to Wr once per relaxation).
+ * Values of exactly 0 (a saturated hard sigmoid) add nothing. The output is channels-last,
+ * D[b, y, x, ci], and may take the rest of its layer's update at the last kernel row: base + α·D,
+ * clamped to [0, 1] (s¹ ← g(drive + a·D) in one pass, for the hard sigmoids); `base` must not
+ * overlap `out`, which holds the partial sums until then. Each worker allocates its sort's
+ * scratch (a few KB to ~100 KB) once a call.
  *
  * Each example is summed on its own in a fixed order, and the batch is split over the OpenMP
  * workers by whole examples, so the split changes no bit. The order differs from torch's, so
