@@ -1,15 +1,17 @@
-"""One relaxation step of the MNIST conv net, with and without the compiled top-down term, and
-where the step's time goes, side by side in one process.
+"""One relaxation step of the MNIST conv net, with and without the compiled kernels, and where
+the step's time goes, side by side in one process.
 
     python -m benchmarks.conv_step [--threads 2] [--batch 100] [--steps 40] [--rounds 5]
 
 The ``ernoult2019/proto-conv`` net's initial weights and random inputs (as ``eprun bench``'s
 conv-mnist case builds them), relaxed 50 steps first. Then, alternating ``--rounds`` times,
-``relax`` for ``--steps`` steps with the compiled term (``EPRUN_NATIVE`` auto) and on the torch
-path (``EPRUN_NATIVE=0``); the best round of each, in ms a step. Then the parts of one step,
-each called in the order a step calls them (100 steps, ms a call): the convolution z₁ = W₁ ⋆ s¹
-(NCHW and channels-last), the max pooling with indices, the top-down term into s¹ (torch's
-``max_unpool2d`` + ``conv_transpose2d`` + the drive and σ, and the compiled, fused kernel).
+``relax`` for ``--steps`` steps with the compiled kernels (``EPRUN_NATIVE`` auto: the Winograd
+convolution with its pooling and the top-down term) and on the torch path (``EPRUN_NATIVE=0``);
+the best round of each, in ms a step. Then the parts of one step, each called in the order a
+step calls them (100 steps, ms a call): the convolution z₁ = W₁ ⋆ s¹ (NCHW and channels-last),
+the max pooling with indices, both at once by the compiled Winograd kernel, the top-down term
+into s¹ (torch's ``max_unpool2d`` + ``conv_transpose2d`` + the drive and σ, and the compiled,
+fused kernel).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main(argv=None) -> None:
 
     from eprun import native
     from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.nets import winograd
     from eprun.nets.conv import max_pool_with_indices
 
     setup = _Setup(CASES["conv-mnist"], BenchOptions(), torch.device("cpu"), torch.float32)
@@ -59,7 +62,7 @@ def main(argv=None) -> None:
         os.environ.pop("EPRUN_NATIVE")
         native.reset()
         print(f"batch {args.batch}, {args.threads} thread(s); relax, ms a step (best of {args.rounds}): "
-              f"compiled top-down term {best['compiled']:.3f}, torch {best['torch']:.3f}, "
+              f"compiled kernels {best['compiled']:.3f}, torch {best['torch']:.3f}, "
               f"ratio {best['torch'] / best['compiled']:.2f}")
 
         a = net.act.scale
@@ -72,6 +75,10 @@ def main(argv=None) -> None:
         z_size, size = tuple(net.conv_hw[1]), tuple(s1.shape[2:])
         _, indices = max_pool_with_indices(F.conv2d(s1_last, w), net.pool_size, True)
         compiled = native.unpool_conv_t_available(w.shape[2], 1, net.paddings[1], z_size[1], size[1], s1.shape[1])
+        fast_conv = native.winograd_conv_pool_available(w.shape[2], 1, net.pool_size, z_size, w.shape[1], w.shape[0])
+        weight_u = winograd.transform_weights(w)
+        pooled_out = torch.empty(s2.shape, memory_format=torch.channels_last)
+        indices_out = torch.empty(s2.shape, dtype=torch.int64, memory_format=torch.channels_last)
 
         def torch_term():
             u = F.max_unpool2d(s2, indices.contiguous(), net.pool_size, net.pool_size, output_size=z_size)
@@ -86,6 +93,9 @@ def main(argv=None) -> None:
                  "max pool with indices (channels-last z)": lambda: max_pool_with_indices(F.conv2d(s1_last, w),
                                                                                           net.pool_size, True),
                  "top-down into s¹, torch (+ drive, σ)": torch_term}
+        if fast_conv:
+            parts["z and its max pool, compiled Winograd"] = lambda: native.winograd_conv_pool(
+                s1_last, weight_u, net.paddings[1], pooled_out, indices_out)
         if compiled:
             parts["top-down into s¹, compiled (+ drive, σ)"] = compiled_term
         totals = dict.fromkeys(parts, 0.0)
@@ -99,8 +109,8 @@ def main(argv=None) -> None:
         totals["max pool with indices (channels-last z)"] = pool_of
         for name, total in totals.items():
             print(f"  {name:<44} {total / 100 * 1e3:7.3f} ms")
-        if not compiled:
-            print("  (the compiled term is not available here: an AVX-512 build is needed)")
+        if not (compiled and fast_conv):
+            print("  (a compiled kernel is not available here: an AVX-512 build is needed)")
 
 
 if __name__ == "__main__":

@@ -824,8 +824,10 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
             notes.append("GFLOP/s: 2 × multiply-adds of eprun's step counted from the shapes for T and K steps "
                          "(eprun.bench.train_macs) over its measured time; peak = the matmul above; a phase that "
                          "stops early (tol; the compiled kernel at a bitwise fixed point) computes fewer, and so "
-                         "does the compiled top-down term of a max-pooled conv layer (its nonzeros only: a "
-                         "quarter of the transposed convolution with 2×2 pools), so a conv net can read over 100%")
+                         "do the compiled kernels of a max-pooled conv layer (the top-down term from its nonzeros "
+                         "only: a quarter of the transposed convolution with 2×2 pools; a 5×5 convolution by "
+                         "Winograd's F(4×4, 5×5): about a fifth of the direct multiply-adds), so a conv net can "
+                         "read over 100%")
             notes.append(f"Δupdate: max over parameters of ‖u_eprun − u_base‖ / ‖u_base‖ from the same weights, "
                          f"on the first batch in {r['dtype']} · on its first {train[0]['float64_check_examples']} "
                          f"examples in float64; EB = energy-based")
@@ -839,7 +841,8 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
                 + (", split on torch's OpenMP threads" if state["openmp"] else "") if state["available"] \
                 else f"unavailable: {state['reason']}"
             notes.append("relaxation engine (eprun.native, " + built + "; EPRUN_NATIVE=0 for torch only; "
-                         "torch+native: torch's convolutions, the max-pooled top-down term compiled): "
+                         "torch+native: the max-pooled top-down term and, where it applies, the 5×5 convolution and "
+                         "its max pooling compiled, torch for the rest): "
                          + ", ".join(f"{case} {engine}" for case, engine in engines.items()))
         if r["device"].startswith("cuda") and torch.backends.cudnn.allow_tf32:
             notes.append("CUDA: cuDNN convolutions may use TF32 (torch's default), the peak matmul does not")

@@ -48,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("dense_relax.c", "outer_product.c", "unpool_conv_t.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("dense_relax.c", "outer_product.c", "unpool_conv_t.c", "winograd_conv_pool.c"))
 # the first set that builds is used: OpenMP (to split a batch on torch's own worker threads), then
 # without it, then without the host's vector instructions
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"], ["-O3", "-march=native", "-fPIC", "-shared"],
@@ -144,6 +145,11 @@ def _build() -> ctypes.CDLL:
             ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.POINTER(ctypes.c_int64)] * 3 + [ctypes.c_int]
         library.eprun_unpool_conv_t_available.restype = ctypes.c_int
         library.eprun_unpool_conv_t_available.argtypes = [ctypes.c_int64] * 6
+        library.eprun_winograd_conv_pool.restype = ctypes.c_int
+        library.eprun_winograd_conv_pool.argtypes = [ctypes.c_void_p] * 4 + [
+            ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+        library.eprun_winograd_conv_pool_available.restype = ctypes.c_int
+        library.eprun_winograd_conv_pool_available.argtypes = [ctypes.c_int64] * 7
         return library
     raise OSError("the C compiler failed: " + " | ".join(errors))
 
@@ -331,3 +337,46 @@ def unpool_conv_t(above: torch.Tensor, indices: torch.Tensor, weight_r: torch.Te
     if code == -2:
         raise MemoryError("the native transposed convolution could not allocate its scratch")
     return code == 0
+
+
+def winograd_conv_pool_available(kernel: int, stride: int, pool: int, z_size: tuple[int, int], in_channels: int,
+                                 out_channels: int) -> bool:
+    """True when :func:`winograd_conv_pool` runs compiled for this geometry (an AVX-512 build, 5 × 5 kernel, stride
+    1, 2 × 2 max pooling, z's sides multiples of 4, ``in_channels`` a multiple of 16,
+    ``out_channels`` of 64; ``winograd_conv_pool.c``)."""
+    lib = library()
+    return lib is not None and bool(lib.eprun_winograd_conv_pool_available(kernel, stride, pool, *z_size,
+                                                                           in_channels, out_channels))
+
+
+def winograd_conv_pool(s: torch.Tensor, weight_u: torch.Tensor, padding: int, pooled: torch.Tensor,
+                       indices: torch.Tensor) -> bool:
+    """pooled, indices ← ``F.max_pool2d(F.conv2d(s, W, padding=padding), 2, 2, return_indices=True)``
+    by Winograd's F(4 × 4, 5 × 5) with the pooling fused in (``winograd_conv_pool.c``); values
+    equal to rounding, indices those of the max of the values computed.
+
+    ``s`` [batch, ci, h, w] float32 channels-last (``s.permute(0, 2, 3, 1)`` contiguous);
+    ``weight_u`` = :func:`eprun.nets.winograd.transform_weights` of W, [64, ci, co];
+    ``pooled`` (float32) and ``indices`` (int64) [batch, co, hz/2, wz/2] channels-last, written
+    whole. CPU tensors, checked here. Returns False, having done nothing, when the tensors, the
+    geometry or the build do not allow it."""
+    lib = library()
+    if lib is None:
+        return False
+    batch, ci, h, w = s.shape
+    co = weight_u.shape[2]
+    hz, wz = h + 2 * padding - 4, w + 2 * padding - 4
+    rows = (s.permute(0, 2, 3, 1), pooled.permute(0, 2, 3, 1), indices.permute(0, 2, 3, 1))
+    if (weight_u.shape != (64, ci, co) or not weight_u.is_contiguous() or not all(r.is_contiguous() for r in rows)
+            or pooled.shape != (batch, co, hz // 2, wz // 2) or indices.shape != pooled.shape
+            or indices.dtype != torch.int64
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (s, weight_u, pooled))
+            or not lib.eprun_winograd_conv_pool_available(5, 1, 2, hz, wz, ci, co)):
+        return False
+    shape = (ctypes.c_int64 * 5)(h, w, ci, co, padding)
+    code = lib.eprun_winograd_conv_pool(pooled.data_ptr(), indices.data_ptr(), s.data_ptr(), weight_u.data_ptr(),
+                                        batch, shape, torch.get_num_threads() if _shares_openmp else 1)
+    if code == -2:
+        raise MemoryError("the native Winograd convolution could not allocate its scratch")
+    return code == 0
+

@@ -46,9 +46,13 @@ CIFAR-10 nets): from the nonzeros of P_nᵀ(s^{n+1}) only, one in p² of the unp
 (hard sigmoids) in the same pass. Its output is channels-last, so the layers that receive it are
 kept channels-last during :meth:`relax` (scratch copies; the given state is updated in place at
 the end), and so is the convolution that reads them, which oneDNN also runs faster that way.
-MNIST net, batch 100, 2 threads: 4.3–4.6 → 2.5–2.7 ms a step (``python -m benchmarks.conv_step``);
-against the autograd baseline 2.3–2.4× → 4.1–4.3× (``eprun --threads 2 bench --only conv-mnist
--s data.batch_size=100 --batches 3 --warmup 1``, the two versions alternately).
+That convolution, when it is 5 × 5 with stride 1 and 2 × 2 max pooling (the MNIST net's second
+layer), goes through :func:`eprun.native.winograd_conv_pool` instead: Winograd's F(4 × 4, 5 × 5)
+(:mod:`eprun.nets.winograd`), about a fifth of the multiply-adds, the pooling fused in.
+MNIST net, batch 100, 2 threads (``python -m benchmarks.conv_step``), ms a step: torch 3.8–4.3,
+compiled top-down term 2.3–2.7, and the Winograd convolution 1.2–1.4; against the autograd
+baseline (``eprun --threads 2 bench --only conv-mnist -s data.batch_size=100 --batches 3
+--warmup 1``) 2.3–2.4× → 4.0–4.3× → 8.8×.
 ``EPRUN_NATIVE=0`` keeps torch for everything.
 """
 
@@ -63,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun import native
+from eprun.nets import winograd
 from eprun.nets.activations import ACTIVATIONS
 from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, check_tol_scope, grad_of,
                                 largest_change, note_relax, per_layer, relax_each_example, uniform_parameter)
@@ -299,6 +304,34 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
             found[n] = (weight.detach().permute(2, 0, 3, 1).contiguous(), self._scratch[key])
         return found
 
+    def _winograd_convolutions(self, state: list[torch.Tensor], layers: set[int]) -> dict:
+        """The conv layers n ≥ 1 whose v_n, i_n = P_n(W_n ⋆ s^n) the compiled Winograd kernel
+        computes (:func:`eprun.native.winograd_conv_pool`: F(4 × 4, 5 × 5) with the 2 × 2 max
+        pooling fused in, s^n channels-last, i.e. n − 1 in ``layers``): {n: (U_n = W_n
+        transformed, the pooled values' and indices' buffers [batch, co, h/2, w/2], channels-last)}.
+        U_n is recomputed when W_n has changed since the last relaxation."""
+        found = {}
+        batch = state[0].shape[0]
+        for n in range(1, self.n_conv):
+            weight = self.weights[n]
+            if (n - 1 not in layers or self.pools[n] != "max" or self.pool_size != 2 or self.strides[n] != 1
+                    or weight.dtype != torch.float32
+                    or not native.winograd_conv_pool_available(weight.shape[-1], 1, 2, self.conv_hw[n],
+                                                               weight.shape[1], weight.shape[0])):
+                continue
+            stamp = (weight._version, weight.data_ptr())
+            kept = self._scratch.get(("winograd-weights", n))
+            if kept is None or kept[0] != stamp:
+                kept = self._scratch[("winograd-weights", n)] = (stamp, winograd.transform_weights(weight))
+            key = ("winograd-out", n, batch)
+            if key not in self._scratch:
+                shape = (batch, weight.shape[0], self.conv_hw[n][0] // 2, self.conv_hw[n][1] // 2)
+                self._scratch[key] = tuple(torch.empty(shape, dtype=dtype, device=weight.device,
+                                                       memory_format=torch.channels_last)
+                                           for dtype in (weight.dtype, torch.int64))
+            found[n] = (kept[1], *self._scratch[key])
+        return found
+
     def _channels_last_states(self, state: list[torch.Tensor], layers: set[int]) -> tuple[list, list]:
         """(current, next) state buffers for :meth:`relax`: channels-last scratch copies for the
         state layers in ``layers`` (those that receive a compiled top-down term, which comes
@@ -509,13 +542,20 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
                 const[0] = const[0].contiguous(memory_format=torch.channels_last)
         else:
             cur, nxt = state, self._scratch_for(state)
+        fast_convs = self._winograd_convolutions(state, channels_last)
         pooled: list = [None] * n_layers  # v_n: the bottom-up term of s^{n+1}
         indices: list = [None] * n_layers  # i_n: routes the top-down term into s^n
 
         def convolve(n: int, src: list[torch.Tensor]) -> None:
-            """v_n, i_n = P_n(W_n ⋆ s^n) with s^n = src[n − 1]. Where the compiled kernel takes i_n,
-            both stay in the pooling's own layout (channels-last on the CPU; the update's addition
-            reads v_n in it), saving two layout conversions a step."""
+            """v_n, i_n = P_n(W_n ⋆ s^n) with s^n = src[n − 1], by the compiled Winograd kernel where
+            it runs. Where the compiled top-down kernel takes i_n, both stay in the pooling's own
+            layout (channels-last on the CPU; the update's addition reads v_n in it), saving two
+            layout conversions a step."""
+            if n in fast_convs:
+                weight_u, out, out_indices = fast_convs[n]
+                if native.winograd_conv_pool(src[n - 1], weight_u, self.paddings[n], out, out_indices):
+                    pooled[n], indices[n] = out, out_indices
+                    return
             pooled[n], indices[n] = self._pool(n, self._conv(n, src[n - 1], bias=False), n in compiled)
 
         def top_down(n: int, above: torch.Tensor) -> torch.Tensor:

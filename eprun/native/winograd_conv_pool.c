@@ -1,0 +1,336 @@
+/*
+ * A 5 × 5 convolution and the 2 × 2 max pooling after it, by Winograd's minimal filtering
+ * F(4 × 4, 5 × 5) (Lavin & Gray 2016), the pooling fused into the output transform.
+ *
+ * In the conv EP net every relaxation step convolves each conv layer's state, v, i = P(W ⋆ s)
+ * (bias-free; the bias is added after pooling), and the convolution is the step's largest cost.
+ * A direct convolution spends 25 multiply-adds per output, per input channel. Winograd's
+ * algorithm computes a 4 × 4 output tile from an 8 × 8 input tile d in the transformed domain::
+ *
+ *     Y = Aᵀ [ Σ_ci (G W[co, ci] Gᵀ) ⊙ (Bᵀ d[ci] B) ] A          (8 × 8 elementwise products)
+ *
+ * 64 multiply-adds per tile and channel pair instead of 16 · 25 = 400, plus the transforms, whose
+ * cost is shared by all the output (input) channels. Bᵀ (8 × 8), G (8 × 5) and Aᵀ (4 × 8) are the
+ * Cook–Toom matrices of the points 0, ±1, ±2, ±½, ∞, built and explained in
+ * ``eprun/nets/winograd.py``, which also transforms the weights once per relaxation,
+ * U[ξν, ci, co] = (G W[co, ci] Gᵀ)[ξ, ν]; Bᵀ and Aᵀ are written out below. The sum over ci is,
+ * for each of the 64 positions ξν, a product of matrices:
+ *
+ *     M[ξν][tile, co] = Σ_ci V[ξν][tile, ci] · U[ξν][ci, co],    V[ξν][tile, ci] = (Bᵀ d[ci] B)[ξ, ν]
+ *
+ * Tiles are taken in blocks (a block's V and M stay in the second-level cache): input transform
+ * of the block, the 64 products (6 tiles × 64 output channels of accumulators in registers), then
+ * the output transform of each tile, whose 4 × 4 outputs are exactly four 2 × 2 pooling windows
+ * (the tiles start at multiples of 4): their max and its index (row-major in the z plane, the
+ * first in row-major order among equal values, a NaN wins: as torch's max_pool2d) are written,
+ * and z itself never is. A NaN or infinity in s reaches every output of the tiles it is in (the
+ * transforms mix a tile's 64 inputs), a superset of the windows it reaches directly.
+ *
+ * Layout: s is channels-last, [batch, h, w, ci]; the pooled values and indices are
+ * [batch, hz/2, wz/2, co] (channels-last views of [batch, co, hz/2, wz/2]). Stride 1, zero
+ * padding `pad`; z is hz × wz = (h + 2 pad − 4) × (w + 2 pad − 4), multiples of 4; ci a multiple
+ * of 16, co of 64.
+ *
+ * Every tile's sums run in a fixed order whatever block or thread it falls in, so the split over
+ * the OpenMP workers changes no bit. The results differ from a direct convolution by rounding
+ * (the transforms' round-off: float32, the MNIST net's second layer, max |error| 4e-6 against
+ * 9e-7 for torch's; ``tests/test_winograd.py`` bounds it, and any disagreement between the
+ * constants below and the Python module's would fail it).
+ *
+ * The MNIST net's second layer (batch 100, 32 → 64 channels, 12 × 12 → 8 × 8, pooled to 4 × 4),
+ * AVX-512, 2 threads: 0.39–0.49 ms against 1.45 ms for oneDNN's channels-last convolution and
+ * 0.07 ms for the pooling (``python -m benchmarks.conv_step``); one thread: 0.17 ms input
+ * transform, 0.47 ms products (~220 GFLOP/s), 0.13 ms output transform and pooling.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__FMA__)
+#include <immintrin.h>
+#define EPRUN_WINOGRAD_AVX512 1
+#else
+#define EPRUN_WINOGRAD_AVX512 0
+#endif
+
+#define ALPHA 8          /* the transformed tile's side, m + r − 1 */
+#define TILE 4           /* m: the output tile's side */
+#define KERNEL 5         /* r */
+#define LANES 16         /* channels a vector */
+#define GROUP 6          /* tiles whose products share the loaded U vectors */
+#define CO_BLOCK 64      /* output channels a product covers: GROUP × 4 vectors of accumulators */
+#define BLOCK_BYTES (256 * 1024)  /* V and M of one block of tiles */
+
+typedef struct {
+    int64_t h, w, ci, co, hz, wz, pad, tiles_y, tiles_x;
+} winograd_geometry;
+
+#if EPRUN_WINOGRAD_AVX512
+/* Bᵀ and Aᵀ of the points 0, ±1, ±2, ±½, ∞, exactly as ``eprun/nets/winograd.py`` builds them
+ * (a test compares the two): compile-time constants, so that the unrolled transforms skip the zeros
+ * and multiply by immediates. */
+static const float BT[ALPHA][ALPHA] = {
+    {1, 0, -21.0f / 4, 0, 21.0f / 4, 0, -1, 0},
+    {0, -2.0f / 9, -2.0f / 9, 17.0f / 18, 17.0f / 18, -2.0f / 9, -2.0f / 9, 0},
+    {0, 2.0f / 9, -2.0f / 9, -17.0f / 18, 17.0f / 18, 2.0f / 9, -2.0f / 9, 0},
+    {0, 1.0f / 180, 1.0f / 360, -1.0f / 36, -1.0f / 72, 1.0f / 45, 1.0f / 90, 0},
+    {0, -1.0f / 180, 1.0f / 360, 1.0f / 36, -1.0f / 72, -1.0f / 45, 1.0f / 90, 0},
+    {0, 64.0f / 45, 128.0f / 45, -16.0f / 9, -32.0f / 9, 16.0f / 45, 32.0f / 45, 0},
+    {0, -64.0f / 45, 128.0f / 45, 16.0f / 9, -32.0f / 9, -16.0f / 45, 32.0f / 45, 0},
+    {0, -1, 0, 21.0f / 4, 0, -21.0f / 4, 0, 1},
+};
+static const float AT[TILE][ALPHA] = {
+    {1, 1, 1, 1, 1, 1, 1, 0},
+    {0, 1, -1, 2, -2, 1.0f / 2, -1.0f / 2, 0},
+    {0, 1, 1, 4, 4, 1.0f / 4, 1.0f / 4, 0},
+    {0, 1, -1, 8, -8, 1.0f / 8, -1.0f / 8, 1},
+};
+
+
+/* V[ξν][t, c0 .. c0 + 16] = (Bᵀ d B)[ξ, ν] for one tile (its 8 × 8 input d, zero outside s) and 16
+ * input channels, one vector of them per element. Zero coefficients of Bᵀ are skipped (about half
+ * of them; the test is the same for every tile, so the branch is predicted). */
+typedef __m512 lanes;  /* 16 channels */
+#define LANES_ZERO() _mm512_setzero_ps()
+#define LANES_LOAD(p) _mm512_loadu_ps(p)
+#define LANES_STORE(p, x) _mm512_storeu_ps(p, x)
+#define LANES_FMA(c, x, acc) _mm512_fmadd_ps(_mm512_set1_ps(c), x, acc)
+
+static void input_transform(float *v, int64_t t, int64_t block, const float *s, int64_t ty, int64_t tx,
+                            int64_t c0, const winograd_geometry *g) {
+    lanes d[ALPHA][ALPHA], rows[ALPHA][ALPHA];
+    const int64_t y0 = ty * TILE - g->pad, x0 = tx * TILE - g->pad;
+    #pragma GCC unroll 8
+    for (int y = 0; y < ALPHA; y++)
+        #pragma GCC unroll 8
+        for (int x = 0; x < ALPHA; x++) {
+            const int64_t yy = y0 + y, xx = x0 + x;
+            d[y][x] = yy >= 0 && yy < g->h && xx >= 0 && xx < g->w ? LANES_LOAD(s + (yy * g->w + xx) * g->ci + c0)
+                                                                    : LANES_ZERO();
+        }
+    #pragma GCC unroll 8
+    for (int xi = 0; xi < ALPHA; xi++)  /* rows = Bᵀ d */
+        #pragma GCC unroll 8
+        for (int x = 0; x < ALPHA; x++) {
+            lanes acc = LANES_ZERO();
+            #pragma GCC unroll 8
+            for (int y = 0; y < ALPHA; y++) {
+                const float b = BT[xi][y];
+                if (b != 0.0f) acc = LANES_FMA(b, d[y][x], acc);
+            }
+            rows[xi][x] = acc;
+        }
+    #pragma GCC unroll 8
+    for (int xi = 0; xi < ALPHA; xi++)  /* V = (Bᵀ d) B */
+        #pragma GCC unroll 8
+        for (int nu = 0; nu < ALPHA; nu++) {
+            lanes acc = LANES_ZERO();
+            #pragma GCC unroll 8
+            for (int x = 0; x < ALPHA; x++) {
+                const float b = BT[nu][x];
+                if (b != 0.0f) acc = LANES_FMA(b, rows[xi][x], acc);
+            }
+            LANES_STORE(v + ((int64_t)(xi * ALPHA + nu) * block + t) * g->ci + c0, acc);
+        }
+}
+
+/* M[t0 .. t0 + nt, c0 .. c0 + 64] = V[t0 .. t0 + nt, :] · U[:, c0 .. c0 + 64] for one position ξν
+ * (m, v, u already offset to it). Each tile's sum runs over ci in order, whatever nt is. */
+#define DEFINE_PRODUCT(NT)                                                                             \
+    static void product_##NT(float *m, const float *v, const float *u, int64_t ci, int64_t co) {       \
+        __m512 acc[NT][4];                                                                             \
+        for (int i = 0; i < NT; i++)                                                                   \
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();                               \
+        for (int64_t k = 0; k < ci; k++) {                                                             \
+            const float *uk = u + k * co;                                                              \
+            const __m512 u0 = _mm512_loadu_ps(uk), u1 = _mm512_loadu_ps(uk + 16),                      \
+                         u2 = _mm512_loadu_ps(uk + 32), u3 = _mm512_loadu_ps(uk + 48);                 \
+            for (int i = 0; i < NT; i++) {                                                             \
+                const __m512 b = _mm512_set1_ps(v[i * ci + k]);                                        \
+                acc[i][0] = _mm512_fmadd_ps(b, u0, acc[i][0]);                                         \
+                acc[i][1] = _mm512_fmadd_ps(b, u1, acc[i][1]);                                         \
+                acc[i][2] = _mm512_fmadd_ps(b, u2, acc[i][2]);                                         \
+                acc[i][3] = _mm512_fmadd_ps(b, u3, acc[i][3]);                                         \
+            }                                                                                          \
+        }                                                                                              \
+        for (int i = 0; i < NT; i++)                                                                   \
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(m + i * co + 16 * j, acc[i][j]);              \
+    }
+DEFINE_PRODUCT(1)
+DEFINE_PRODUCT(2)
+DEFINE_PRODUCT(3)
+DEFINE_PRODUCT(4)
+DEFINE_PRODUCT(5)
+DEFINE_PRODUCT(6)
+#undef DEFINE_PRODUCT
+
+typedef void (*product_kernel)(float *, const float *, const float *, int64_t, int64_t);
+static const product_kernel PRODUCTS[GROUP + 1] = {NULL, product_1, product_2, product_3, product_4, product_5,
+                                                   product_6};
+
+/* The max of a 2 × 2 window (16 channels) and where it is: the first in row-major order among
+ * equal values, a NaN taking the place (torch's max_pool2d); `first` is the index of the top-left
+ * position, `width` z's row length. */
+static inline void pool_window(float *pooled, int64_t *indices, lanes v00, lanes v01, lanes v10, lanes v11,
+                               int64_t first, int64_t width) {
+    const lanes candidates[3] = {v01, v10, v11};
+    const int64_t offsets[3] = {1, width, width + 1};
+    lanes best = v00;
+    __m512i where = _mm512_set1_epi32((int32_t)first);
+    for (int k = 0; k < 3; k++) {
+        const __mmask16 take = _mm512_cmp_ps_mask(candidates[k], best, _CMP_GT_OQ) |
+                               _mm512_cmp_ps_mask(candidates[k], candidates[k], _CMP_UNORD_Q);
+        best = _mm512_mask_mov_ps(best, take, candidates[k]);
+        where = _mm512_mask_mov_epi32(where, take, _mm512_set1_epi32((int32_t)(first + offsets[k])));
+    }
+    _mm512_storeu_ps(pooled, best);
+    _mm512_storeu_si512(indices, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(where)));
+    _mm512_storeu_si512(indices + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(where, 1)));
+}
+
+/* Y = Aᵀ M A for one tile and 16 output channels, then its four 2 × 2 windows pooled into
+ * pooled / indices at (b, 2ty + py, 2tx + px, c0 ..). */
+static void output_transform_pool(float *pooled, int64_t *indices, const float *m, int64_t t, int64_t block,
+                                  int64_t b, int64_t ty, int64_t tx, int64_t c0,
+                                  const winograd_geometry *g) {
+    lanes cols[TILE][ALPHA];
+    lanes y[TILE][TILE];
+    #pragma GCC unroll 8
+    for (int nu = 0; nu < ALPHA; nu++) {  /* cols = Aᵀ M, a column of M at a time */
+        lanes column[ALPHA];
+        #pragma GCC unroll 8
+        for (int xi = 0; xi < ALPHA; xi++)
+            column[xi] = LANES_LOAD(m + ((int64_t)(xi * ALPHA + nu) * block + t) * g->co + c0);
+        #pragma GCC unroll 8
+        for (int i = 0; i < TILE; i++) {
+            lanes acc = LANES_ZERO();
+            #pragma GCC unroll 8
+            for (int xi = 0; xi < ALPHA; xi++) {
+                const float a = AT[i][xi];
+                if (a != 0.0f) acc = LANES_FMA(a, column[xi], acc);
+            }
+            cols[i][nu] = acc;
+        }
+    }
+    #pragma GCC unroll 8
+    for (int i = 0; i < TILE; i++)  /* Y = (Aᵀ M) A */
+        #pragma GCC unroll 8
+        for (int j = 0; j < TILE; j++) {
+            lanes acc = LANES_ZERO();
+            #pragma GCC unroll 8
+            for (int nu = 0; nu < ALPHA; nu++) {
+                const float a = AT[j][nu];
+                if (a != 0.0f) acc = LANES_FMA(a, cols[i][nu], acc);
+            }
+            y[i][j] = acc;
+        }
+    const int64_t hp = g->hz / 2, wp = g->wz / 2;
+    for (int py = 0; py < 2; py++)
+        for (int px = 0; px < 2; px++) {
+            const int64_t zy = ty * TILE + 2 * py, zx = tx * TILE + 2 * px;
+            const int64_t at_out = ((b * hp + zy / 2) * wp + zx / 2) * g->co + c0;
+            pool_window(pooled + at_out, indices + at_out, y[2 * py][2 * px], y[2 * py][2 * px + 1],
+                        y[2 * py + 1][2 * px], y[2 * py + 1][2 * px + 1], zy * g->wz + zx, g->wz);
+        }
+}
+
+/* This thread's scratch of at least `floats` floats, kept for its next call (V and M of a block are
+ * a few hundred KB: allocated per call, they came back from the system as fresh pages every time,
+ * which cost more than the convolution). NULL if memory is short. */
+static float *scratch(size_t floats) {
+    static _Thread_local float *kept = NULL;
+    static _Thread_local size_t kept_floats = 0;
+    if (kept_floats < floats) {
+        free(kept);
+        kept = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        kept_floats = kept != NULL ? floats : 0;
+    }
+    return kept;
+}
+
+/* pooled, indices [batch, hz/2, wz/2, co] ← max-pool 2 × 2 of W ⋆ s (see the top). */
+static int conv_pool(float *pooled, int64_t *indices, const float *s, const float *u, int64_t batch,
+                     const int64_t *shape, int threads) {
+    winograd_geometry g = {shape[0], shape[1], shape[2], shape[3], 0, 0, shape[4], 0, 0};
+    g.hz = g.h + 2 * g.pad - (KERNEL - 1);
+    g.wz = g.w + 2 * g.pad - (KERNEL - 1);
+    g.tiles_y = g.hz / TILE;
+    g.tiles_x = g.wz / TILE;
+    const int64_t per_example = g.tiles_y * g.tiles_x, tiles = batch * per_example;
+    const int64_t positions = ALPHA * ALPHA;
+    /* a block: a multiple of GROUP tiles whose V and M fit in BLOCK_BYTES */
+    int64_t block = (BLOCK_BYTES / (int64_t)sizeof(float)) / (positions * (g.ci + g.co));
+    block = block < GROUP ? GROUP : block / GROUP * GROUP;
+    const int64_t blocks = (tiles + block - 1) / block;
+    if (threads > blocks) threads = (int)blocks;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+#endif
+    {
+        float *v = scratch((size_t)(positions * block * (g.ci + g.co))), *m = v + positions * block * g.ci;
+        const int ok = v != NULL;
+        if (!ok) failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t k = 0; k < blocks; k++) {  /* every worker meets the loop; one without scratch skips */
+            if (!ok) continue;
+            const int64_t first = k * block, count = tiles - first < block ? tiles - first : block;
+            for (int64_t t = 0; t < count; t++) {
+                const int64_t tile = first + t, b = tile / per_example, ty = tile % per_example / g.tiles_x,
+                              tx = tile % g.tiles_x;
+                for (int64_t c0 = 0; c0 < g.ci; c0 += LANES)
+                    input_transform(v, t, block, s + b * g.h * g.w * g.ci, ty, tx, c0, &g);
+            }
+            for (int64_t p = 0; p < positions; p++)
+                for (int64_t t0 = 0; t0 < count; t0 += GROUP) {
+                    const int64_t nt = count - t0 < GROUP ? count - t0 : GROUP;
+                    for (int64_t c0 = 0; c0 < g.co; c0 += CO_BLOCK)
+                        PRODUCTS[nt](m + (p * block + t0) * g.co + c0, v + (p * block + t0) * g.ci,
+                                     u + p * g.ci * g.co + c0, g.ci, g.co);
+                }
+            for (int64_t t = 0; t < count; t++) {
+                const int64_t tile = first + t, b = tile / per_example, ty = tile % per_example / g.tiles_x,
+                              tx = tile % g.tiles_x;
+                for (int64_t c0 = 0; c0 < g.co; c0 += LANES)
+                    output_transform_pool(pooled, indices, m, t, block, b, ty, tx, c0, &g);
+            }
+        }
+    }
+    return failed ? -2 : 0;
+}
+#endif
+
+/* 1 if this geometry is computed here (an AVX-512 build): 5 × 5 kernel, stride 1, 2 × 2 pooling
+ * (the caller's part), z's sides multiples of 4, ci a multiple of 16, co of 64. */
+int eprun_winograd_conv_pool_available(int64_t kernel, int64_t stride, int64_t pool, int64_t hz, int64_t wz,
+                                       int64_t ci, int64_t co) {
+#if EPRUN_WINOGRAD_AVX512
+    return kernel == KERNEL && stride == 1 && pool == 2 && hz > 0 && wz > 0 && hz % TILE == 0 && wz % TILE == 0 &&
+           hz * wz <= INT32_MAX && ci > 0 && ci % LANES == 0 && co > 0 && co % CO_BLOCK == 0;
+#else
+    (void)kernel, (void)stride, (void)pool, (void)hz, (void)wz, (void)ci, (void)co;
+    return 0;
+#endif
+}
+
+/* pooled, indices [batch, hz/2, wz/2, co] ← max-pool 2 × 2 of W ⋆ s, s [batch, h, w, ci] (both
+ * contiguous), u = the transformed weights [64, ci, co], row-major. `shape`: h, w, ci, co, pad.
+ * Split over up to `threads` OpenMP workers by blocks of tiles. Returns 0; −1 for a geometry that
+ * is not computed here; −2 when scratch memory was not available. */
+int eprun_winograd_conv_pool(float *pooled, int64_t *indices, const float *s, const float *u, int64_t batch,
+                             const int64_t *shape, int threads) {
+    const int64_t hz = shape[0] + 2 * shape[4] - (KERNEL - 1), wz = shape[1] + 2 * shape[4] - (KERNEL - 1);
+    if (!eprun_winograd_conv_pool_available(KERNEL, 1, 2, hz, wz, shape[2], shape[3])) return -1;
+#if EPRUN_WINOGRAD_AVX512
+    return conv_pool(pooled, indices, s, u, batch, shape, threads);
+#else
+    (void)pooled, (void)indices, (void)s, (void)u, (void)batch, (void)threads;
+    return -1;
+#endif
+}
