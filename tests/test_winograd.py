@@ -178,11 +178,14 @@ def test_relax_through_the_winograd_convolution_matches_the_torch_path(order, be
 
 @needs_kernel
 def test_transformed_weights_follow_the_optimiser(monkeypatch):
-    """U = G W Gᵀ is kept between relaxations and recomputed once W has changed in place."""
+    """The relaxation uses the current W_1 after an optimiser step, including a fused one (which
+    changes the parameter in place without bumping its version counter)."""
     net = _mnist_net()
     before = _relaxed(net, monkeypatch, "auto")
-    with torch.no_grad():
-        net.weights[1].mul_(-1.0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0, fused=True)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 0.05)
+    optimizer.step()
     after = _relaxed(net, monkeypatch, "auto")
     reference = _relaxed(net, monkeypatch, "0")
     for a, b in zip(after, reference):

@@ -12,7 +12,9 @@ hidden units a step, both products and σ in 16-wide vectors (784-512-10, batch 
 
 The conv nets' top-down term of a max-pooled layer, Wᵀ ⋆ Pᵀ(s), is computed here too
 (``unpool_conv_t.c``, :func:`unpool_conv_t`): from the one nonzero in each pooling window,
-a quarter of the dense transposed convolution's multiply-adds with 2×2 pools.
+a quarter of the dense transposed convolution's multiply-adds with 2×2 pools. So are a 5×5
+convolution and the 2×2 max pooling after it (``winograd_conv_pool.c``,
+:func:`winograd_conv_pool`): Winograd's F(4×4, 5×5), about a fifth of the direct multiply-adds.
 
 A batch is split into row ranges run on up to ``torch.get_num_threads()`` threads; the split
 changes no result. Built with OpenMP (the first flag set), the library shares torch's OpenMP
@@ -22,8 +24,9 @@ thread (batch 50, 2 threads: free phase 1.0 → 0.6 ms). Otherwise the ranges go
 (ctypes releases the GIL during the call), from :data:`SPLIT_ROWS` rows a thread: below that,
 torch's workers, spinning after a product, took the second core from them (no gain at batch 50).
 
-The sources (``dense_relax.c``, ``outer_product.c`` for :func:`add_outer_` and
-``unpool_conv_t.c`` for :func:`unpool_conv_t`) are compiled
+The sources (``dense_relax.c``, ``outer_product.c`` for :func:`add_outer_`,
+``unpool_conv_t.c`` for :func:`unpool_conv_t` and ``winograd_conv_pool.c`` for
+:func:`winograd_conv_pool`) are compiled
 into one library on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
 flags, the compiler's version and the machine; a flag set that failed leaves a ``.failed`` note
