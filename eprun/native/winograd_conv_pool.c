@@ -99,6 +99,16 @@ typedef __m512 lanes;  /* 16 channels */
 #define LANES_STORE(p, x) _mm512_storeu_ps(p, x)
 #define LANES_FMA(c, x, acc) _mm512_fmadd_ps(_mm512_set1_ps(c), x, acc)
 
+/* Σ_k c[k] · x[k · stride], k < n, the terms with c[k] = 0 left out: inlined into the unrolled
+ * transforms, c is a row of the constant Bᵀ or Aᵀ, so the zeros are dropped at compile time. */
+static inline __attribute__((always_inline)) lanes weighted_sum(const float *c, const lanes *x, int n, int stride) {
+    lanes acc = LANES_ZERO();
+    #pragma GCC unroll 8
+    for (int k = 0; k < n; k++)
+        if (c[k] != 0.0f) acc = LANES_FMA(c[k], x[k * stride], acc);
+    return acc;
+}
+
 static void input_transform(float *v, int64_t t, int64_t block, const float *s, int64_t ty, int64_t tx,
                             int64_t c0, const winograd_geometry *g) {
     lanes d[ALPHA][ALPHA], rows[ALPHA][ALPHA];
@@ -114,27 +124,13 @@ static void input_transform(float *v, int64_t t, int64_t block, const float *s, 
     #pragma GCC unroll 8
     for (int xi = 0; xi < ALPHA; xi++)  /* rows = Bᵀ d */
         #pragma GCC unroll 8
-        for (int x = 0; x < ALPHA; x++) {
-            lanes acc = LANES_ZERO();
-            #pragma GCC unroll 8
-            for (int y = 0; y < ALPHA; y++) {
-                const float b = BT[xi][y];
-                if (b != 0.0f) acc = LANES_FMA(b, d[y][x], acc);
-            }
-            rows[xi][x] = acc;
-        }
+        for (int x = 0; x < ALPHA; x++) rows[xi][x] = weighted_sum(BT[xi], &d[0][x], ALPHA, ALPHA);
     #pragma GCC unroll 8
     for (int xi = 0; xi < ALPHA; xi++)  /* V = (Bᵀ d) B */
         #pragma GCC unroll 8
-        for (int nu = 0; nu < ALPHA; nu++) {
-            lanes acc = LANES_ZERO();
-            #pragma GCC unroll 8
-            for (int x = 0; x < ALPHA; x++) {
-                const float b = BT[nu][x];
-                if (b != 0.0f) acc = LANES_FMA(b, rows[xi][x], acc);
-            }
-            LANES_STORE(v + ((int64_t)(xi * ALPHA + nu) * block + t) * g->ci + c0, acc);
-        }
+        for (int nu = 0; nu < ALPHA; nu++)
+            LANES_STORE(v + ((int64_t)(xi * ALPHA + nu) * block + t) * g->ci + c0,
+                        weighted_sum(BT[nu], rows[xi], ALPHA, 1));
 }
 
 /* M[t0 .. t0 + nt, c0 .. c0 + 64] = V[t0 .. t0 + nt, :] · U[:, c0 .. c0 + 64] for one position ξν
@@ -205,28 +201,12 @@ static void output_transform_pool(float *pooled, int64_t *indices, const float *
         for (int xi = 0; xi < ALPHA; xi++)
             column[xi] = LANES_LOAD(m + ((int64_t)(xi * ALPHA + nu) * block + t) * g->co + c0);
         #pragma GCC unroll 8
-        for (int i = 0; i < TILE; i++) {
-            lanes acc = LANES_ZERO();
-            #pragma GCC unroll 8
-            for (int xi = 0; xi < ALPHA; xi++) {
-                const float a = AT[i][xi];
-                if (a != 0.0f) acc = LANES_FMA(a, column[xi], acc);
-            }
-            cols[i][nu] = acc;
-        }
+        for (int i = 0; i < TILE; i++) cols[i][nu] = weighted_sum(AT[i], column, ALPHA, 1);
     }
     #pragma GCC unroll 8
     for (int i = 0; i < TILE; i++)  /* Y = (Aᵀ M) A */
         #pragma GCC unroll 8
-        for (int j = 0; j < TILE; j++) {
-            lanes acc = LANES_ZERO();
-            #pragma GCC unroll 8
-            for (int nu = 0; nu < ALPHA; nu++) {
-                const float a = AT[j][nu];
-                if (a != 0.0f) acc = LANES_FMA(a, cols[i][nu], acc);
-            }
-            y[i][j] = acc;
-        }
+        for (int j = 0; j < TILE; j++) y[i][j] = weighted_sum(AT[j], cols[i], ALPHA, 1);
     const int64_t hp = g->hz / 2, wp = g->wz / 2;
     for (int py = 0; py < 2; py++)
         for (int px = 0; px < 2; px++) {
