@@ -14,8 +14,10 @@ and in two dimensions, for an 8 × 8 input tile and a 5 × 5 kernel, a 4 × 4 ou
 The points 0, ±1, ±2, ±½ keep the float32 error at a few times a direct convolution's
 (:func:`reference_conv`, ``tests/test_winograd.py``). The compiled kernel
 (``eprun/native/winograd_conv_pool.c``) runs the transforms, the sum over input channels as 64
-matrix products and the 2 × 2 max pooling; this module builds the matrices and the transformed
-weights U[ξν, ci, co] = (G W[co, ci] Gᵀ)[ξ, ν], once per relaxation, in float64.
+matrix products and the 2 × 2 max pooling, with Bᵀ and Aᵀ written out there as constants (so
+that its unrolled transforms skip the zeros; the tests compare its output with torch's
+convolution, which any disagreement with this module's matrices would fail). This module builds
+the matrices and the transformed weights U[ξν, ci, co] = (G W[co, ci] Gᵀ)[ξ, ν] in float64.
 """
 
 from __future__ import annotations
