@@ -824,10 +824,10 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
             notes.append("GFLOP/s: 2 × multiply-adds of eprun's step counted from the shapes for T and K steps "
                          "(eprun.bench.train_macs) over its measured time; peak = the matmul above; a phase that "
                          "stops early (tol; the compiled kernel at a bitwise fixed point) computes fewer, and so "
-                         "do the compiled kernels of a max-pooled conv layer (the top-down term from its nonzeros "
-                         "only: a quarter of the transposed convolution with 2×2 pools; a 5×5 convolution by "
-                         "Winograd's F(4×4, 5×5): about a fifth of the direct multiply-adds), so a conv net can "
-                         "read over 100%")
+                         "do the compiled kernels of a max-pooled conv layer (the top-down term from its "
+                         "nonzeros only: a quarter of the transposed convolution with 2×2 pools; a 5×5 "
+                         "convolution by Winograd's F(4×4, 5×5): about a fifth of the direct multiply-adds), "
+                         "so a conv net can read over 100%")
             notes.append(f"Δupdate: max over parameters of ‖u_eprun − u_base‖ / ‖u_base‖ from the same weights, "
                          f"on the first batch in {r['dtype']} · on its first {train[0]['float64_check_examples']} "
                          f"examples in float64; EB = energy-based")

@@ -344,9 +344,9 @@ def unpool_conv_t(above: torch.Tensor, indices: torch.Tensor, weight_r: torch.Te
 
 def winograd_conv_pool_available(kernel: int, stride: int, pool: int, z_size: tuple[int, int], in_channels: int,
                                  out_channels: int) -> bool:
-    """True when :func:`winograd_conv_pool` runs compiled for this geometry (an AVX-512 build, 5 × 5 kernel, stride
-    1, 2 × 2 max pooling, z's sides multiples of 4, ``in_channels`` a multiple of 16,
-    ``out_channels`` of 64; ``winograd_conv_pool.c``)."""
+    """True when :func:`winograd_conv_pool` runs compiled for this geometry (an AVX-512 build,
+    5 × 5 kernel, stride 1, 2 × 2 max pooling, z's sides multiples of 4, ``in_channels`` a
+    multiple of 16, ``out_channels`` of 64; ``winograd_conv_pool.c``)."""
     lib = library()
     return lib is not None and bool(lib.eprun_winograd_conv_pool_available(kernel, stride, pool, *z_size,
                                                                            in_channels, out_channels))

@@ -52,7 +52,7 @@ layer), goes through :func:`eprun.native.winograd_conv_pool` instead: Winograd's
 MNIST net, batch 100, 2 threads (``python -m benchmarks.conv_step``), ms a step: torch 3.8–4.3,
 compiled top-down term 2.3–2.7, and the Winograd convolution 1.2–1.4; against the autograd
 baseline (``eprun --threads 2 bench --only conv-mnist -s data.batch_size=100 --batches 3
---warmup 1``) 2.3–2.4× → 4.0–4.3× → 8.8×.
+--warmup 1``, the versions alternately) 2.3–2.4× → 4.0–4.7× → 8.7–9.3×.
 ``EPRUN_NATIVE=0`` keeps torch for everything.
 """
 
