@@ -136,6 +136,17 @@ def _build() -> ctypes.CDLL:
             ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         library.eprun_relax_dense_split.restype = ctypes.c_int
         library.eprun_relax_dense_split.argtypes = library.eprun_relax_dense.argtypes + [ctypes.c_int]
+        pointers = ctypes.POINTER(ctypes.c_void_p)
+        library.eprun_ep_dense_phases.restype = ctypes.c_int
+        library.eprun_ep_dense_phases.argtypes = [
+            ctypes.c_int, ctypes.POINTER(ctypes.c_int64), pointers, pointers, pointers, ctypes.POINTER(ctypes.c_int),
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, pointers, pointers, ctypes.c_float, ctypes.c_int,
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        library.eprun_ep_dense_update.restype = ctypes.c_int
+        library.eprun_ep_dense_update.argtypes = [
+            ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, pointers, pointers, pointers, pointers,
+            ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
         library.eprun_native_vectorized.restype = ctypes.c_int
         library.eprun_native_openmp.restype = ctypes.c_int
         library.eprun_native_avx512.restype = ctypes.c_int
@@ -273,6 +284,78 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     if any(code != 0 for code in codes):
         raise MemoryError("the native relaxation could not allocate its scratch state")
     return taken
+
+
+def phases_in_one_call(batch: int) -> bool:
+    """True when :func:`ep_dense_phases` splits a batch as :func:`relax_dense` would: on the OpenMP
+    workers, or on one thread when the batch is too small to split on Python threads."""
+    return _shares_openmp or _threads(batch) == 1
+
+
+def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], constant: list[torch.Tensor],
+                    up: list[torch.Tensor | None], down: list[torch.Tensor | None], labels: torch.Tensor,
+                    scale: float, activation: str, beta: float, free_steps: int, nudged_steps: int, order: str,
+                    tol: float = 0.0, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both phases of one-sided EP with the MSE read-out in one call (``dense_relax.c``,
+    ``eprun_ep_dense_phases``): ``free`` ← s* (``free_steps`` steps from s = 0 with the constants
+    c_i), ``nudged`` ← s^β (``nudged_steps`` steps from s* with a·β·y added to the output
+    constant and ν = −a·β), y the one-hot code of ``labels`` (int64, [batch]). ``free`` and
+    ``nudged`` are [batch, n_i] float32 buffers, written whole; the other arguments are those of
+    :func:`relax_dense`. The caller checked :func:`supports` for every tensor.
+
+    Returns (steps each example took in the free phase, in the nudged phase, [batch] int32;
+    the MSE loss ½‖y − s*_out‖² per example, float32)."""
+    lib = library()
+    n = len(free)
+    batch = free[0].shape[0]
+    n_out = free[-1].shape[1]
+    nudged_constant = torch.empty(batch, n_out)
+    taken = torch.empty(2, batch, dtype=torch.int32)
+    loss = torch.empty(batch)
+    array = ctypes.c_void_p * n
+    code = lib.eprun_ep_dense_phases(
+        n, (ctypes.c_int64 * n)(*[s.shape[1] for s in free]), array(*[s.data_ptr() for s in free]),
+        array(*[s.data_ptr() for s in nudged]), array(*[c.data_ptr() for c in constant]),
+        (ctypes.c_int * n)(*[int(c.dim() == 2) for c in constant]), nudged_constant.data_ptr(), labels.data_ptr(),
+        float(scale * beta), array(*[m.data_ptr() if m is not None else None for m in up]),
+        array(*[m.data_ptr() if m is not None else None for m in down]), float(scale), ACTIVATION_CODES[activation],
+        int(free_steps), int(nudged_steps), int(order == "async"), float(tol), int(check_every),
+        int(STOP_AT_FIXED_POINT), taken[0].data_ptr(), taken[1].data_ptr(), loss.data_ptr(), batch,
+        _threads(batch) if _shares_openmp else 1)
+    if code != 0:
+        raise MemoryError("the native relaxation could not allocate its scratch state")
+    return taken[0], taken[1], loss
+
+
+def ep_dense_update(x: torch.Tensor, free: list[torch.Tensor], nudged: list[torch.Tensor],
+                    weight_grads: list[torch.Tensor], bias_grads: list[torch.Tensor], c: float) -> bool:
+    """EP's one-sided update of a dense chain accumulated into the gradients (``outer_product.c``,
+    ``eprun_ep_dense_update``), with s⁰ = x [batch, n_0] and the states s¹ … s^L::
+
+        G_0 += c·(s¹* − s¹β)ᵀ x,   G_n += c·(s^{n+1}*ᵀ s^n* − s^{n+1}βᵀ s^nβ),   g_{n+1} += c·Σ_b (s^{n+1}* − s^{n+1}β)
+
+    ``free`` = s*, ``nudged`` = s^β. Returns False, having done nothing, when the tensors (CPU,
+    float32, contiguous, matching shapes) or the build (AVX-512) do not allow it."""
+    if not add_outer_available():
+        return False
+    n = len(free)
+    batch = x.shape[0]
+    sizes = [x.shape[1]] + [s.shape[1] for s in free]
+    for i in range(n):
+        if (weight_grads[i].shape != (sizes[i + 1], sizes[i]) or bias_grads[i].shape != (sizes[i + 1],)
+                or free[i].shape != (batch, sizes[i + 1]) or nudged[i].shape != free[i].shape):
+            return False
+    for t in (x, *free, *nudged, *weight_grads, *bias_grads):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    diff = torch.empty(batch, sizes[1])
+    array = ctypes.c_void_p * n
+    code = library().eprun_ep_dense_update(
+        n, (ctypes.c_int64 * (n + 1))(*sizes), x.data_ptr(), array(*[s.data_ptr() for s in free]),
+        array(*[s.data_ptr() for s in nudged]), array(*[g.data_ptr() for g in weight_grads]),
+        array(*[g.data_ptr() for g in bias_grads]), diff.data_ptr(), float(c), batch,
+        torch.get_num_threads() if _shares_openmp else 1)
+    return code == 0
 
 
 def add_outer_available() -> bool:

@@ -652,6 +652,93 @@ int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *st
                              async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
 }
 
+/*
+ * Both phases of one-sided EP with the MSE read-out, for examples [row_begin, row_end):
+ *
+ *     free phase     s ← 0, then T steps with the constants c_i               → free_state  (s*)
+ *     nudged phase   s ← s*, then K steps with the output layer's constant
+ *                    c_{L−1} + a·β·y and the self term ν·s_{L−1}, ν = −a·β     → nudged_state (s^β)
+ *
+ * y is the one-hot code of labels[row]; the output constant of the nudged phase is written into
+ * nudged_out_constant [batch, n_{L−1}] (c_{L−1} + a·β at the label, c_{L−1} elsewhere: the sum
+ * torch's c + (a·β)·y rounds to). free_loss[row], when not NULL, is the MSE loss at s*,
+ * ½ Σ_j (y_j − s*_j)², summed in order j = 0, 1, …. The other arguments are those of
+ * eprun_relax_dense; taken_free / taken_nudged (NULL, or [batch] int32) receive each phase's
+ * steps. Returns 0, or −1 if scratch memory could not be allocated.
+ */
+static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free_state, float *const *nudged_state,
+                          const float *const *constant, const int *constant_per_row, float *nudged_out_constant,
+                          const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
+                          float a, int act, int T, int K, int async_order, float tol, int check_every, int exact,
+                          int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t row_begin,
+                          int64_t row_end) {
+    if (n_layers > 64 || n_layers < 1) return -1;
+    const int out = n_layers - 1;
+    const int64_t n_out = sizes[out];
+    for (int i = 0; i < n_layers; i++)
+        memset(free_state[i] + row_begin * sizes[i], 0, (size_t)((row_end - row_begin) * sizes[i]) * sizeof(float));
+    if (eprun_relax_dense(n_layers, sizes, free_state, constant, constant_per_row, up, down, a, act, 0.0f, T,
+                          async_order, tol, check_every, exact, taken_free, row_begin, row_end) != 0)
+        return -1;
+    for (int i = 0; i < n_layers; i++)
+        memcpy(nudged_state[i] + row_begin * sizes[i], free_state[i] + row_begin * sizes[i],
+               (size_t)((row_end - row_begin) * sizes[i]) * sizeof(float));
+    for (int64_t row = row_begin; row < row_end; row++) {
+        const float *c = constant[out] + (constant_per_row[out] ? row * n_out : 0);
+        const float *s = free_state[out] + row * n_out;
+        float *cn = nudged_out_constant + row * n_out;
+        float loss = 0.0f;
+        for (int64_t j = 0; j < n_out; j++) {
+            const float y = j == labels[row] ? 1.0f : 0.0f;
+            cn[j] = j == labels[row] ? c[j] + a_beta : c[j];
+            loss += (y - s[j]) * (y - s[j]);
+        }
+        if (free_loss) free_loss[row] = 0.5f * loss;
+    }
+    const float *nudged_constant[64];
+    int nudged_per_row[64];
+    for (int i = 0; i < n_layers; i++) {
+        nudged_constant[i] = constant[i];
+        nudged_per_row[i] = constant_per_row[i];
+    }
+    nudged_constant[out] = nudged_out_constant;
+    nudged_per_row[out] = 1;
+    return eprun_relax_dense(n_layers, sizes, nudged_state, nudged_constant, nudged_per_row, up, down, a, act, -a_beta,
+                             K, async_order, tol, check_every, exact, taken_nudged, row_begin, row_end);
+}
+
+/* ep_phases_rows on the whole batch, split into `threads` ranges of whole pairs in one OpenMP
+ * parallel region (as eprun_relax_dense_split): both phases of a range on one thread, so the
+ * nudged phase starts from states still in that core's cache. */
+int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free_state, float *const *nudged_state,
+                          const float *const *constant, const int *constant_per_row, float *nudged_out_constant,
+                          const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
+                          float a, int act, int T, int K, int async_order, float tol, int check_every, int exact,
+                          int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t batch, int threads) {
+#ifdef _OPENMP
+    int failed = 0;
+    int64_t pairs = (batch + 1) / 2;
+    if (threads > pairs) threads = (int)pairs;
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+        {
+            int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+            int64_t lo = 2 * (pairs * k / n), hi = 2 * (pairs * (k + 1) / n);
+            if (hi > batch) hi = batch;
+            if (lo < hi)
+                failed |= ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row,
+                                         nudged_out_constant, labels, a_beta, up, down, a, act, T, K, async_order,
+                                         tol, check_every, exact, taken_free, taken_nudged, free_loss, lo, hi) != 0;
+        }
+        return failed ? -1 : 0;
+    }
+#endif
+    (void)threads;
+    return ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row, nudged_out_constant,
+                          labels, a_beta, up, down, a, act, T, K, async_order, tol, check_every, exact, taken_free,
+                          taken_nudged, free_loss, 0, batch);
+}
+
 /* 1 if the library was built with OpenMP, so eprun_relax_dense_split runs on several threads. */
 int eprun_native_openmp(void) {
 #ifdef _OPENMP

@@ -108,5 +108,73 @@ int eprun_add_outer(float *G, const float *A, const float *X, int64_t batch, int
 #endif
 }
 
+/*
+ * EP's one-sided update of a dense chain, accumulated into the gradients (−Δθ, scaled by
+ * c = 1/(β·batch)), for the layers s⁰ = x, s¹ … s^L (sizes[0] … sizes[L]) from the free states
+ * s* (``free``) and the nudged ones s^β (``nudged``), each [batch, sizes[n]]:
+ *
+ *     G_0 += c·(s¹* − s¹β)ᵀ x                       (the input is shared: one product)
+ *     G_n += c·(s^{n+1}*ᵀ s^n* − s^{n+1}βᵀ s^nβ)     n ≥ 1
+ *     g_{n+1} += c·Σ_b (s^{n+1}* − s^{n+1}β)[b]       (biases, summed in order b = 0, 1, …)
+ *
+ * ``diff`` is [batch, sizes[1]] scratch for s¹* − s¹β. Rows of every G split over `threads`
+ * OpenMP threads in whole tiles; each element belongs to one thread, so the split changes no
+ * bit. Returns 0, or −1 when built without AVX-512 (the caller then uses torch).
+ */
+#if EPRUN_OUTER_AVX512
+static void bias_rows(float *g, const float *a, const float *b, int64_t batch, int64_t n, float c, int64_t lo,
+                      int64_t hi) {
+    for (int64_t j = lo; j < hi; j++) {
+        float sum = 0.0f;
+        for (int64_t r = 0; r < batch; r++) sum += a[r * n + j] - b[r * n + j];
+        g[j] += c * sum;
+    }
+}
+
+static void ep_update_share(int n_layers, const int64_t *sizes, const float *x, const float *const *free_state,
+                            const float *const *nudged, float *const *weight_grads, float *const *bias_grads,
+                            float *diff, float c, int64_t batch, int64_t k, int64_t count) {
+    const int64_t n1 = sizes[1];
+    for (int64_t n = 0; n < n_layers; n++) {
+        const int64_t rows = sizes[n + 1], tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+        int64_t lo = TILE_ROWS * (tiles * k / count), hi = TILE_ROWS * (tiles * (k + 1) / count);
+        if (hi > rows) hi = rows;
+        if (lo >= hi) continue;
+        if (n == 0) {
+            /* this thread's columns of diff are the rows of G_0 it owns: no other thread reads them */
+            for (int64_t r = 0; r < batch; r++)
+                for (int64_t j = lo; j < hi; j++) diff[r * n1 + j] = free_state[0][r * n1 + j] - nudged[0][r * n1 + j];
+            add_outer_rows(weight_grads[0], diff, x, batch, n1, sizes[0], c, lo, hi);
+        } else {
+            add_outer_rows(weight_grads[n], free_state[n], free_state[n - 1], batch, rows, sizes[n], c, lo, hi);
+            add_outer_rows(weight_grads[n], nudged[n], nudged[n - 1], batch, rows, sizes[n], -c, lo, hi);
+        }
+        bias_rows(bias_grads[n], free_state[n], nudged[n], batch, rows, c, lo, hi);
+    }
+}
+#endif
+
+int eprun_ep_dense_update(int n_layers, const int64_t *sizes, const float *x, const float *const *free_state,
+                          const float *const *nudged, float *const *weight_grads, float *const *bias_grads,
+                          float *diff, float c, int64_t batch, int threads) {
+#if EPRUN_OUTER_AVX512
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        ep_update_share(n_layers, sizes, x, free_state, nudged, weight_grads, bias_grads, diff, c, batch,
+                        omp_get_thread_num(), omp_get_num_threads());
+        return 0;
+    }
+#endif
+    (void)threads;
+    ep_update_share(n_layers, sizes, x, free_state, nudged, weight_grads, bias_grads, diff, c, batch, 0, 1);
+    return 0;
+#else
+    (void)n_layers, (void)sizes, (void)x, (void)free_state, (void)nudged, (void)weight_grads, (void)bias_grads;
+    (void)diff, (void)c, (void)batch, (void)threads;
+    return -1;
+#endif
+}
+
 /* 1 if eprun_add_outer was compiled with AVX-512. */
 int eprun_add_outer_available(void) { return EPRUN_OUTER_AVX512; }

@@ -332,6 +332,40 @@ def note_relax(net, steps: float, engine: str) -> None:
     object.__setattr__(net, "last_relax_engine", engine)
 
 
+def ep_phases_dense(net, drive: torch.Tensor, labels: torch.Tensor, free_steps: int, nudged_steps: int, beta: float,
+                    up: list[torch.Tensor | None], down: list[torch.Tensor | None], order: str = "sync",
+                    tol: float = 0.0, check_every: int = 5, tol_scope: str = "batch"):
+    """Both phases of one-sided EP with the MSE read-out through one call of the compiled kernel
+    (:func:`eprun.native.ep_dense_phases`), when it applies: CPU, float32, an activation it
+    knows, a fixed number of steps or ``tol_scope`` "example". ``up`` / ``down`` are the kernel's
+    U_i and D_i (see :func:`_relax_native_`).
+
+    Returns (s*, s^β, per-example loss at s*, (mean steps of the free phase, of the nudged
+    phase)), or None to leave it to :meth:`relax` twice — the same dynamics, step for step."""
+    from eprun import native
+
+    if net.softmax_readout or net.act.name not in native.ACTIVATION_CODES or beta == 0.0:
+        return None
+    if tol > 0.0 and check_tol_scope(tol_scope) != "example":
+        return None
+    batch = drive.shape[0]
+    const = dense_constants(net, drive, len(net.sizes) - 1, 0.0, None)
+    free = [drive.new_empty(batch, size) for size in net.sizes[1:]]
+    matrices = [m for m in up + down if m is not None]
+    if (labels.device.type != "cpu" or labels.dtype != torch.int64 or not labels.is_contiguous()
+            or not native.supports(free, *const, *matrices, steps=min(free_steps, nudged_steps))
+            or not native.phases_in_one_call(batch)):
+        return None
+    nudged = [torch.empty_like(s) for s in free]
+    taken_free, taken_nudged, loss = native.ep_dense_phases(free, nudged, const, up, down, labels, net.act.scale,
+                                                            net.act.name, beta, free_steps, nudged_steps, order, tol,
+                                                            check_every)
+    steps = (float(taken_free.float().mean()), float(taken_nudged.float().mean())) if tol > 0.0 else (
+        float(free_steps), float(nudged_steps))
+    note_relax(net, steps[1], "native")
+    return free, nudged, loss, steps
+
+
 def _relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bottom_up: list[torch.Tensor],
                    top_down: list[torch.Tensor], steps: int, beta: float, order: str, tol: float = 0.0,
                    check_every: int = 1) -> bool:

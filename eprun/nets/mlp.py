@@ -28,8 +28,8 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward, grad_of,
-                                init_dense_chain, parameters_in, relax_dense_)
+from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward,
+                                ep_phases_dense, grad_of, init_dense_chain, parameters_in, relax_dense_)
 from eprun.nets.products import add_outer_, linear
 
 ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
@@ -134,10 +134,16 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         EP's one-sided estimate is  grad = −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)):  s_a = s*, s_b = s^β.
         For W_0 the input is shared, so its term is one product: (s¹_a − s¹_b)ᵀ x.
         """
-        layers_a = [self.flatten(x)] + list(state_a)
-        layers_b = [layers_a[0]] + list(state_b)
-        c = scale / layers_a[0].shape[0]
-        for n, (w, b) in enumerate(zip(parameters_in(self.weights), parameters_in(self.biases))):
+        from eprun import native
+
+        weights, biases = parameters_in(self.weights), parameters_in(self.biases)
+        x = self.flatten(x)
+        c = scale / x.shape[0]
+        if native.ep_dense_update(x, state_a, state_b, [grad_of(w) for w in weights], [grad_of(b) for b in biases], c):
+            return
+        layers_a = [x] + list(state_a)
+        layers_b = [x] + list(state_b)
+        for n, (w, b) in enumerate(zip(weights, biases)):
             diff = layers_a[n + 1] - layers_b[n + 1]  # s^{n+1}_a − s^{n+1}_b
             if n == 0:
                 add_outer_(grad_of(w), diff, layers_a[0], c)
@@ -179,6 +185,17 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         top_down = weights[1:]  # s^{n+1} @ W_n = (W_nᵀ s^{n+1})ᵀ
         return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target,
                             order=order, tol=tol, check_every=check_every, tol_scope=tol_scope)
+
+    @torch.no_grad()
+    def ep_phases(self, drive: torch.Tensor, labels: torch.Tensor, free_steps: int, nudged_steps: int, beta: float,
+                  **schedule):
+        """EP's free phase (``free_steps`` from s = 0) and one-sided nudged phase (``nudged_steps``
+        from s*) in one call of the compiled kernel, when it applies (see
+        :func:`eprun.nets.common.ep_phases_dense`): (s*, s^β, loss at s*, mean steps per phase),
+        else None. The same steps as :meth:`relax` for each phase; U_i = W_{i−1}, D_i = W_i."""
+        weights = parameters_in(self.weights)[1:]
+        return ep_phases_dense(self, drive, labels, free_steps, nudged_steps, beta, [None] + weights, weights + [None],
+                               **schedule)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None, input_term: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -89,6 +89,13 @@ class EP:
             tally[0] += getattr(self.net, "last_relax_steps", 0)
             tally[1] += 1
 
+    def _count_steps(self, steps: tuple[float, float]) -> None:
+        """:meth:`_count` for both phases of one call, from their mean steps."""
+        if self.cfg.tol > 0.0:
+            for phase, taken in zip(("free", "nudged"), steps):
+                self._steps[phase][0] += taken
+                self._steps[phase][1] += 1
+
     def log_stats(self) -> dict:
         """For the training log, with ``tol`` > 0: the mean number of steps the free and nudged
         phases took since the last call (training batches only), then reset."""
@@ -124,12 +131,19 @@ class EP:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write −Δθ into ``.grad`` (assumed zeroed); return the free-phase logits and per-example loss."""
         net, cfg = self.net, self.cfg
-        target = net.target(y, x)
         drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
+        beta = self._beta()
+        both = (getattr(net, "ep_phases", None) if cfg.estimator not in ("symmetric", "centered") else None)
+        fused = both(drive, y, cfg.T, cfg.K, beta, **self.schedule()) if both is not None else None
+        if fused is not None:  # both phases in one compiled call: the same steps as the two relaxations below
+            free, nudged, loss, steps = fused
+            self._count_steps(steps)
+            net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta)
+            return net.logits(free), loss
+        target = net.target(y, x)
         free = self.free_phase(drive)
         self._count("free")
         logits, loss = net.logits(free), net.loss(free, y)
-        beta = self._beta()
         nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target, **self.schedule())
         self._count("nudged")
         if cfg.estimator in ("symmetric", "centered"):
