@@ -73,22 +73,30 @@ def main(argv=None) -> None:
         parts = {}
         for name in ("torch", "native"):
             engine(name)
-            parts[name] = {
-                "input drive a·(W₀x + b₁) + c": best_ms(lambda: net.input_drive(x), 50, args.repeats),
-                f"free phase, T={T}": best_ms(lambda: rule.free_phase(drive), 20, args.repeats),
-                f"nudged phase, K={K}": best_ms(
-                    lambda: net.relax(drive, [s.clone() for s in free], K, beta, target), 20, args.repeats),
-                "update into .grad": best_ms(
-                    lambda: net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta), 50, args.repeats),
-            }
-    optimizer = build_optimizer(setup.recipe.optim, net.layer_groups())
+            parts[name] = {"input drive a·(W₀x + b₁) + c": best_ms(lambda: net.input_drive(x), 50, args.repeats)}
+            if name == "native":
+                assert net.ep_phases(drive, y, T, K, beta) is not None
+                parts[name][f"free + nudged phases (T={T}, K={K})"] = best_ms(
+                    lambda: net.ep_phases(drive, y, T, K, beta), 20, args.repeats)
+            else:
+                parts[name][f"free + nudged phases (T={T}, K={K})"] = best_ms(
+                    lambda: (rule.free_phase(drive), net.relax(drive, [s.clone() for s in free], K, beta, target)),
+                    20, args.repeats)
+            parts[name]["update into .grad"] = best_ms(
+                lambda: net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta), 50, args.repeats)
+    # torch's fused Adam through its own step and zero_grad (torch column), through the short path
+    # of eprun.lean_optimizers (native column); the same kernel
+    optimizers = {"torch": torch.optim.Adam([{"params": g, "lr": 5e-4} for g in net.layer_groups()], fused=True),
+                  "native": build_optimizer(setup.recipe.optim, net.layer_groups())}
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
-    common = {"fused Adam step": best_ms(optimizer.step, 50, args.repeats),
-              "zero_grad": best_ms(lambda: optimizer.zero_grad(set_to_none=False), 50, args.repeats)}
+    for name, optimizer in optimizers.items():
+        parts[name]["fused Adam step"] = best_ms(optimizer.step, 50, args.repeats)
+        parts[name]["zero_grad"] = best_ms(lambda: optimizer.zero_grad(set_to_none=False), 50, args.repeats)
+    optimizer = optimizers["native"]
     with torch.no_grad():
         # Adam writes W₀ in place: right after the drive has read W₀ on every thread, that write
-        # costs more than in the loop above (compare a product of the same shape with another matrix)
+        # may cost more than in the loop above (compare a product of the same shape with another matrix)
         other = torch.randn_like(net.weights[0])
         in_sequence = {
             "input drive, then Adam": best_ms(lambda: (net.input_drive(x), optimizer.step()), 50, args.repeats),
@@ -96,21 +104,19 @@ def main(argv=None) -> None:
                 lambda: (linear(net.flatten(x), other, net.biases[0]), optimizer.step()), 50, args.repeats),
         }
     whole = {}
-    for name in ("torch", "native"):
+    _, _, torch_train = torch_step(setup)
+    for name, step in (("torch", torch_train), ("native", train)):
         engine(name)
-        whole[name] = best_ms(lambda: train(x, y), 30, args.repeats)
+        whole[name] = best_ms(lambda: step(x, y), 30, args.repeats)
     os.environ.pop("EPRUN_NATIVE", None)
     native.reset()
-    print(f"  {'':34s} {'torch':>8s} {'native':>8s}")
+    print(f"  {'':38s} {'torch':>8s} {'native':>8s}")
     for part in parts["torch"]:
-        print(f"  {part:34s} {parts['torch'][part]:8.3f} {parts['native'][part]:8.3f}")
-    for part, ms in common.items():
-        print(f"  {part:34s} {ms:8.3f} {ms:8.3f}")
+        print(f"  {part:38s} {parts['torch'][part]:8.3f} {parts['native'][part]:8.3f}")
     for name in ("torch", "native"):
-        rest = whole[name] - sum(parts[name].values()) - sum(common.values())
-        parts[name]["rest"] = rest
-    print(f"  {'rest (Python, small ops)':34s} {parts['torch']['rest']:8.3f} {parts['native']['rest']:8.3f}")
-    print(f"  {'whole training step':34s} {whole['torch']:8.3f} {whole['native']:8.3f}")
+        parts[name]["rest"] = whole[name] - sum(parts[name].values())
+    print(f"  {'rest (whole − parts timed alone)':38s} {parts['torch']['rest']:8.3f} {parts['native']['rest']:8.3f}")
+    print(f"  {'whole training step':38s} {whole['torch']:8.3f} {whole['native']:8.3f}")
     print(f"  samples/s {args.batch / whole['torch'] * 1e3:,.0f} (torch) · {args.batch / whole['native'] * 1e3:,.0f} "
           f"(native)")
     print("\nin sequence (ms):")
@@ -119,6 +125,23 @@ def main(argv=None) -> None:
     fixed_costs(args.repeats)
     after_the_baseline(setup, args.batch)
     steps_computed(setup, args.batch)
+
+
+def torch_step(setup):
+    """(net, rule, training step) as ``Setup.eprun_side`` builds them, but stepping torch's own
+    fused Adam (its ``step`` and ``zero_grad``): the "torch" column of the breakdown."""
+    from eprun.assemble import build_rule
+
+    net = setup._copy()
+    rule = build_rule(setup.recipe, net)
+    optimizer = torch.optim.Adam([{"params": g, "lr": 5e-4} for g in net.layer_groups()], fused=True)
+
+    def train(x, y):
+        optimizer.zero_grad(set_to_none=False)
+        rule.train_step(x, y)
+        optimizer.step()
+
+    return net, rule, train
 
 
 def fixed_costs(repeats: int) -> None:
@@ -176,34 +199,35 @@ def after_the_baseline(setup, batch: int, rounds: int = 5, size: int = 20) -> No
 def steps_computed(setup, batch: int, batches: int = 300) -> None:
     """The steps the kernel computes per example with a fixed T and K (it stops an example at a
     bitwise fixed point), at the initial weights and after ``batches`` training batches of random
-    MNIST-shaped data; every call of the kernel is counted, free and nudged."""
+    MNIST-shaped data, per phase."""
     from eprun import native
 
     calls = []
-    relax = native.relax_dense
+    phases = native.ep_dense_phases
 
     def counting(*args, **kwargs):
-        taken = relax(*args, **{**kwargs, "count_steps": True})
-        calls.append((args[7], float(taken.float().mean())))  # (steps asked, mean steps computed)
-        return taken
+        taken_free, taken_nudged, loss = phases(*args, **kwargs)
+        calls.append((float(taken_free.float().mean()), float(taken_nudged.float().mean())))
+        return taken_free, taken_nudged, loss
 
     net, rule, train = setup.eprun_side()
+    T, K = rule.cfg.T, rule.cfg.K
     data = setup.data(batches + 10, batch, "steps")
-    native.relax_dense = counting
+    native.ep_dense_phases = counting
     try:
         print("\nsteps computed per example by the kernel (fixed T, K), mean:")
         for label, run in (("initial weights", data[:10]), (f"after {batches} batches", data[batches:])):
             calls.clear()
             for x, y in run:
                 train(x, y)
-            for steps in sorted({asked for asked, _ in calls}, reverse=True):
-                done = [mean for asked, mean in calls if asked == steps]
-                print(f"  {label:22s} {sum(done) / len(done):5.1f} of {steps}")
+            free = sum(c[0] for c in calls) / len(calls)
+            nudged = sum(c[1] for c in calls) / len(calls)
+            print(f"  {label:22s} free {free:5.1f} of {T} · nudged {nudged:5.1f} of {K}")
             if label == "initial weights":
                 for x, y in data[10:batches]:
                     train(x, y)
     finally:
-        native.relax_dense = relax
+        native.ep_dense_phases = phases
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ one hidden layer under at most 16 outputs goes one example at a time through one
 hidden units a step, both products and σ in 16-wide vectors (784-512-10, batch 50, one thread:
 562 → 313 ns an example-step against the two-example path, ``python -m benchmarks.native_step``).
 
+For EP's training step on such a net, :func:`ep_dense_phases` runs the free phase and the
+nudged phase in one call (each row range of the batch through both phases on one thread, the
+same steps as two relaxations) and :func:`ep_dense_update` accumulates the update of every layer
+in another: between them they replace about twenty torch calls and two kernel calls a batch,
+whose Python and dispatch cost more than the relaxation of a 784-512-10 net at batch 50 takes
+(``python -m benchmarks.mlp_breakdown``, "fixed costs").
+
 The conv nets' top-down term of a max-pooled layer, Wᵀ ⋆ Pᵀ(s), is computed here too
 (``unpool_conv_t.c``, :func:`unpool_conv_t`): from the one nonzero in each pooling window,
 a quarter of the dense transposed convolution's multiply-adds with 2×2 pools. So are a 5×5
@@ -24,14 +31,14 @@ thread (batch 50, 2 threads: free phase 1.0 → 0.6 ms). Otherwise the ranges go
 (ctypes releases the GIL during the call), from :data:`SPLIT_ROWS` rows a thread: below that,
 torch's workers, spinning after a product, took the second core from them (no gain at batch 50).
 
-The sources (``dense_relax.c``, ``outer_product.c`` for :func:`add_outer_`,
-``unpool_conv_t.c`` for :func:`unpool_conv_t` and ``winograd_conv_pool.c`` for
-:func:`winograd_conv_pool`) are compiled
-into one library on first use with the system C compiler (``$CC``, else ``cc``) into
-``$EPRUN_CACHE`` (default ``~/.cache/eprun``)/native/, keyed by a hash of the source, the
-flags, the compiler's version and the machine; a flag set that failed leaves a ``.failed`` note
-there with the compiler's message, so later processes go straight to the next set (delete the
-note to try again). Without a compiler, or with ``EPRUN_NATIVE=0``,
+The sources (``dense_relax.c``, ``outer_product.c`` for :func:`add_outer_` and
+:func:`ep_dense_update`, ``unpool_conv_t.c`` for :func:`unpool_conv_t` and
+``winograd_conv_pool.c`` for :func:`winograd_conv_pool`) are compiled into one library on
+first use with the system C compiler (``$CC``, else ``cc``) into ``$EPRUN_CACHE`` (default
+``~/.cache/eprun``)/native/, keyed by a hash of the source, the flags, the compiler's version
+and the machine; a flag set that failed leaves a ``.failed`` note there with the compiler's
+message, so later processes go straight to the next set (delete the note to try again).
+Without a compiler, or with ``EPRUN_NATIVE=0``,
 the torch path runs instead (same dynamics; float32 results differ by rounding only).
 ``EPRUN_NATIVE=1`` makes a failure to build an error instead of a fallback.
 """
