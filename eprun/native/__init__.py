@@ -9,6 +9,10 @@ constant, the nudge and σ into one pass per layer. Where the compiler targets A
 one hidden layer under at most 16 outputs goes one example at a time through one pass over the
 hidden units a step, both products and σ in 16-wide vectors (784-512-10, batch 50, one thread:
 562 → 313 ns an example-step against the two-example path, ``python -m benchmarks.native_step``).
+Deeper or wider nets (AVX-512 builds) relax up to 12 examples together, each 16-wide load of a
+weight serving all of them, from couplings packed once a call into one contiguous stream per 32
+units (784-512-512-512-10, batch 20, 2 threads: 0.43–0.51 → 0.11–0.13 ms a step against pairs;
+:func:`use_block_path` switches between the two for comparison).
 
 For EP's training step on such a net, :func:`ep_dense_phases` runs the free phase and the
 nudged phase in one call (each row range of the batch through both phases on one thread, the
@@ -154,6 +158,8 @@ def _build() -> ctypes.CDLL:
         library.eprun_ep_dense_update.argtypes = [
             ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, pointers, pointers, pointers, pointers,
             ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int]
+        library.eprun_relax_blocked.restype = ctypes.c_int
+        library.eprun_relax_blocked.argtypes = [ctypes.c_int]
         library.eprun_native_vectorized.restype = ctypes.c_int
         library.eprun_native_openmp.restype = ctypes.c_int
         library.eprun_native_avx512.restype = ctypes.c_int
@@ -242,6 +248,16 @@ def _threads(rows: int) -> int:
     """Threads for a batch of ``rows``: up to torch's thread count, with at least
     :data:`OPENMP_SPLIT_ROWS` rows each on the OpenMP workers, :data:`SPLIT_ROWS` on Python threads."""
     return max(1, min(torch.get_num_threads(), rows // (OPENMP_SPLIT_ROWS if _shares_openmp else SPLIT_ROWS)))
+
+
+def use_block_path(on: bool | None = None) -> bool:
+    """Whether nets past one hidden layer under a small output relax in blocks of examples
+    (``dense_relax.c``, AVX-512 builds; otherwise in pairs): set it with ``on`` (for benchmarks
+    and tests that compare both), and get the previous setting. False without the library."""
+    lib = library()
+    if lib is None:
+        return False
+    return bool(lib.eprun_relax_blocked(-1 if on is None else int(on)))
 
 
 def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: list[torch.Tensor | None],

@@ -24,7 +24,8 @@
  *
  * Built with AVX-512, a net of one hidden layer under an output of at most 16 units (the
  * papers' 784-512-10) takes a shorter path: one pass over the hidden units a step, in 16-wide
- * vectors (relax_two_layers below).
+ * vectors (relax_two_layers below); every other net of two layers or more relaxes its examples
+ * in blocks of up to 12, each load of a weight serving the whole block (relax_rows_blocked).
  */
 #include <math.h>
 #include <stdint.h>
@@ -47,6 +48,18 @@
 #endif
 
 enum { ACT_LOGISTIC = 0, ACT_CLAMP01 = 1, ACT_TANH = 2 };
+
+/* 1: nets other than one hidden layer under a small output relax in blocks of examples (AVX-512
+ * builds, relax_rows_blocked); 0: in pairs, as AVX2 builds do. Set by eprun_relax_blocked. */
+static int blocked_rows = 1;
+
+/* Set the path of wider and deeper nets (on: 1 blocks, 0 pairs; −1 leaves it) and return the
+ * previous setting; for benchmarks and tests that compare both. Not for use during a call. */
+int eprun_relax_blocked(int on) {
+    const int was = blocked_rows;
+    if (on >= 0) blocked_rows = on;
+    return was;
+}
 
 /* ------------------------------------------------------------------ the base non-linearity g */
 
@@ -459,6 +472,245 @@ static inline __attribute__((always_inline)) void relax_rows_two_layers(
 }
 #endif
 
+#if EPRUN_AVX512
+/* ----------------------------------------------- blocks of examples for wider and deeper nets
+ *
+ * Past one hidden layer the couplings no longer fit the caches near a core (784-512-512-512-10:
+ * 2 MB of W_1 … W_3), and a step that streams every weight once per pair of examples is bound
+ * by that stream. Here a thread's examples relax in blocks of up to BLOCK_ROWS together, and each
+ * 16-wide load of a weight serves every example of the block: for a block of R examples and
+ * 32 units j … j+31 of layer i, 2R vector sums
+ *
+ *     acc[r] = Σ_k Uᵀ_i[k, j…] s_{i−1}[r, k] + Σ_k D_i[k, j…] s_{i+1}[r, k]
+ *
+ * then z = c_i + a·acc [+ ν·s_i], s_i ← g(z). The couplings are packed once a call (pack_layer):
+ * for each chunk of 32 units the rows of Uᵀ_i, then of D_i, one after the other, so the k loop
+ * reads one contiguous stream (read in place, rows of Uᵀ_i 4·n_i bytes apart, the stream crossed
+ * a page every few rows and ran 2.5× slower). The sums run in order k = 0, 1, … for each
+ * example whatever R is, so an example's result does not depend on its block. An example that
+ * stops (tol, or a bitwise fixed point with exact) leaves the block, its last slot taking its
+ * place. */
+#define BLOCK_ROWS 12
+
+typedef struct {
+    float *cur[64], *nxt[64];        /* BLOCK_ROWS rows of n_i each */
+    const float *c[64][BLOCK_ROWS];  /* each slot's constant of layer i */
+    int64_t row[BLOCK_ROWS];         /* each slot's example (row of the batch) */
+} Block;
+
+/* The sums of 32 units at j of layer i for the R examples of a block (R a compile-time constant
+ * after inlining), into z[r·32 + q]. P: this chunk's packed couplings, nb + na rows of 32 floats
+ * (zeros past the layer's last unit): row k < nb is Uᵀ_i[k, j…j+31], row nb + k is
+ * D_i[k, j…j+31]. below / above: the block's states of layers i−1 and i+1, rows of nb / na. */
+static inline __attribute__((always_inline)) void block_sums(const int R, float *z, const float *below,
+                                                              const float *above, int64_t nb, int64_t na,
+                                                              const float *P) {
+    __m512 acc[BLOCK_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < nb; k++, P += 32) {
+        const __m512 w0 = _mm512_loadu_ps(P), w1 = _mm512_loadu_ps(P + 16);
+        for (int r = 0; r < R; r++) {
+            const __m512 sk = _mm512_set1_ps(below[r * nb + k]);
+            acc[r][0] = _mm512_fmadd_ps(sk, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(sk, w1, acc[r][1]);
+        }
+    }
+    for (int64_t k = 0; k < na; k++, P += 32) {
+        const __m512 w0 = _mm512_loadu_ps(P), w1 = _mm512_loadu_ps(P + 16);
+        for (int r = 0; r < R; r++) {
+            const __m512 sk = _mm512_set1_ps(above[r * na + k]);
+            acc[r][0] = _mm512_fmadd_ps(sk, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(sk, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(z + 32 * r, acc[r][0]);
+        _mm512_storeu_ps(z + 32 * r + 16, acc[r][1]);
+    }
+}
+
+/* block_sums for the block's R examples: one copy of the loops per R, so the 2R sums stay in
+ * registers (a copy per activation as well, as relax_rows has, took the build from 10 to 31 s) */
+static void block_sums_any(int R, float *z, const float *below, const float *above, int64_t nb, int64_t na,
+                           const float *P) {
+#define EPRUN_BLOCK_CASE(K) case K: block_sums(K, z, below, above, nb, na, P); break;
+    switch (R) {
+        EPRUN_BLOCK_CASE(1) EPRUN_BLOCK_CASE(2) EPRUN_BLOCK_CASE(3) EPRUN_BLOCK_CASE(4) EPRUN_BLOCK_CASE(5)
+        EPRUN_BLOCK_CASE(6) EPRUN_BLOCK_CASE(7) EPRUN_BLOCK_CASE(8) EPRUN_BLOCK_CASE(9) EPRUN_BLOCK_CASE(10)
+        EPRUN_BLOCK_CASE(11) EPRUN_BLOCK_CASE(12)
+        default: break;
+    }
+#undef EPRUN_BLOCK_CASE
+}
+
+/* Layer i of the block's R examples, 32 units at a time: z = c_i + a·sums [+ ν·s_i], s_i ← g(z)
+ * into out (which may be self: each value of self is read before it is written); moved[r] set
+ * when check and example r moved (see moved16). P: the layer's packed couplings, chunk after
+ * chunk (pack_chunk). */
+static void block_layer(int R, float *out, const float *self, const float *below, const float *above, int64_t n,
+                        int64_t nb, int64_t na, const float *P, const float *const *c, float a, int act, float nu,
+                        int check, float tol, int *moved) {
+    float z[BLOCK_ROWS * 32];
+    const __m512 va = _mm512_set1_ps(a), vnu = _mm512_set1_ps(nu);
+    for (int64_t j = 0; j < n; j += 32, P += 32 * (nb + na)) {
+        block_sums_any(R, z, below, above, nb, na, P);
+        const int64_t left = n - j;
+        for (int h = 0; h < 2; h++) {
+            const int64_t lanes = left - 16 * h;
+            if (lanes <= 0) break;
+            const __mmask16 m = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1u);
+            for (int r = 0; r < R; r++) {
+                const int64_t at = r * n + j + 16 * h;
+                const __m512 old = _mm512_maskz_loadu_ps(m, self + at);
+                __m512 zz = _mm512_fmadd_ps(va, _mm512_loadu_ps(z + 32 * r + 16 * h),
+                                            _mm512_maskz_loadu_ps(m, c[r] + j + 16 * h));
+                if (nu != 0.0f) zz = _mm512_fmadd_ps(vnu, old, zz);
+                const __m512 fresh = g16(zz, act);
+                if (check && moved16(fresh, old, tol, m)) moved[r] = 1;
+                _mm512_mask_storeu_ps(out + at, m, fresh);
+            }
+        }
+    }
+}
+
+/* Chunk `ch` (32 units from 32·ch) of the packed couplings of a layer of n units, nb below
+ * (U [n, nb] or NULL) and na above (D [na, n] or NULL): nb rows of Uᵀ then na rows of D, 32
+ * floats each, zeros past the last unit; one contiguous stream for the block's k loop. */
+static void pack_chunk(float *P, const float *U, const float *D, int64_t n, int64_t nb, int64_t na, int64_t ch) {
+    float *dst = P + ch * 32 * (nb + na);
+    const int64_t j = ch * 32, width = n - j < 32 ? n - j : 32;
+    if (width < 32) memset(dst, 0, (size_t)(32 * (nb + na)) * sizeof(float));
+    for (int64_t k = 0; k < nb; k++)  /* row k of the chunk from 32 rows of U, their lines kept in L1 */
+        for (int64_t q = 0; q < width; q++) dst[k * 32 + q] = U[(j + q) * nb + k];
+    for (int64_t k = 0; k < na; k++) memcpy(dst + (nb + k) * 32, D + k * n + j, (size_t)width * sizeof(float));
+}
+
+static inline int64_t below_of(int i, const int64_t *sizes) { return i > 0 ? sizes[i - 1] : 0; }
+static inline int64_t above_of(int i, int n_layers, const int64_t *sizes) {
+    return i + 1 < n_layers ? sizes[i + 1] : 0;
+}
+
+/* 1 when relax_rows takes the block path for this net (AVX-512 builds; the one-pass path keeps
+ * one hidden layer under a small output) */
+static int uses_blocks(int n_layers, const int64_t *sizes) {
+    return EPRUN_AVX512 && blocked_rows && n_layers >= 2 && !(n_layers == 2 && sizes[1] <= 16);
+}
+
+/* The floats of every layer's packed couplings; P[i] set to layer i's start in `buffer` (when
+ * not NULL). */
+static int64_t packed_layout(int n_layers, const int64_t *sizes, float *buffer, const float **P) {
+    int64_t total = 0;
+    for (int i = 0; i < n_layers; i++) {
+        if (buffer) P[i] = buffer + total;
+        total += (sizes[i] + 31) / 32 * 32 * (below_of(i, sizes) + above_of(i, n_layers, sizes));
+    }
+    return total;
+}
+
+/* Pack share k of `count` of all layers' chunks (chunk g of the net, counted layer after layer,
+ * goes to share g mod count), so the threads of a parallel region pack one copy together. */
+static void pack_share(int n_layers, const int64_t *sizes, const float *const *up, const float *const *down,
+                       const float *const *P, int64_t k, int64_t count) {
+    int64_t g = 0;
+    for (int i = 0; i < n_layers; i++) {
+        const int64_t chunks = (sizes[i] + 31) / 32;
+        for (int64_t ch = 0; ch < chunks; ch++, g++)
+            if (g % count == k)
+                pack_chunk((float *)P[i], i > 0 ? up[i] : NULL, i + 1 < n_layers ? down[i] : NULL, sizes[i],
+                           below_of(i, sizes), above_of(i, n_layers, sizes), ch);
+    }
+}
+
+/* Space for `floats` packed floats, kept by the calling thread from one call to the next and
+ * grown when a larger net needs it (a fresh allocation of a few MB each call cost ~0.5 ms in page
+ * faults, a fifth of a free phase of T = 4 on 784-512-512-512-10); NULL if memory ran out. */
+static float *packing_space(int64_t floats) {
+    static __thread float *space = NULL;
+    static __thread int64_t capacity = 0;
+    if (floats > capacity) {
+        free(space);
+        space = (float *)malloc((size_t)floats * sizeof(float));
+        capacity = space ? floats : 0;
+    }
+    return space;
+}
+
+/* Copy slot `from` of the block into slot `to` (every layer's current state, constants, row). */
+static void block_move(Block *b, int n_layers, const int64_t *sizes, int from, int to) {
+    for (int i = 0; i < n_layers; i++) {
+        memcpy(b->cur[i] + to * sizes[i], b->cur[i] + from * sizes[i], (size_t)sizes[i] * sizeof(float));
+        b->c[i][to] = b->c[i][from];
+    }
+    b->row[to] = b->row[from];
+}
+
+/* relax_rows for any chain of layers, in blocks of examples (see above). */
+static __attribute__((noinline)) int relax_rows_blocked(
+        int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
+        const int *constant_per_row, const float *const *P, float a, int act, float nudge, int steps,
+        int async_order, float tol, int check_every, int exact, int32_t *steps_taken, int64_t row_begin,
+        int64_t row_end) {
+    int64_t total = 0;
+    for (int i = 0; i < n_layers; i++) total += sizes[i];
+    float *buffer = (float *)malloc((size_t)(2 * BLOCK_ROWS * total) * sizeof(float));
+    if (!buffer) return -1;
+    Block b;
+    float *at = buffer;
+    for (int i = 0; i < n_layers; i++) {
+        b.cur[i] = at;
+        b.nxt[i] = at + BLOCK_ROWS * sizes[i];
+        at += 2 * BLOCK_ROWS * sizes[i];
+    }
+    const int64_t rows = row_end - row_begin, blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t lo = row_begin + rows * blk / blocks, hi = row_begin + rows * (blk + 1) / blocks;
+        int R = (int)(hi - lo);
+        for (int r = 0; r < R; r++) {
+            b.row[r] = lo + r;
+            for (int i = 0; i < n_layers; i++) {
+                memcpy(b.cur[i] + r * sizes[i], state[i] + (lo + r) * sizes[i], (size_t)sizes[i] * sizeof(float));
+                b.c[i][r] = constant[i] + (constant_per_row[i] ? (lo + r) * sizes[i] : 0);
+            }
+        }
+        for (int t = 0; t < steps && R > 0; t++) {
+            const int check = tol > 0.0f ? (t + 1) % check_every == 0 : exact;
+            int moved[BLOCK_ROWS] = {0};
+            for (int half = 0; half < (async_order ? 2 : 1); half++) {
+                for (int i = async_order ? half : 0; i < n_layers; i += async_order ? 2 : 1) {
+                    const int64_t nb = i > 0 ? sizes[i - 1] : 0, na = i + 1 < n_layers ? sizes[i + 1] : 0;
+                    block_layer(R, async_order ? b.cur[i] : b.nxt[i], b.cur[i], i > 0 ? b.cur[i - 1] : NULL,
+                                i + 1 < n_layers ? b.cur[i + 1] : NULL, sizes[i], nb, na, P[i], b.c[i], a, act,
+                                i == n_layers - 1 ? nudge : 0.0f, check, tol, moved);
+                }
+            }
+            if (!async_order)
+                for (int i = 0; i < n_layers; i++) {
+                    float *swap = b.cur[i];
+                    b.cur[i] = b.nxt[i];
+                    b.nxt[i] = swap;
+                }
+            if (check) {
+                for (int r = R - 1; r >= 0; r--) {
+                    if (moved[r]) continue;
+                    for (int i = 0; i < n_layers; i++)  /* stopped: its state goes back, its slot to the last */
+                        memcpy(state[i] + b.row[r] * sizes[i], b.cur[i] + r * sizes[i], (size_t)sizes[i] * sizeof(float));
+                    if (steps_taken) steps_taken[b.row[r]] = t + 1;
+                    if (r != R - 1) block_move(&b, n_layers, sizes, R - 1, r);
+                    R--;
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            for (int i = 0; i < n_layers; i++)
+                memcpy(state[i] + b.row[r] * sizes[i], b.cur[i] + r * sizes[i], (size_t)sizes[i] * sizeof(float));
+            if (steps_taken) steps_taken[b.row[r]] = steps;
+        }
+    }
+    free(buffer);
+    return 0;
+}
+#endif
+
 /* Scratch of one example: two state sets (cur, nxt) and the partial sums z. */
 typedef struct {
     float *cur[64], *nxt[64], *z;
@@ -543,7 +795,7 @@ static inline __attribute__((always_inline)) int relax_rows(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
         const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act,
         float nudge, int steps, int async_order, float tol, int check_every, int exact, int32_t *steps_taken,
-        int64_t row_begin, int64_t row_end) {
+        int64_t row_begin, int64_t row_end, const float *const *packed) {
     if (n_layers > 64) return -1;
     if (check_every < 1) check_every = 1;
 #if EPRUN_AVX512
@@ -552,6 +804,20 @@ static inline __attribute__((always_inline)) int relax_rows(
                               tol, check_every, exact, steps_taken, row_begin, row_end);
         return 0;
     }
+    if (uses_blocks(n_layers, sizes)) {
+        if (packed)
+            return relax_rows_blocked(n_layers, sizes, state, constant, constant_per_row, packed, a, act, nudge,
+                                      steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
+        const float *P[64] = {NULL};
+        float *buffer = packing_space(packed_layout(n_layers, sizes, NULL, NULL));
+        if (!buffer) return -1;
+        packed_layout(n_layers, sizes, buffer, P);
+        pack_share(n_layers, sizes, up, down, P, 0, 1);
+        return relax_rows_blocked(n_layers, sizes, state, constant, constant_per_row, P, a, act, nudge, steps,
+                                  async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
+    }
+#else
+    (void)packed;
 #endif
     int64_t total = 0, widest = 0;
     for (int i = 0; i < n_layers; i++) {
@@ -603,20 +869,63 @@ static inline __attribute__((always_inline)) int relax_rows(
     return 0;
 }
 
+/* relax_rows with the activation a compile-time constant: one copy of the loop per activation,
+ * so g is inlined without a branch per vector. ``packed``: the block path's packed couplings
+ * (pack_share), or NULL for it to pack its own. */
+static int relax_dense_packed(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
+                              const int *constant_per_row, const float *const *up, const float *const *down, float a,
+                              int act, float nudge, int steps, int async_order, float tol, int check_every, int exact,
+                              int32_t *steps_taken, int64_t row_begin, int64_t row_end, const float *const *packed) {
+    if (act == ACT_LOGISTIC)
+        return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_LOGISTIC, nudge,
+                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
+    if (act == ACT_CLAMP01)
+        return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_CLAMP01, nudge,
+                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
+    return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
+                      steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
+}
+
 int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
                       const int *constant_per_row, const float *const *up, const float *const *down, float a, int act,
                       float nudge, int steps, int async_order, float tol, int check_every, int exact,
                       int32_t *steps_taken, int64_t row_begin, int64_t row_end) {
-    /* one copy of the loop per activation, so g is inlined without a branch per vector */
-    if (act == ACT_LOGISTIC)
-        return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_LOGISTIC, nudge,
-                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
-    if (act == ACT_CLAMP01)
-        return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_CLAMP01, nudge,
-                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
-    return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
-                      steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
+    return relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
+                              async_order, tol, check_every, exact, steps_taken, row_begin, row_end, NULL);
 }
+
+/* Couplings packed once for the threads of a parallel call (the block path), or NULL when the
+ * net does not take that path (or memory ran out: each thread then packs its own). The space is
+ * packing_space's, kept by the calling thread. */
+static const float *const *shared_packing(int n_layers, const int64_t *sizes, const float **P) {
+#if EPRUN_AVX512
+    if (n_layers <= 64 && uses_blocks(n_layers, sizes)) {
+        float *buffer = packing_space(packed_layout(n_layers, sizes, NULL, NULL));
+        if (buffer) {
+            packed_layout(n_layers, sizes, buffer, P);
+            return P;
+        }
+    }
+#else
+    (void)n_layers, (void)sizes, (void)P;
+#endif
+    return NULL;
+}
+
+#ifdef _OPENMP
+/* This thread's share of the packing, then a barrier (inside a parallel region). */
+static void pack_together(int n_layers, const int64_t *sizes, const float *const *up, const float *const *down,
+                          const float *const *P, int64_t k, int64_t count) {
+#if EPRUN_AVX512
+    if (P) pack_share(n_layers, sizes, up, down, P, k, count);
+#else
+    (void)n_layers, (void)sizes, (void)up, (void)down, (void)P, (void)k, (void)count;
+#endif
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+#endif
 
 /*
  * The same relaxation with the rows split into `threads` contiguous ranges of whole pairs, run in
@@ -635,14 +944,18 @@ int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *st
     int64_t pairs = (row_end - row_begin + 1) / 2;
     if (threads > pairs) threads = (int)pairs;
     if (threads > 1) {
+        const float *P[64] = {NULL};
+        const float *const *packed = shared_packing(n_layers, sizes, P);
 #pragma omp parallel num_threads(threads) reduction(| : failed)
         {
             int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+            pack_together(n_layers, sizes, up, down, packed, k, n);
             int64_t lo = row_begin + 2 * (pairs * k / n), hi = row_begin + 2 * (pairs * (k + 1) / n);
             if (hi > row_end) hi = row_end;
             if (lo < hi)
-                failed |= eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
-                                            nudge, steps, async_order, tol, check_every, exact, steps_taken, lo, hi) != 0;
+                failed |= relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
+                                             nudge, steps, async_order, tol, check_every, exact, steps_taken, lo, hi,
+                                             packed) != 0;
         }
         return failed ? -1 : 0;
     }
@@ -671,14 +984,14 @@ static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free
                           const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
                           float a, int act, int T, int K, int async_order, float tol, int check_every, int exact,
                           int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t row_begin,
-                          int64_t row_end) {
+                          int64_t row_end, const float *const *packed) {
     if (n_layers > 64 || n_layers < 1) return -1;
     const int out = n_layers - 1;
     const int64_t n_out = sizes[out];
     for (int i = 0; i < n_layers; i++)
         memset(free_state[i] + row_begin * sizes[i], 0, (size_t)((row_end - row_begin) * sizes[i]) * sizeof(float));
-    if (eprun_relax_dense(n_layers, sizes, free_state, constant, constant_per_row, up, down, a, act, 0.0f, T,
-                          async_order, tol, check_every, exact, taken_free, row_begin, row_end) != 0)
+    if (relax_dense_packed(n_layers, sizes, free_state, constant, constant_per_row, up, down, a, act, 0.0f, T,
+                           async_order, tol, check_every, exact, taken_free, row_begin, row_end, packed) != 0)
         return -1;
     for (int i = 0; i < n_layers; i++)
         memcpy(nudged_state[i] + row_begin * sizes[i], free_state[i] + row_begin * sizes[i],
@@ -703,8 +1016,9 @@ static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free
     }
     nudged_constant[out] = nudged_out_constant;
     nudged_per_row[out] = 1;
-    return eprun_relax_dense(n_layers, sizes, nudged_state, nudged_constant, nudged_per_row, up, down, a, act, -a_beta,
-                             K, async_order, tol, check_every, exact, taken_nudged, row_begin, row_end);
+    return relax_dense_packed(n_layers, sizes, nudged_state, nudged_constant, nudged_per_row, up, down, a, act,
+                              -a_beta, K, async_order, tol, check_every, exact, taken_nudged, row_begin, row_end,
+                              packed);
 }
 
 /* ep_phases_rows on the whole batch, split into `threads` ranges of whole pairs in one OpenMP
@@ -715,28 +1029,36 @@ int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free
                           const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
                           float a, int act, int T, int K, int async_order, float tol, int check_every, int exact,
                           int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t batch, int threads) {
-#ifdef _OPENMP
     int failed = 0;
+    const float *P[64] = {NULL};
+    const float *const *packed = shared_packing(n_layers, sizes, P);  /* once for both phases */
+#ifdef _OPENMP
     int64_t pairs = (batch + 1) / 2;
     if (threads > pairs) threads = (int)pairs;
     if (threads > 1) {
 #pragma omp parallel num_threads(threads) reduction(| : failed)
         {
             int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+            pack_together(n_layers, sizes, up, down, packed, k, n);
             int64_t lo = 2 * (pairs * k / n), hi = 2 * (pairs * (k + 1) / n);
             if (hi > batch) hi = batch;
             if (lo < hi)
                 failed |= ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row,
                                          nudged_out_constant, labels, a_beta, up, down, a, act, T, K, async_order,
-                                         tol, check_every, exact, taken_free, taken_nudged, free_loss, lo, hi) != 0;
+                                         tol, check_every, exact, taken_free, taken_nudged, free_loss, lo, hi,
+                                         packed) != 0;
         }
         return failed ? -1 : 0;
     }
 #endif
     (void)threads;
-    return ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row, nudged_out_constant,
-                          labels, a_beta, up, down, a, act, T, K, async_order, tol, check_every, exact, taken_free,
-                          taken_nudged, free_loss, 0, batch);
+#if EPRUN_AVX512
+    if (packed) pack_share(n_layers, sizes, up, down, packed, 0, 1);
+#endif
+    failed = ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row, nudged_out_constant,
+                            labels, a_beta, up, down, a, act, T, K, async_order, tol, check_every, exact, taken_free,
+                            taken_nudged, free_loss, 0, batch, packed);
+    return failed;
 }
 
 /* 1 if the library was built with OpenMP, so eprun_relax_dense_split runs on several threads. */
