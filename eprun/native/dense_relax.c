@@ -502,27 +502,28 @@ typedef struct {
  * after inlining), into z[r·32 + q]. P: this chunk's packed couplings, nb + na rows of 32 floats
  * (zeros past the layer's last unit): row k < nb is Uᵀ_i[k, j…j+31], row nb + k is
  * D_i[k, j…j+31]. below / above: the block's states of layers i−1 and i+1, rows of nb / na. */
+/* acc[r] += Σ_{k < count} s[r·count + k] · (the two vectors of row k of P), in order k = 0, 1, … */
+static inline __attribute__((always_inline)) const float *block_accumulate(const int R, __m512 (*acc)[2],
+                                                                           const float *s, int64_t count,
+                                                                           const float *P) {
+    for (int64_t k = 0; k < count; k++, P += 32) {
+        const __m512 w0 = _mm512_loadu_ps(P), w1 = _mm512_loadu_ps(P + 16);
+        for (int r = 0; r < R; r++) {
+            const __m512 sk = _mm512_set1_ps(s[r * count + k]);
+            acc[r][0] = _mm512_fmadd_ps(sk, w0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(sk, w1, acc[r][1]);
+        }
+    }
+    return P;
+}
+
 static inline __attribute__((always_inline)) void block_sums(const int R, float *z, const float *below,
                                                               const float *above, int64_t nb, int64_t na,
                                                               const float *P) {
     __m512 acc[BLOCK_ROWS][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < nb; k++, P += 32) {
-        const __m512 w0 = _mm512_loadu_ps(P), w1 = _mm512_loadu_ps(P + 16);
-        for (int r = 0; r < R; r++) {
-            const __m512 sk = _mm512_set1_ps(below[r * nb + k]);
-            acc[r][0] = _mm512_fmadd_ps(sk, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(sk, w1, acc[r][1]);
-        }
-    }
-    for (int64_t k = 0; k < na; k++, P += 32) {
-        const __m512 w0 = _mm512_loadu_ps(P), w1 = _mm512_loadu_ps(P + 16);
-        for (int r = 0; r < R; r++) {
-            const __m512 sk = _mm512_set1_ps(above[r * na + k]);
-            acc[r][0] = _mm512_fmadd_ps(sk, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(sk, w1, acc[r][1]);
-        }
-    }
+    P = block_accumulate(R, acc, below, nb, P);  /* Uᵀ_i rows against s_{i−1} */
+    block_accumulate(R, acc, above, na, P);      /* then D_i rows against s_{i+1}, into the same sums */
     for (int r = 0; r < R; r++) {
         _mm512_storeu_ps(z + 32 * r, acc[r][0]);
         _mm512_storeu_ps(z + 32 * r + 16, acc[r][1]);
