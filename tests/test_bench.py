@@ -212,3 +212,17 @@ def test_conv_step_script_times_both_paths_and_the_parts(capsys, monkeypatch):
     if native.winograd_conv_pool_available(5, 1, 2, (8, 8), 32, 64):
         assert "compiled Winograd" in out
     assert "EPRUN_NATIVE" not in __import__("os").environ
+
+
+def test_precision_script_compares_every_precision_with_float64(capsys):
+    """benchmarks/precision.py: EP's update in float32 (both engines), float32 with matmul
+    precision "medium" and bfloat16 against float64, one row each, plus the BPTT scale row."""
+    from benchmarks import precision
+
+    precision.main(["--batches", "2"])
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "(" in line}
+    assert set(rows) >= {"float32, compiled kernels", "float32, torch", "float32, matmul precision medium", "bfloat16",
+                         "BPTT gradient, float64 (scale)"}
+    float32_errors = [float(cell.split()[0]) for cell in rows["float32, torch"].split("  ")[2:] if cell.strip()]
+    assert float32_errors and max(float32_errors) < 1e-2
