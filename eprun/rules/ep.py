@@ -139,6 +139,7 @@ class EP:
             free, nudged, loss, steps = fused
             self._count_steps(steps)
             net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta)
+            net.accumulate_readout_grad_(free, y)  # nothing to add for the MSE read-out this path takes
             return net.logits(free), loss
         target = net.target(y, x)
         free = self.free_phase(drive)
