@@ -175,14 +175,18 @@ def _train_step(net, x, y, estimator="one-sided"):
 
 
 @pytest.mark.parametrize("hidden", [[37], [30, 12]])
-def test_train_step_through_the_one_call_path_matches_the_torch_path(hidden, monkeypatch):
+@pytest.mark.parametrize("estimator", ["one-sided", "negative", "random-sign"])
+def test_train_step_through_the_one_call_path_matches_the_torch_path(hidden, estimator, monkeypatch):
     """EP's training step (logits, loss, −Δθ in .grad) with the compiled phases and update, then
-    with EPRUN_NATIVE=0: the same to float32 rounding."""
+    with EPRUN_NATIVE=0: the same to float32 rounding, for +β, −β and a drawn sign."""
     x, y = _data(16)
-    ours = _train_step(_net(hidden), x, y)
+    net = _net(hidden)
+    ours = _train_step(net, x, y, estimator)
+    if native.library() is not None:
+        assert net.last_relax_engine == "native"
     monkeypatch.setenv("EPRUN_NATIVE", "0")
     native.reset()
-    theirs = _train_step(_net(hidden), x, y)
+    theirs = _train_step(_net(hidden), x, y, estimator)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(ours[2], theirs[2]):
