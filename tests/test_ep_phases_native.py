@@ -8,6 +8,7 @@ import torch
 
 from eprun import native
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+from eprun.nets.vf_mlp import VFMLPConfig, VectorFieldMLP
 from eprun.rules.ep import EP, EPConfig
 
 needs_kernel = pytest.mark.skipif(not native.add_outer_available(), reason="no AVX-512 build of the kernels here")
@@ -58,6 +59,26 @@ def test_one_call_gives_the_two_relaxations_bit_for_bit(hidden, activation, orde
     assert steps == steps_ref == (25.0, 8.0)
     torch.testing.assert_close(loss, net.loss(free_ref, y), rtol=1e-6, atol=1e-7)
     assert float((nudged[-1] - free[-1]).abs().max()) > 1e-3  # the nudge moved the output
+
+
+@needs_kernel
+@pytest.mark.parametrize("hidden", [[37], [40, 9]])
+def test_vector_field_net_runs_the_same_steps_with_its_feedback_matrices(hidden):
+    """The vector-field net's couplings downward are its own B_n: one call gives its two
+    relaxations bit for bit, and differs from the prototypical net with the same W."""
+    cfg = VFMLPConfig(hidden=list(hidden), activation="sigmoid")
+    net = VectorFieldMLP(cfg, (23,), 6, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for f in net.feedback:
+            f.mul_(-1.5)  # far from Wᵀ
+    x, y = _data(9)
+    with torch.no_grad():
+        drive = net.input_drive(x)
+        free, nudged, _, _ = net.ep_phases(drive, y, 20, 6, 0.5)
+        assert net.last_relax_engine == "native"
+        free_ref, nudged_ref, _ = _two_relaxations(net, drive, y, 20, 6, 0.5)
+    for a, b in zip(free + nudged, free_ref + nudged_ref):
+        assert torch.equal(a, b)
 
 
 @needs_kernel
@@ -171,22 +192,29 @@ def _train_step(net, x, y, estimator="one-sided"):
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
     logits, loss = rule.train_step(x, y)
-    return logits, loss, [p.grad.clone() for p in net.phi_parameters()]
+    return logits, loss, [p.grad.clone() for p in net.parameters()]
+
+
+def _vf_net(hidden):
+    return VectorFieldMLP(VFMLPConfig(hidden=list(hidden), activation="sigmoid"), (23,), 6,
+                          torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("hidden", [[37], [30, 12]])
 @pytest.mark.parametrize("estimator", ["one-sided", "negative", "random-sign"])
-def test_train_step_through_the_one_call_path_matches_the_torch_path(hidden, estimator, monkeypatch):
+@pytest.mark.parametrize("make", [_net, _vf_net], ids=["mlp", "vf_mlp"])
+def test_train_step_through_the_one_call_path_matches_the_torch_path(hidden, estimator, make, monkeypatch):
     """EP's training step (logits, loss, −Δθ in .grad) with the compiled phases and update, then
-    with EPRUN_NATIVE=0: the same to float32 rounding, for +β, −β and a drawn sign."""
+    with EPRUN_NATIVE=0: the same to float32 rounding, for +β, −β and a drawn sign, on the
+    prototypical and the vector-field net."""
     x, y = _data(16)
-    net = _net(hidden)
+    net = make(hidden)
     ours = _train_step(net, x, y, estimator)
     if native.library() is not None:
         assert net.last_relax_engine == "native"
     monkeypatch.setenv("EPRUN_NATIVE", "0")
     native.reset()
-    theirs = _train_step(_net(hidden), x, y, estimator)
+    theirs = _train_step(make(hidden), x, y, estimator)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(ours[2], theirs[2]):

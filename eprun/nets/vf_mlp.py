@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward, grad_of,
-                                init_dense_chain, parameters_in, relax_dense_)
+from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward,
+                                ep_phases_dense, grad_of, init_dense_chain, parameters_in, relax_dense_)
 from eprun.nets.mlp import MLPConfig
 from eprun.nets.products import add_outer_, linear
 
@@ -262,6 +262,16 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         bottom_up = [w.T for w in parameters_in(self.weights)]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = [f.T for f in parameters_in(self.feedback)]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
         return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target)
+
+    @torch.no_grad()
+    def ep_phases(self, drive: torch.Tensor, labels: torch.Tensor, free_steps: int, nudged_steps: int, beta: float,
+                  **schedule):
+        """The free phase and the one-sided nudged phase in one call of the compiled kernel, when it
+        applies (see :func:`eprun.nets.common.ep_phases_dense`): (s*, s^β, loss at s*, mean steps
+        per phase), else None. The same steps as :meth:`relax`; U_i = W_{i−1}, D_i = B_{i+1}ᵀ."""
+        up = [None] + parameters_in(self.weights)[1:]
+        down = [f.T.contiguous() for f in parameters_in(self.feedback)] + [None]
+        return ep_phases_dense(self, drive, labels, free_steps, nudged_steps, beta, up, down, **schedule)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None) -> list[torch.Tensor]:
