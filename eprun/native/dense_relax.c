@@ -483,7 +483,7 @@ static inline __attribute__((always_inline)) void relax_rows_two_layers(
  *
  *     acc[r] = Σ_k Uᵀ_i[k, j…] s_{i−1}[r, k] + Σ_k D_i[k, j…] s_{i+1}[r, k]
  *
- * then z = c_i + a·acc [+ ν·s_i], s_i ← g(z). The couplings are packed once a call (pack_layer):
+ * then z = c_i + a·acc [+ ν·s_i], s_i ← g(z). The couplings are packed once a call (pack_chunk):
  * for each chunk of 32 units the rows of Uᵀ_i, then of D_i, one after the other, so the k loop
  * reads one contiguous stream (read in place, rows of Uᵀ_i 4·n_i bytes apart, the stream crossed
  * a page every few rows and ran 2.5× slower). The sums run in order k = 0, 1, … for each
@@ -498,11 +498,8 @@ typedef struct {
     int64_t row[BLOCK_ROWS];         /* each slot's example (row of the batch) */
 } Block;
 
-/* The sums of 32 units at j of layer i for the R examples of a block (R a compile-time constant
- * after inlining), into z[r·32 + q]. P: this chunk's packed couplings, nb + na rows of 32 floats
- * (zeros past the layer's last unit): row k < nb is Uᵀ_i[k, j…j+31], row nb + k is
- * D_i[k, j…j+31]. below / above: the block's states of layers i−1 and i+1, rows of nb / na. */
-/* acc[r] += Σ_{k < count} s[r·count + k] · (the two vectors of row k of P), in order k = 0, 1, … */
+/* acc[r] += Σ_{k < count} s[r·count + k] · (the two vectors of row k of P), in order k = 0, 1, …;
+ * returns P past its `count` rows */
 static inline __attribute__((always_inline)) const float *block_accumulate(const int R, __m512 (*acc)[2],
                                                                            const float *s, int64_t count,
                                                                            const float *P) {
@@ -517,6 +514,10 @@ static inline __attribute__((always_inline)) const float *block_accumulate(const
     return P;
 }
 
+/* The sums of 32 units at j of layer i for the R examples of a block (R a compile-time constant
+ * after inlining), into z[r·32 + q]. P: this chunk's packed couplings, nb + na rows of 32 floats
+ * (zeros past the layer's last unit): row k < nb is Uᵀ_i[k, j…j+31], row nb + k is
+ * D_i[k, j…j+31]. below / above: the block's states of layers i−1 and i+1, rows of nb / na. */
 static inline __attribute__((always_inline)) void block_sums(const int R, float *z, const float *below,
                                                               const float *above, int64_t nb, int64_t na,
                                                               const float *P) {
@@ -645,6 +646,14 @@ static void block_move(Block *b, int n_layers, const int64_t *sizes, int from, i
     b->row[to] = b->row[from];
 }
 
+/* Slot r's states back into the batch's rows, with the steps it took. */
+static void block_return(const Block *b, int n_layers, const int64_t *sizes, float *const *state, int r, int taken,
+                         int32_t *steps_taken) {
+    for (int i = 0; i < n_layers; i++)
+        memcpy(state[i] + b->row[r] * sizes[i], b->cur[i] + r * sizes[i], (size_t)sizes[i] * sizeof(float));
+    if (steps_taken) steps_taken[b->row[r]] = taken;
+}
+
 /* relax_rows for any chain of layers, in blocks of examples (see above). */
 static __attribute__((noinline)) int relax_rows_blocked(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
@@ -678,9 +687,9 @@ static __attribute__((noinline)) int relax_rows_blocked(
             int moved[BLOCK_ROWS] = {0};
             for (int half = 0; half < (async_order ? 2 : 1); half++) {
                 for (int i = async_order ? half : 0; i < n_layers; i += async_order ? 2 : 1) {
-                    const int64_t nb = i > 0 ? sizes[i - 1] : 0, na = i + 1 < n_layers ? sizes[i + 1] : 0;
                     block_layer(R, async_order ? b.cur[i] : b.nxt[i], b.cur[i], i > 0 ? b.cur[i - 1] : NULL,
-                                i + 1 < n_layers ? b.cur[i + 1] : NULL, sizes[i], nb, na, P[i], b.c[i], a, act,
+                                i + 1 < n_layers ? b.cur[i + 1] : NULL, sizes[i], below_of(i, sizes),
+                                above_of(i, n_layers, sizes), P[i], b.c[i], a, act,
                                 i == n_layers - 1 ? nudge : 0.0f, check, tol, moved);
                 }
             }
@@ -693,19 +702,13 @@ static __attribute__((noinline)) int relax_rows_blocked(
             if (check) {
                 for (int r = R - 1; r >= 0; r--) {
                     if (moved[r]) continue;
-                    for (int i = 0; i < n_layers; i++)  /* stopped: its state goes back, its slot to the last */
-                        memcpy(state[i] + b.row[r] * sizes[i], b.cur[i] + r * sizes[i], (size_t)sizes[i] * sizeof(float));
-                    if (steps_taken) steps_taken[b.row[r]] = t + 1;
+                    block_return(&b, n_layers, sizes, state, r, t + 1, steps_taken);  /* stopped: its slot to the last */
                     if (r != R - 1) block_move(&b, n_layers, sizes, R - 1, r);
                     R--;
                 }
             }
         }
-        for (int r = 0; r < R; r++) {
-            for (int i = 0; i < n_layers; i++)
-                memcpy(state[i] + b.row[r] * sizes[i], b.cur[i] + r * sizes[i], (size_t)sizes[i] * sizeof(float));
-            if (steps_taken) steps_taken[b.row[r]] = steps;
-        }
+        for (int r = 0; r < R; r++) block_return(&b, n_layers, sizes, state, r, steps, steps_taken);
     }
     free(buffer);
     return 0;

@@ -28,6 +28,7 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
+from eprun import native
 from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward,
                                 ep_phases_dense, grad_of, init_dense_chain, parameters_in, relax_dense_)
 from eprun.nets.products import add_outer_, linear
@@ -134,8 +135,6 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         EP's one-sided estimate is  grad = −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)):  s_a = s*, s_b = s^β.
         For W_0 the input is shared, so its term is one product: (s¹_a − s¹_b)ᵀ x.
         """
-        from eprun import native
-
         weights, biases = parameters_in(self.weights), parameters_in(self.biases)
         x = self.flatten(x)
         c = scale / x.shape[0]

@@ -133,7 +133,7 @@ class EP:
         net, cfg = self.net, self.cfg
         drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
         beta = self._beta()
-        both = (getattr(net, "ep_phases", None) if cfg.estimator not in ("symmetric", "centered") else None)
+        both = getattr(net, "ep_phases", None) if cfg.estimator not in ("symmetric", "centered") else None
         fused = both(drive, y, cfg.T, cfg.K, beta, **self.schedule()) if both is not None else None
         if fused is not None:  # both phases in one compiled call: the same steps as the two relaxations below
             free, nudged, loss, steps = fused
