@@ -3,7 +3,9 @@ side by side in one process: the free phase of a bench case's net at its recipe'
 
     python -m benchmarks.block_path [--case proto-mlp-3h] [--threads N] [--rounds 4]
 
-Rounds alternate the two paths; each figure is one round's best of 3 calls (ms a phase, µs a step).
+Rounds alternate the two paths (the pairs path is a build with ``EPRUN_NO_BLOCKS``); each figure
+is one round's best of 3 calls (ms a phase, µs a step). Returns them, and the largest difference
+of the free states between the paths.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import torch
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="proto-mlp-3h")
     parser.add_argument("--threads", type=int, default=None)
@@ -23,10 +25,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from benchmarks.variants import variant
     from eprun import native
-    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.bench.cases import CASES, BenchOptions
+    from eprun.bench.measure import CaseSetup
 
-    setup = _Setup(CASES[args.case], BenchOptions(), torch.device("cpu"), torch.float32)
+    setup = CaseSetup(CASES[args.case], BenchOptions(), torch.device("cpu"), torch.float32)
     net, rule, _ = setup.eprun_side()
     batch = setup.recipe.data.batch_size
     x, _ = setup.data(1, batch, "block path")[0]
@@ -34,14 +38,14 @@ def main(argv=None) -> None:
     if not native.status()["avx512"]:
         raise SystemExit("the kernel has no block path here (it needs an AVX-512 build)")
     print(f"{args.case}: {'-'.join(map(str, net.sizes))}, batch {batch}, T={T}, {torch.get_num_threads()} thread(s)")
-    previous = native.use_block_path()
-    try:
-        with torch.no_grad():
-            drive = net.input_drive(x)
-            states = {}
-            for r in range(args.rounds):
-                for name, on in (("pairs", False), ("blocks", True)):
-                    native.use_block_path(on)
+    paths = {"pairs": ("EPRUN_NO_BLOCKS",), "blocks": ()}
+    results = {name: {"ms_per_phase": [], "us_per_step": []} for name in paths}
+    states = {}
+    with torch.no_grad():
+        drive = net.input_drive(x)
+        for r in range(args.rounds):
+            for name, defines in paths.items():
+                with variant(*defines):
                     states[name] = rule.free_phase(drive)
                     assert net.last_relax_engine == "native"
                     best = float("inf")
@@ -49,11 +53,13 @@ def main(argv=None) -> None:
                         start = time.perf_counter()
                         rule.free_phase(drive)
                         best = min(best, time.perf_counter() - start)
-                    print(f"  round {r + 1} {name:6s} {best * 1e3:8.2f} ms  {best / T * 1e6:7.1f} µs a step")
-    finally:
-        native.use_block_path(previous)
+                results[name]["ms_per_phase"].append(best * 1e3)
+                results[name]["us_per_step"].append(best / T * 1e6)
+                print(f"  round {r + 1} {name:6s} {best * 1e3:8.2f} ms  {best / T * 1e6:7.1f} µs a step")
     gap = max(float((a - b).abs().max()) for a, b in zip(states["pairs"], states["blocks"]))
     print(f"largest difference of the free states between the paths: {gap:.1e}")
+    results["max_abs_difference"] = gap
+    return results
 
 
 if __name__ == "__main__":

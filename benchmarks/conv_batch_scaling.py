@@ -26,11 +26,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.bench.cases import CASES, BenchOptions
+    from eprun.bench.measure import CaseSetup
 
     print(f"conv-mnist nudged phase (K=10), {torch.get_num_threads()} thread(s):")
     for batch in args.batches:
-        setup = _Setup(CASES["conv-mnist"], BenchOptions(overrides=[f"data.batch_size={batch}"]),
+        setup = CaseSetup(CASES["conv-mnist"], BenchOptions(overrides=[f"data.batch_size={batch}"]),
                        torch.device("cpu"), torch.float32)
         net, rule, _ = setup.eprun_side()
         x, y = setup.data(1, batch, "scaling")[0]

@@ -2,7 +2,7 @@
 early stopping at a tolerance, batch-wide and per example, from the same initial weights over the
 same MNIST batches; then how far a fixed-T free phase is from a bitwise fixed point in float32.
 
-    EPRUN_DATA=../shared/data/mnist python -m benchmarks.conv_schedules [--threads 1] [--tol 1e-4]
+    python -m benchmarks.conv_schedules [--threads 1] [--tol 1e-4]
         [--warmup 20] [--batches 60]
 """
 

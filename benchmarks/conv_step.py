@@ -30,7 +30,7 @@ def _per_step(net, drive, state, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=100)
@@ -40,11 +40,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from eprun import native
-    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.bench.cases import CASES, BenchOptions
+    from eprun.bench.measure import CaseSetup
     from eprun.nets import winograd
-    from eprun.nets.conv import max_pool_with_indices
+    from eprun.nets.conv_kernels import max_pool_with_indices
 
-    setup = _Setup(CASES["conv-mnist"], BenchOptions(), torch.device("cpu"), torch.float32)
+    setup = CaseSetup(CASES["conv-mnist"], BenchOptions(), torch.device("cpu"), torch.float32)
     net = setup.pristine
     x, _ = setup.data(1, args.batch, "train")[0]
     with torch.no_grad():
@@ -74,8 +75,8 @@ def main(argv=None) -> None:
         out = torch.empty_like(s1_last)
         z_size, size = tuple(net.conv_hw[1]), tuple(s1.shape[2:])
         _, indices = max_pool_with_indices(F.conv2d(s1_last, w), net.pool_size, True)
-        compiled = native.unpool_conv_t_available(w.shape[2], 1, net.paddings[1], z_size[1], size[1], s1.shape[1])
-        fast_conv = native.winograd_conv_pool_available(w.shape[2], 1, net.pool_size, z_size, w.shape[1], w.shape[0])
+        compiled = native.conv.unpool_conv_t_available(w.shape[2], 1, net.paddings[1], z_size[1], size[1], s1.shape[1])
+        fast_conv = native.conv.winograd_conv_pool_available(w.shape[2], 1, net.pool_size, z_size, w.shape[1], w.shape[0])
         weight_u = winograd.transform_weights(w)
         pooled_out = torch.empty(s2.shape, memory_format=torch.channels_last)
         indices_out = torch.empty(s2.shape, dtype=torch.int64, memory_format=torch.channels_last)
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
             torch.add(drive, F.conv_transpose2d(u, w), alpha=a, out=s1.new_empty(s1.shape)).clamp_(0.0, 1.0)
 
         def compiled_term():
-            native.unpool_conv_t(s2, indices, weight_r, z_size, size, net.paddings[1], out.permute(0, 2, 3, 1),
+            native.conv.unpool_conv_t(s2, indices, weight_r, z_size, size, net.paddings[1], out.permute(0, 2, 3, 1),
                                  drive_last.permute(0, 2, 3, 1), a, True)
 
         parts = {"z = W ⋆ s¹, NCHW": lambda: F.conv2d(s1, w),
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
                                                                                           net.pool_size, True),
                  "top-down into s¹, torch (+ drive, σ)": torch_term}
         if fast_conv:
-            parts["z and its max pool, compiled Winograd"] = lambda: native.winograd_conv_pool(
+            parts["z and its max pool, compiled Winograd"] = lambda: native.conv.winograd_conv_pool(
                 s1_last, weight_u, net.paddings[1], pooled_out, indices_out)
         if compiled:
             parts["top-down into s¹, compiled (+ drive, σ)"] = compiled_term
@@ -111,6 +112,8 @@ def main(argv=None) -> None:
             print(f"  {name:<44} {total / 100 * 1e3:7.3f} ms")
         if not (compiled and fast_conv):
             print("  (a compiled kernel is not available here: an AVX-512 build is needed)")
+    return {"relax_ms_per_step": best, "ratio": best["torch"] / best["compiled"],
+            "parts_ms": {name: total / 100 * 1e3 for name, total in totals.items()}}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One epoch of 784-512-10 EP on MNIST with eprun's closed-form step and with the autograd-of-Φ
 baseline, from the same initial weights, the same data order and the same Adam settings.
 
-    EPRUN_DATA=../shared/data/mnist python -m benchmarks.equivalence_epoch [--seed 0] [--val-size 0]
+    python -m benchmarks.equivalence_epoch [--seed 0] [--val-size 0]
 
 Prints both test accuracies and throughputs: the two formulations compute the same update, so
 they should end at (nearly) the same accuracy, and any gap to a published single-run figure is
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.autograd_ep import autograd_predict, autograd_train_step
+from eprun.reference.autograd_ep import ep_train_step, predict
 from eprun.assemble import generator
 from eprun.data import load_splits
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
@@ -42,7 +42,7 @@ def main():
     n_batches = len(order) // bs if args.max_batches is None else args.max_batches
     result = {}
     for name, step in (("eprun", lambda x, y: (opt_fast.zero_grad(), rule.train_step(x, y), opt_fast.step())),
-                       ("autograd", lambda x, y: (autograd_train_step(net_base, x, y, T, K, beta), opt_base.step()))):
+                       ("autograd", lambda x, y: (ep_train_step(net_base, x, y, T, K, beta), opt_base.step()))):
         start = time.perf_counter()
         for b in range(n_batches):
             idx = order[b * bs:(b + 1) * bs]
@@ -52,7 +52,7 @@ def main():
     with torch.no_grad():
         pred_fast = torch.cat([rule.evaluate(splits.test.x[i:i + 1000], splits.test.y[i:i + 1000])[0]
                                for i in range(0, len(splits.test), 1000)]).argmax(1)
-    pred_base = torch.cat([autograd_predict(net_base, splits.test.x[i:i + 1000], T)
+    pred_base = torch.cat([predict(net_base, splits.test.x[i:i + 1000], T)
                            for i in range(0, len(splits.test), 1000)]).argmax(1)
     result["eprun_test_accuracy"] = (pred_fast == splits.test.y).float().mean().item()
     result["autograd_test_accuracy"] = (pred_base == splits.test.y).float().mean().item()

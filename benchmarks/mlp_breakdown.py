@@ -39,11 +39,12 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     from eprun import native
-    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.bench.cases import CASES, BenchOptions
+    from eprun.bench.measure import CaseSetup
     from eprun.nets.products import linear
     from eprun.optim import build_optimizer
 
-    setup = _Setup(CASES["proto-mlp-1h"], BenchOptions(overrides=[f"data.batch_size={args.batch}"]),
+    setup = CaseSetup(CASES["proto-mlp-1h"], BenchOptions(overrides=[f"data.batch_size={args.batch}"]),
                    torch.device("cpu"), torch.float32)
     net, rule, train = setup.eprun_side()
     x, y = setup.data(1, args.batch, "breakdown")[0]
@@ -148,14 +149,15 @@ def fixed_costs(repeats: int) -> None:
     """What a training step costs whatever the batch: the 784-512-10 step at batch 2 (the passes
     over W₀-sized arrays, and everything around the kernels), and a 16-8-10 net's step at batch 2
     (Python and dispatch alone)."""
-    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.bench.cases import CASES, BenchOptions
+    from eprun.bench.measure import CaseSetup
     from eprun.nets.mlp import MLPConfig, PrototypicalMLP
     from eprun.optim import build_optimizer
     from eprun.recipe import OptimConfig
     from eprun.rules.ep import EP, EPConfig
 
     print("\nfixed costs of a training step (ms):")
-    setup = _Setup(CASES["proto-mlp-1h"], BenchOptions(overrides=["data.batch_size=2"]), torch.device("cpu"),
+    setup = CaseSetup(CASES["proto-mlp-1h"], BenchOptions(overrides=["data.batch_size=2"]), torch.device("cpu"),
                    torch.float32)
     _, _, train = setup.eprun_side()
     x, y = setup.data(1, 2, "fixed")[0]
@@ -200,10 +202,10 @@ def steps_computed(setup, batch: int, batches: int = 300) -> None:
     """The steps the kernel computes per example with a fixed T and K (it stops an example at a
     bitwise fixed point), at the initial weights and after ``batches`` training batches of random
     MNIST-shaped data, per phase."""
-    from eprun import native
+    from eprun.native import dense as native_dense
 
     calls = []
-    phases = native.ep_dense_phases
+    phases = native_dense.ep_dense_phases
 
     def counting(*args, **kwargs):
         taken_free, taken_nudged, loss = phases(*args, **kwargs)
@@ -213,7 +215,7 @@ def steps_computed(setup, batch: int, batches: int = 300) -> None:
     net, rule, train = setup.eprun_side()
     T, K = rule.cfg.T, rule.cfg.K
     data = setup.data(batches + 10, batch, "steps")
-    native.ep_dense_phases = counting
+    native_dense.ep_dense_phases = counting
     try:
         print("\nsteps computed per example by the kernel (fixed T, K), mean:")
         for label, run in (("initial weights", data[:10]), (f"after {batches} batches", data[batches:])):
@@ -227,7 +229,7 @@ def steps_computed(setup, batch: int, batches: int = 300) -> None:
                 for x, y in data[10:batches]:
                     train(x, y)
     finally:
-        native.ep_dense_phases = phases
+        native_dense.ep_dense_phases = phases
 
 
 if __name__ == "__main__":

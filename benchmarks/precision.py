@@ -77,7 +77,7 @@ def ep_update(net, recipe, x, y, dtype) -> list[torch.Tensor]:
 
 def bptt_gradient(net, recipe, x, y) -> list[torch.Tensor]:
     """The gradient of the loss at s_T through T steps of the dynamics (float64)."""
-    from benchmarks import autograd_ep as baseline
+    from eprun.reference import autograd_ep as baseline
 
     net = copy.deepcopy(net).double()
     for p in net.parameters():
@@ -86,7 +86,7 @@ def bptt_gradient(net, recipe, x, y) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in net.phi_parameters()]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batches", type=int, default=200)
@@ -95,9 +95,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from eprun.bench import CASES, BenchOptions, _Setup
+    from eprun.bench.cases import CASES, BenchOptions
+    from eprun.bench.measure import CaseSetup
 
-    setup = _Setup(CASES["proto-mlp-1h"], BenchOptions(overrides=[f"rule.beta={args.beta}"]), torch.device("cpu"),
+    setup = CaseSetup(CASES["proto-mlp-1h"], BenchOptions(overrides=[f"rule.beta={args.beta}"]), torch.device("cpu"),
                    torch.float32)
     net, rule, train = setup.eprun_side()
     data = setup.data(args.batches + 1, setup.recipe.data.batch_size, "precision")
@@ -118,9 +119,12 @@ def main(argv=None) -> None:
     print(f"784-512-10, T={rule.cfg.T}, K={rule.cfg.K}, β={args.beta}, batch {x.shape[0]}, after {args.batches} "
           f"float32 training batches; against EP's float64 update, per parameter: ‖u − u64‖/‖u64‖ (cos)")
     print(f"  {'':34s} " + " ".join(f"{n:>17s}" for n in names))
+    results = {}
     for label, update in rows.items():
         cells = [relative(u, r) for u, r in zip(update, reference)]
+        results[label] = {name: {"relative_error": rel, "cosine": cos} for name, (rel, cos) in zip(names, cells)}
         print(f"  {label:34s} " + " ".join(f"{rel:9.1e} ({cos:5.3f})" for rel, cos in cells))
+    return results
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ import math
 
 import torch
 
-_BOUNDS = {"sigmoid": (0.0, 1.0), "hard_sigmoid": (0.0, 1.0), "hard_sigmoid_half": (0.0, 1.0), "tanh": (-1.0, 1.0)}
-
-
 def _rms_change(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     total = sum(((u - v) ** 2).sum() for u, v in zip(a, b))
     count = sum(u.numel() for u in a)
@@ -36,12 +33,12 @@ def relaxation(net, x: torch.Tensor, y: torch.Tensor, T: int, K: int, beta: floa
     nudged = net.relax(drive, [s.clone() for s in free], K, beta, target)
     once = net.relax(drive, [s.clone() for s in nudged], 1, beta, target)
     out["nudged_residual"] = _rms_change(once, nudged)
-    activation = getattr(getattr(net, "cfg", None), "activation", None)
-    if activation in _BOUNDS:
-        low, high = _BOUNDS[activation]
+    bounds = net.state_bounds()
+    if bounds is not None:
+        low, high = bounds
         saturated = sum(((s <= low + 1e-3) | (s >= high - 1e-3)).sum() for s in free)
         out["saturated_fraction"] = float(saturated) / sum(s.numel() for s in free)
-    if hasattr(net, "phi"):
+    if net.has_phi:
         out["phi"] = float(net.phi(x, free).mean())
     return out
 

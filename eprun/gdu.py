@@ -61,7 +61,7 @@ def ep_updates(net, x, y, T: int, K: int, beta: float, symmetric: bool = False,
                free: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """ΔEP_s(t) and ΔEP_θ(t) for t = 0…K−1 (symmetric: the ±β average of the increments).
     ``free``: s* if already computed (T free steps from 0)."""
-    scale = getattr(net, "nudge_scale", 1.0)
+    scale = net.nudge_scale
     target = net.target(y, x)
     with torch.no_grad():
         drive = net.input_drive(x)
@@ -185,18 +185,22 @@ def run_check(recipe, *, checkpoint=None, steps: int | None = None, beta: float 
     from eprun.errors import CheckpointError, RecipeError
     from eprun.runner import assemble, load_data
 
-    rule = recipe.rule
-    if not hasattr(rule, "T"):
-        raise RecipeError(f"{recipe.name}: rule.kind {rule.kind!r} has no relaxation (T); the GDU check needs an EP-type rule")
-    T = rule.T
-    K = steps if steps is not None else getattr(rule, "K", 10)
-    b = beta if beta is not None else getattr(rule, "beta", 0.01)
+    relaxation = recipe.rule.relaxation()
+    if relaxation is None:
+        raise RecipeError(f"{recipe.name}: rule.kind {recipe.rule.kind!r} has no relaxation (T); "
+                          f"the GDU check needs an EP-type rule")
+    T = relaxation.T
+    K = steps if steps is not None else (relaxation.K or 10)
+    b = beta if beta is not None else (relaxation.beta or 0.01)
     if not 1 <= K <= T:
         raise RecipeError(f"--steps: K must be between 1 and T = {T}, got {K}")
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     device = torch.device("cpu")
     splits = load_data(recipe, device)
     exp = assemble(recipe, splits, device)
+    if not exp.net.has_phi:
+        raise RecipeError(f"{recipe.name}: model.kind {recipe.model.kind!r} has no primitive function Φ "
+                          f"(a vector field); the GDU theorem and this check need one")
     if checkpoint is not None:
         state = runs.load_checkpoint(Path(checkpoint))
         try:

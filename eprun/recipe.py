@@ -25,7 +25,7 @@ PerLayer = Union[float, list[float]]
 
 
 @dataclass
-class DataConfig:
+class DataConfig(schema.Section):
     dataset: str = "mnist"
     root: Optional[str] = None
     val_size: int = 5000
@@ -51,7 +51,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(schema.Section):
     kind: Literal["sgd", "adam", "adamw"] = "adam"
     lr: PerLayer = 1e-3
     weight_decay: PerLayer = 0.0
@@ -61,8 +61,7 @@ class OptimConfig:
     eps: float = 1e-8
 
     def check(self):
-        for name in ("lr", "weight_decay"):
-            values = getattr(self, name)
+        for name, values in (("lr", self.lr), ("weight_decay", self.weight_decay)):
             for v in values if isinstance(values, list) else [values]:
                 if v < 0:
                     yield name, f"must be ≥ 0, got {v}"
@@ -71,7 +70,7 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(schema.Section):
     """Learning-rate schedule, stepped once per epoch; its length is ``train.epochs``."""
 
     kind: Literal["constant", "cosine", "step"] = "constant"
@@ -85,7 +84,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(schema.Section):
     epochs: int = 1
     log_every: int = 50
     max_batches: Optional[int] = None
@@ -102,15 +101,16 @@ class TrainConfig:
             yield "log_every", f"must be ≥ 1, got {self.log_every}"
         if self.max_batches is not None and self.max_batches < 1:
             yield "max_batches", f"must be ≥ 1 or null, got {self.max_batches}"
-        for key in ("gdu_every", "diagnostics_every", "alignment_every"):
-            if getattr(self, key) < 0:
-                yield key, f"must be ≥ 0 (0: never), got {getattr(self, key)}"
+        for key, value in (("gdu_every", self.gdu_every), ("diagnostics_every", self.diagnostics_every),
+                           ("alignment_every", self.alignment_every)):
+            if value < 0:
+                yield key, f"must be ≥ 0 (0: never), got {value}"
         if self.checkpoint_every < 0:
             yield "checkpoint_every", f"must be ≥ 0 (0: only at epoch ends), got {self.checkpoint_every}"
 
 
 @dataclass
-class Recipe:
+class Recipe(schema.Section):
     name: str = ""
     description: str = ""
     paper: str = ""
@@ -122,6 +122,8 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: where the recipe came from (its file), for errors found after validation; not a recipe key
+    source: str = field(default="", init=False, compare=False)
 
     def check(self):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -130,16 +132,13 @@ class Recipe:
             yield "seed", f"must be ≥ 0, got {self.seed}"
         net_cls, rule_cls = NETWORKS[self.model.kind], RULES[self.rule.kind]
         n_layers = net_cls.layer_count(self.model)
-        if getattr(net_cls, "feedforward_only", False) and getattr(rule_cls, "needs_dynamics", True):
-            feedforward_rules = ", ".join(k for k, r in RULES.items() if not getattr(r, "needs_dynamics", True))
+        if not net_cls.has_dynamics and rule_cls.needs_dynamics:
+            feedforward_rules = ", ".join(k for k, r in RULES.items() if not r.needs_dynamics)
             yield "rule.kind", (f"{self.rule.kind} needs a network with EP dynamics; model.kind: {self.model.kind} "
                                 f"is feed-forward (rules for it: {feedforward_rules})")
-        check_model = getattr(self.rule, "check_model", None)
-        if check_model is not None:
-            for key, message in check_model(self.model, n_layers):
-                yield f"rule.{key}" if key != "kind" else "model.kind", message
-        for name in ("lr", "weight_decay"):
-            values = getattr(self.optim, name)
+        for key, message in self.rule.check_model(self.model, n_layers):
+            yield f"rule.{key}" if key != "kind" else "model.kind", message
+        for name, values in (("lr", self.optim.lr), ("weight_decay", self.optim.weight_decay)):
             if isinstance(values, list) and len(values) != n_layers:
                 yield f"optim.{name}", (
                     f"a list needs one entry per weight layer of the model ({n_layers}), "
@@ -162,6 +161,7 @@ def recipe_from_data(data: dict, source: schema.Source, overrides: list[str] = (
     recipe = schema.build(Recipe, data, source)
     if not recipe.name:
         recipe.name = default_name
+    recipe.source = source.name
     return recipe
 
 

@@ -13,7 +13,6 @@ bit on CPU, as if it had never stopped.
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import sys
@@ -28,9 +27,12 @@ from eprun.assemble import build_network, build_rule, generator, resolve_device
 from eprun.data import Split, Splits, load_splits, synthetic_like
 from eprun.data.augment import augment
 from eprun.errors import CheckpointError, EprunError, RecipeError, RunDirError
+from eprun.nets import NETWORKS
+from eprun.nets.base import Network
 from eprun.optim import build_optimizer, build_scheduler
 from eprun.progress import TrainProgress
 from eprun.recipe import Recipe, from_plain, load_recipe, to_yaml
+from eprun.rules.base import Rule
 
 
 class Diverged(EprunError):
@@ -54,8 +56,8 @@ class Experiment:
     recipe: Recipe
     device: torch.device
     splits: Splits
-    net: torch.nn.Module
-    rule: object
+    net: Network
+    rule: Rule
     optimizer: torch.optim.Optimizer
     scheduler: object
     shuffle: torch.Generator
@@ -72,12 +74,9 @@ def load_data(recipe: Recipe, device: torch.device) -> Splits:
 
 def check_fits(recipe: Recipe, info) -> None:
     """Refuse a network that does not fit the dataset (input shape, number of classes)."""
-    from eprun.nets import NETWORKS
-
-    fits = getattr(NETWORKS[recipe.model.kind], "check_fits", None)
-    problems = fits(recipe.model, tuple(info.input_shape), info.num_classes) if fits is not None else []
+    problems = NETWORKS[recipe.model.kind].check_fits(recipe.model, tuple(info.input_shape), info.num_classes)
     if problems:
-        where = getattr(recipe, "source", recipe.name)
+        where = recipe.source or recipe.name
         raise RecipeError(f"{where}: model.{problems[0]} (data.dataset {info.name!r} gives input "
                           f"{tuple(info.input_shape)} and {info.num_classes} classes)")
 
@@ -90,8 +89,7 @@ def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
     optimizer = build_optimizer(recipe.optim, net.layer_groups())
-    if hasattr(rule, "attach_optimizer"):  # C-EP steps the optimiser itself, during the nudged phase
-        rule.attach_optimizer(optimizer)
+    rule.attach_optimizer(optimizer)  # kept by rules that step it themselves (C-EP, during the nudged phase)
     scheduler = build_scheduler(recipe.schedule, optimizer, recipe.train.epochs)
     return Experiment(recipe, device, splits, net, rule, optimizer, scheduler,
                       generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"))
@@ -290,14 +288,13 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
     n_batches = batches_per_epoch(recipe, len(train))
     every = recipe.train.checkpoint_every
     summary = pos.summary
-    ckpt_dir = run_dir / "checkpoints"
 
     def save_last():
-        runs.save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(exp, pos, window, epoch_window))
+        runs.save_checkpoint(run_dir / runs.LAST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
 
     progress = TrainProgress(recipe.train.epochs * n_batches, quiet)
     progress.advance(pos.epoch * n_batches + pos.batch)
-    with runs.MetricsWriter(run_dir / "metrics.jsonl") as metrics, progress, _StopFlag() as stop:
+    with runs.MetricsWriter(run_dir / runs.METRICS_FILE) as metrics, progress, _StopFlag() as stop:
 
         def log(record):
             metrics.log(record)
@@ -318,11 +315,11 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                 where = _first_non_finite(exp, loss)
                 if where is not None:
                     message = (f"diverged at epoch {pos.epoch + 1}, batch {pos.batch + 1} (step {pos.step + 1}): "
-                               f"NaN/Inf in {where}; the last good checkpoint is {ckpt_dir / 'last.pt'}")
+                               f"NaN/Inf in {where}; the last good checkpoint is {run_dir / runs.LAST_CHECKPOINT}")
                     summary.update(status="diverged", error=message)
                     raise Diverged(message)
                 _monitor(exp, x, y, pos, n_batches, log, progress)
-                if not getattr(exp.rule, "steps_optimizer", False):
+                if not exp.rule.steps_optimizer:
                     exp.optimizer.step()
                 window.add(logits, loss, y)
                 epoch_window.add(logits, loss, y)
@@ -335,10 +332,8 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     stats["samples_per_s"] = (pos.samples + epoch_window.n) / elapsed if elapsed > 0 else 0.0
                     epoch_float = pos.epoch + pos.batch / n_batches
                     progress.show(epoch_float, stats["loss"], stats["accuracy"], stats["samples_per_s"])
-                    if hasattr(exp.net, "angles"):  # vector-field nets: angle between B_n and W_nᵀ
-                        stats.update({f"vf_angle_deg/{k}": v for k, v in exp.net.angles().items()})
-                    if hasattr(exp.rule, "log_stats"):  # e.g. EP with tol: steps the phases took
-                        stats.update(exp.rule.log_stats())
+                    stats.update(exp.net.monitor())  # e.g. vector-field nets: angle between B_n and W_nᵀ
+                    stats.update(exp.rule.log_stats())  # e.g. EP with tol: steps the phases took
                     log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})
                 mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
                 stopping = stop.signum is not None and mid_epoch
@@ -364,7 +359,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                 summary["val_accuracy"] = val["accuracy"]
                 if summary.get("best_val_accuracy") is None or val["accuracy"] > summary["best_val_accuracy"]:
                     summary.update(best_val_accuracy=val["accuracy"], best_epoch=pos.epoch)
-                    runs.save_checkpoint(ckpt_dir / "best.pt", checkpoint_state(exp, pos, window, epoch_window))
+                    runs.save_checkpoint(run_dir / runs.BEST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
             summary.update(epochs_completed=pos.epoch, train_accuracy=stats["accuracy"], train_loss=stats["loss"],
                            train_time_s=pos.train_time_s,
                            samples_per_s=pos.samples / pos.train_time_s if pos.train_time_s > 0 else 0.0)
@@ -387,18 +382,18 @@ def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress
     alignment with BP, on this batch (before the optimiser step)."""
     from eprun import diagnostics
 
-    cfg, rule = exp.recipe.train, exp.recipe.rule
+    cfg = exp.recipe.train
+    relaxation = exp.recipe.rule.relaxation()
     step = pos.step + 1
     record = {"epoch": pos.epoch + (pos.batch + 1) / n_batches, "step": step}
-    if cfg.alignment_every and step % cfg.alignment_every == 0 and hasattr(exp.rule, "alignment"):
+    if cfg.alignment_every and step % cfg.alignment_every == 0 and exp.rule.measures_alignment:
         log({"event": "alignment", **record, **exp.rule.alignment(x, y, seed=step)})
-    if not hasattr(rule, "T"):
+    if relaxation is None:
         return
     if cfg.gdu_every and step % cfg.gdu_every == 0:
-        log({"event": "gdu", **record, **diagnostics.update_angles(exp.net, x, y, rule.T)})
+        log({"event": "gdu", **record, **diagnostics.update_angles(exp.net, x, y, relaxation.T)})
     if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
-        beta = getattr(rule, "beta", 0.0) or 0.0
-        found = diagnostics.relaxation(exp.net, x, y, rule.T, getattr(rule, "K", 1), beta)
+        found = diagnostics.relaxation(exp.net, x, y, relaxation.T, relaxation.K or 1, relaxation.beta or 0.0)
         log({"event": "diagnostics", **record, **found})
         if found["free_residual"] > cfg.convergence_tol:
             warning = (f"free phase not converged at step {step}: residual {found['free_residual']:.2e} > "
@@ -415,19 +410,20 @@ def _finish(run_dir: Path, recipe: Recipe, summary: dict, wall_start: float, wal
     summary["wall_time_s"] = wall_before + time.perf_counter() - wall_start
     summary.setdefault("best_val_accuracy", None)
     runs.write_summary(run_dir, summary)
-    metrics = runs.read_metrics(run_dir / "metrics.jsonl")
-    plots.plot_curves(metrics, run_dir / "plots" / "curves.png", title=recipe.name)
-    plots.plot_alignment(metrics, run_dir / "plots" / "alignment.png", title=recipe.name)
+    metrics = runs.read_metrics(run_dir / runs.METRICS_FILE)
+    plots.plot_curves(metrics, run_dir / runs.PLOTS_DIR / "curves.png", title=recipe.name)
+    plots.plot_alignment(metrics, run_dir / runs.PLOTS_DIR / "alignment.png", title=recipe.name)
 
 
 def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
            quiet: bool, wall_before: float) -> Path:
+    """Run the loop with the run's lock held by the caller; whatever the outcome, write the
+    final summary and the plots."""
     wall_start = time.perf_counter()
     pos.summary["status"] = "running"
     runs.write_summary(run_dir, pos.summary)
     try:
-        with _RunLock(run_dir):
-            run_loop(exp, run_dir, pos, window, epoch_window, quiet)
+        run_loop(exp, run_dir, pos, window, epoch_window, quiet)
     except BaseException as exc:
         if pos.summary.get("status") == "running":
             pos.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -443,31 +439,31 @@ def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[s
     splits = load_data(recipe, device)  # data errors surface before anything is written
     exp = assemble(recipe, splits, device)
     run_dir = runs.create_run_dir(Path(out_parent), recipe.name)
-    runs.atomic_write_text(run_dir / "recipe.yaml", to_yaml(recipe))
-    runs.write_env(run_dir, device=str(device), argv=list(argv if argv is not None else sys.argv))
-    summary = {"status": "running", "name": recipe.name, "model": recipe.model.kind,
-               "rule": _rule_label(recipe), "dataset": recipe.data.dataset, "seed": recipe.seed,
-               "device": str(device), "epochs": recipe.train.epochs, "epochs_completed": 0,
-               "n_train": len(splits.train), "n_val": len(splits.val) if splits.val else 0,
-               "n_test": len(splits.test)}
-    runs.write_summary(run_dir, summary)
-    pos, window, epoch_window = Position(summary=summary), Window(device), Window(device)
-    # a step-0 checkpoint: a run killed at any moment, even before its first batch, resumes
-    runs.save_checkpoint(run_dir / "checkpoints" / "last.pt", checkpoint_state(exp, pos, window, epoch_window))
-    return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before=0.0)
+    with runs.RunLock(run_dir):
+        runs.atomic_write_text(run_dir / runs.RECIPE_FILE, to_yaml(recipe))
+        runs.write_env(run_dir, device=str(device), argv=list(argv if argv is not None else sys.argv))
+        summary = {"status": "running", "name": recipe.name, "model": recipe.model.kind,
+                   "rule": recipe.rule.label(), "dataset": recipe.data.dataset, "seed": recipe.seed,
+                   "device": str(device), "epochs": recipe.train.epochs, "epochs_completed": 0,
+                   "n_train": len(splits.train), "n_val": len(splits.val) if splits.val else 0,
+                   "n_test": len(splits.test)}
+        runs.write_summary(run_dir, summary)
+        pos, window, epoch_window = Position(summary=summary), Window(device), Window(device)
+        # a step-0 checkpoint: a run killed at any moment, even before its first batch, resumes
+        runs.save_checkpoint(run_dir / runs.LAST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
+        return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before=0.0)
 
 
 def paired_recipe(recipe: Recipe) -> Recipe | None:
-    """The BPTT twin of an EP-type recipe with ``rule.pair_with: bptt``: same seed (so the same
-    initial weights and data order), same network and T, the rule swapped for BPTT."""
-    if getattr(recipe.rule, "pair_with", None) != "bptt":
+    """The twin of a recipe whose rule names one (``rule.pair_with: bptt``): same seed (so the
+    same initial weights and data order), same network, the rule swapped for the paired one."""
+    twin_rule = recipe.rule.paired_rule()
+    if twin_rule is None:
         return None
-    from eprun.rules.bptt import BPTTConfig
-
     plain = schema.to_plain(recipe)
-    plain["name"] = f"{recipe.name}-bptt"
-    plain["rule"] = schema.to_plain(BPTTConfig(T=recipe.rule.T))
-    return from_plain(plain, f"{recipe.name} (paired BPTT run)")
+    plain["name"] = f"{recipe.name}-{twin_rule.kind}"
+    plain["rule"] = schema.to_plain(twin_rule)
+    return from_plain(plain, f"{recipe.name} (paired {twin_rule.kind} run)")
 
 
 def resume(run_path: Path, *, force: bool = False, overrides: list[str] = (), quiet: bool = False) -> Path:
@@ -477,19 +473,24 @@ def resume(run_path: Path, *, force: bool = False, overrides: list[str] = (), qu
     unless ``force``; with ``force`` the edit is recorded in ``summary.json``.
     """
     run_dir = runs.run_dir_of(Path(run_path))
-    summary_now = runs.read_summary(run_dir) if (run_dir / "summary.json").exists() else {}
+    with runs.RunLock(run_dir):  # before anything in the run is read or touched: a second resumer changes nothing
+        return _resume_locked(run_dir, force, list(overrides), quiet)
+
+
+def _resume_locked(run_dir: Path, force: bool, overrides: list[str], quiet: bool) -> Path:
+    summary_now = runs.read_summary(run_dir) if (run_dir / runs.SUMMARY_FILE).exists() else {}
     if summary_now.get("status") == "finished":
         raise RunDirError(f"{run_dir}: the run has finished; there is nothing to resume")
-    last = run_dir / "checkpoints" / "last.pt"
+    last = run_dir / runs.LAST_CHECKPOINT
     if not last.exists():
-        raise RunDirError(f"{run_dir}: no checkpoints/last.pt to resume from (the run was stopped before "
+        raise RunDirError(f"{run_dir}: no {runs.LAST_CHECKPOINT} to resume from (the run was stopped before "
                           f"it started training; start it again)")
     state = runs.load_checkpoint(last)
-    recipe = load_recipe(run_dir / "recipe.yaml", list(overrides))
+    recipe = load_recipe(run_dir / runs.RECIPE_FILE, overrides)
     original = from_plain(state["recipe"], f"{last} (embedded recipe)")
     edited = schema.to_plain(recipe) != schema.to_plain(original)
     if edited and not force:
-        raise RecipeError(f"{run_dir / 'recipe.yaml'}: the recipe differs from the one the run was started "
+        raise RecipeError(f"{run_dir / runs.RECIPE_FILE}: the recipe differs from the one the run was started "
                           f"with ({_first_difference(schema.to_plain(original), schema.to_plain(recipe))}); "
                           f"resume with --force to continue with the edited recipe")
     device = resolve_device(recipe.device)
@@ -497,13 +498,13 @@ def resume(run_path: Path, *, force: bool = False, overrides: list[str] = (), qu
     exp = assemble(recipe, splits, device)
     window, epoch_window = Window(device), Window(device)
     pos = restore(exp, state, window, epoch_window, str(last))
-    runs.truncate_metrics(run_dir / "metrics.jsonl", pos.metrics_records)
+    runs.truncate_metrics(run_dir / runs.METRICS_FILE, pos.metrics_records)
     resumes = list(pos.summary.get("resumes", []))
     resumes.append({"from_step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
                     "edited_recipe": edited, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     pos.summary["resumes"] = resumes
     if edited:
-        runs.atomic_write_text(run_dir / "recipe.yaml", to_yaml(recipe))
+        runs.atomic_write_text(run_dir / runs.RECIPE_FILE, to_yaml(recipe))
     wall_before = float(summary_now.get("wall_time_s") or 0.0)
     return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before)
 
@@ -516,56 +517,8 @@ def _first_difference(a, b, path: str = "") -> str:
     return f"{path}: {a!r} → {b!r}"
 
 
-class _RunLock:
-    """One process writes a run at a time: ``.lock`` holds the writer's pid; a stale lock (dead
-    pid) is taken over."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if _pid_alive(self._owner()):
-                    raise RunDirError(f"{self.path.parent}: another process (pid {self._owner()}) is writing this run")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise RunDirError(f"{self.path}: cannot take the run's lock")
-
-    def _owner(self) -> int:
-        try:
-            return int(self.path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _scores(result: dict) -> dict:
     return {"loss": result["loss"], "accuracy": result["accuracy"], "n": result["n"]}
-
-
-def _rule_label(recipe: Recipe) -> str:
-    estimator = getattr(recipe.rule, "estimator", None)
-    return f"{recipe.rule.kind}/{estimator}" if estimator else recipe.rule.kind
 
 
 def _epoch_line(epoch: int, epochs: int, stats: dict, val_acc) -> str:
@@ -597,7 +550,7 @@ def fast_dev_run(recipe: Recipe) -> dict:
         where = _first_non_finite(exp, loss)
         if where is not None:
             raise Diverged(f"fast-dev-run: NaN/Inf in {where} at batch {b + 1}")
-        if not getattr(exp.rule, "steps_optimizer", False):
+        if not exp.rule.steps_optimizer:
             exp.optimizer.step()
         losses.append(float(loss.mean()))
     result = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, max_batches=1)
@@ -615,7 +568,7 @@ def _shrunk(recipe: Recipe) -> Recipe:
         elif value is not None:
             plain["rule"][key] = min(value, cap)
     shrunk = from_plain(plain, f"{recipe.name} (fast-dev-run)")
-    shrunk.source = getattr(recipe, "source", recipe.name)
+    shrunk.source = recipe.source or recipe.name
     return shrunk
 
 
@@ -628,8 +581,8 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", recipe_path: Path
     state = runs.load_checkpoint(Path(checkpoint))
     if recipe_path is not None:
         recipe = load_recipe(recipe_path)
-    elif (runs.run_dir_of(Path(checkpoint)) / "recipe.yaml").exists():
-        recipe = load_recipe(runs.run_dir_of(Path(checkpoint)) / "recipe.yaml")
+    elif (runs.run_dir_of(Path(checkpoint)) / runs.RECIPE_FILE).exists():
+        recipe = load_recipe(runs.run_dir_of(Path(checkpoint)) / runs.RECIPE_FILE)
     elif "recipe" in state:
         recipe = from_plain(state["recipe"], f"{checkpoint} (embedded recipe)")
     else:

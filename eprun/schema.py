@@ -50,6 +50,14 @@ class Source:
         return RecipeError(f"{self.where(path)}: {dotted}: {message}")
 
 
+class Section:
+    """A recipe section's dataclass: :meth:`check` yields (key, message) for every value that is
+    not allowed, once the section's keys and types are known to be right."""
+
+    def check(self):
+        return iter(())
+
+
 def polymorphic(registry: Callable[[], dict[str, type]], default_kind: str) -> Any:
     """A dataclass field chosen by its ``kind:`` key among ``registry()``'s config classes."""
     return field(default=None, metadata={"registry": registry, "default_kind": default_kind})
@@ -254,9 +262,8 @@ def build(cls: type, data: dict, source: Source, path: KeyPath = ()) -> Any:
                 sub, f"expected {_type_name(hints[name])}, got {data[name]!r}"
             ) from None
     instance = cls(**kwargs)
-    check = getattr(instance, "check", None)
-    if check is not None:
-        for key, message in check() or []:
+    if isinstance(instance, Section):
+        for key, message in instance.check():
             raise source.error(path + (tuple(key.split(".")) if key else ()), message)
     return instance
 
@@ -278,7 +285,7 @@ def _build_polymorphic(registry: dict[str, type], default_kind: str, data: Any, 
 def to_plain(instance: Any) -> Any:
     """A dataclass tree as plain YAML-safe data (tuples become lists)."""
     if dataclasses.is_dataclass(instance):
-        return {f.name: to_plain(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
+        return {f.name: to_plain(getattr(instance, f.name)) for f in dataclasses.fields(instance) if f.init}
     if isinstance(instance, (list, tuple)):
         return [to_plain(v) for v in instance]
     if isinstance(instance, dict):

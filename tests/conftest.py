@@ -54,3 +54,24 @@ def restore_torch_threads():
     yield
     if torch.get_num_threads() != before:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def native_build(monkeypatch):
+    """``native_build(*defines, arch="native")`` loads a variant build of the native kernels (e.g.
+    ``"EPRUN_EVERY_STEP"``, ``"EPRUN_NO_BLOCKS"``) in place of the default library, for the rest
+    of the test; with no defines, the default build. Returns the library."""
+    from eprun.native import build, parallel
+
+    monkeypatch.setenv("EPRUN_NATIVE", "auto")
+    build.reset()
+
+    def use(*defines: str, arch: str = "native"):
+        library = build.compile_library(arch, tuple(defines))
+        monkeypatch.setattr(build, "_library", library)
+        monkeypatch.setattr(build, "_failure", None)
+        parallel.reset()
+        return library
+
+    yield use
+    build.reset()

@@ -159,7 +159,7 @@ def test_shapes_groups_and_seeded_default_initialisation():
 
 def test_config_check_and_scalar_per_layer_values():
     assert list(ConvConfig().check()) == []
-    assert ConvConfig(channels=[8, 8, 8], kernels=3).per_conv_layer("kernels") == [3, 3, 3]
+    assert ConvConfig(channels=[8, 8, 8], kernels=3).per_conv_layer(3) == [3, 3, 3]
     bad = ConvConfig(channels=[4, 0], kernels=[3], strides=0, paddings=-1, pool_size=0, fc=[],
                      weight_scale=[1.0])
     assert {key for key, _ in bad.check()} == {"channels", "kernels", "strides", "paddings", "pool_size", "fc",

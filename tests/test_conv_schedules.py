@@ -92,7 +92,7 @@ def previous_relax(net, drive, state, steps, beta=0.0, target=None):
                 if above:
                     out.addmm_(cur[i + 1], net.weights[i + 1], alpha=a)
             if beta != 0.0 and target is not None and i == n_layers - 1:
-                net._nudge_(out, cur[i], beta, target)
+                net.nudge_(out, cur[i], beta, target)
             net.act.apply_to_affine_(out)
         cur = nxt
     return cur

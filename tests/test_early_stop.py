@@ -164,7 +164,7 @@ def test_native_row_steps_and_a_nan_row(activation):
     const = torch.randn(10, 16)
     const[3, 5] = float("nan")
     state = [torch.zeros(10, 16), torch.zeros(10, 4)]
-    taken = native.relax_dense(state, [const, torch.zeros(4)], [None, W], [W.contiguous(), None], 1.0, activation, 0.0,
+    taken = native.dense.relax_dense(state, [const, torch.zeros(4)], [None, W], [W.contiguous(), None], 1.0, activation, 0.0,
                                80, "sync", tol=1e-5, check_every=4)
     assert taken.dtype == torch.int32 and taken[3] == 80
     others = torch.cat([taken[:3], taken[4:]])

@@ -11,7 +11,7 @@ from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from eprun.nets.vf_mlp import VFMLPConfig, VectorFieldMLP
 from eprun.rules.ep import EP, EPConfig
 
-needs_kernel = pytest.mark.skipif(not native.add_outer_available(), reason="no AVX-512 build of the kernels here")
+needs_kernel = pytest.mark.skipif(not native.dense.add_outer_available(), reason="no AVX-512 build of the kernels here")
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +175,7 @@ def test_update_split_over_threads_changes_no_bit_and_strided_inputs_use_torch()
             torch.set_num_threads(n)
             weights = [torch.zeros(40, 23), torch.zeros(24, 40), torch.zeros(6, 24)]
             biases = [torch.zeros(40), torch.zeros(24), torch.zeros(6)]
-            assert native.ep_dense_update(x, free, nudged, weights, biases, 0.1)
+            assert native.dense.ep_dense_update(x, free, nudged, weights, biases, 0.1)
             grads.append(weights + biases)
     finally:
         torch.set_num_threads(threads)
@@ -183,7 +183,7 @@ def test_update_split_over_threads_changes_no_bit_and_strided_inputs_use_torch()
         assert torch.equal(a, b)
     weights = [torch.zeros(23, 40).T, torch.zeros(24, 40), torch.zeros(6, 24)]  # not contiguous
     biases = [torch.zeros(40), torch.zeros(24), torch.zeros(6)]
-    assert native.ep_dense_update(x, free, nudged, weights, biases, 0.1) is False
+    assert native.dense.ep_dense_update(x, free, nudged, weights, biases, 0.1) is False
     assert all(not t.any() for t in weights + biases)
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from eprun import native
+from eprun.native import build, parallel
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from eprun.nets.vf_mlp import VFMLPConfig, VectorFieldMLP
 
-needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(build.compiler() is None, reason="no C compiler on this machine")
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def _relax(net, x, y, steps, beta, order, start=None):
     drive = net.input_drive(x)
     state = [s.clone() for s in start] if start is not None else net.init_state(x.shape[0], like=x)
     target = net.target(y, x) if beta else None
-    out = net.relax(drive, state, steps, beta, target, order=order) if hasattr(net, "relax_schedules") \
+    out = net.relax(drive, state, steps, beta, target, order=order) if net.relax_schedules \
         else net.relax(drive, state, steps, beta, target)
     return out, net.last_relax_engine
 
@@ -177,19 +178,13 @@ def test_vector_field_net_uses_its_feedback_matrices(torch_only):
 
 
 @needs_compiler
-@pytest.mark.parametrize("splitter", ["openmp", "python threads"])
 @pytest.mark.parametrize("hidden", [[48, 11], [37]])
-def test_batch_split_over_threads_is_bit_identical(splitter, hidden, monkeypatch):
+def test_batch_split_over_threads_is_bit_identical(hidden):
     """Examples relax independently: splitting the batch over threads changes no bit, nor does
-    which example shares a pass with which (63 rows in 4 ranges of whole pairs: 16 + 16 + 16 +
-    15 on the OpenMP workers, 15 + 16 + 16 + 16 on Python threads, so the pairs of a thread's
-    range are not always the pairs of the whole batch), with a fixed number of steps and with
-    per-example early stopping."""
-    native.library()
-    if splitter == "openmp" and not native.status()["openmp"]:
-        pytest.skip("the kernel was built without OpenMP here")
-    monkeypatch.setattr(native, "_shares_openmp", splitter == "openmp")
-    monkeypatch.setattr(native, "SPLIT_ROWS", 8)  # split this small batch (large ones split by default)
+    which example shares a pass with which (63 rows in 4 ranges of whole pairs on the OpenMP
+    workers: 16 + 16 + 16 + 15), with a fixed number of steps and with per-example early stopping."""
+    if native.library() is None or not native.status()["openmp"]:
+        pytest.skip("the kernel was built without OpenMP here: it runs on one thread")
     net = _net(hidden)
     x, _ = _data(63)
     threads = torch.get_num_threads()
@@ -205,7 +200,7 @@ def test_batch_split_over_threads_is_bit_identical(splitter, hidden, monkeypatch
         torch.set_num_threads(1)
         one, one_tol = relaxed(0.0), relaxed(1e-4)
         torch.set_num_threads(4)
-        assert native._threads(63) == 4
+        assert parallel.threads_for(native.library(), 63) == 4
         four, four_tol = relaxed(0.0), relaxed(1e-4)
     finally:
         torch.set_num_threads(threads)
@@ -240,7 +235,7 @@ def test_single_steps_tolerance_and_strided_inputs_use_torch():
         assert net.last_relax_engine == "torch"
         net.relax(drive, net.init_state(5, like=x), 1)  # one step: cheaper on torch than through the call
         assert net.last_relax_engine == "torch"
-        net.relax(drive, net.init_state(5, like=x), native.MIN_STEPS)
+        net.relax(drive, net.init_state(5, like=x), native.dense.MIN_STEPS)
         assert net.last_relax_engine == "native"
         strided = [torch.zeros(20, 5).T, torch.zeros(5, 6)]  # a transposed view: not contiguous
         net.relax(drive, strided, 3)
@@ -253,7 +248,7 @@ def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
     native.reset()
     try:
         assert native.library() is not None
-        built = list((tmp_path / "native").glob("dense_relax-*.so"))
+        built = list((tmp_path / "native").glob("eprun-kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native.reset()
@@ -284,8 +279,8 @@ def test_missing_compiler_falls_back_or_fails_as_asked(tmp_path, monkeypatch):
             native.library()
         monkeypatch.setenv("EPRUN_NATIVE", "0")
         native.reset()
-        assert native.status() == {"mode": "0", "available": False, "vectorized": False, "avx512": False,
-                                   "openmp": False, "reason": "EPRUN_NATIVE=0"}
+        assert native.status() == {"mode": "0", "arch": "native", "available": False, "vectorized": False,
+                                   "avx512": False, "openmp": False, "reason": "EPRUN_NATIVE=0"}
     finally:
         native.reset()
 
@@ -304,7 +299,7 @@ def test_compiler_error_is_reported(tmp_path, monkeypatch):
         assert "boom: cannot compile" in native.status()["reason"]
         # each failed flag set left a note: the next process does not run the compiler again
         notes = sorted((tmp_path / "cache" / "native").glob("*.failed"))
-        assert len(notes) == len(native.FLAG_SETS)
+        assert len(notes) == len(build.flag_sets("native"))
         fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
                         "echo called > \"$0.called\"\nexit 1\n")
         native.reset()
@@ -318,10 +313,10 @@ def test_compiler_error_is_reported(tmp_path, monkeypatch):
 @needs_compiler
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 def test_portable_build_without_vector_instructions(activation, tmp_path, monkeypatch, torch_only):
-    """Built without -march=native (plain x86-64: no AVX2 here), the kernel runs its scalar loops;
-    they follow the same dynamics."""
+    """Built for no vector instructions (``EPRUN_NATIVE_ARCH=generic``, what a machine without AVX2
+    runs), the kernel runs its scalar loops; they follow the same dynamics."""
     monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "FLAG_SETS", (["-O2", "-fPIC", "-shared"],))
+    monkeypatch.setenv("EPRUN_NATIVE_ARCH", "generic")
     native.reset()
     try:
         _assert_engines_agree(_net([21, 7], activation), _data(6), 12, 0.3, torch_only)
@@ -339,14 +334,14 @@ def test_openmp_build_shares_torchs_runtime():
     if "OpenMP" not in torch.__config__.parallel_info() or not Path("/proc/self/maps").exists():
         pytest.skip("torch without OpenMP, or no /proc: the split runs on Python threads")
     assert native.status()["openmp"]
-    assert native._one_openmp_runtime()
+    assert parallel.one_openmp_runtime()
 
 
 @needs_compiler
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
 @pytest.mark.parametrize("hidden", [[30, 12], [30]])
-def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, hidden, monkeypatch):
+def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, hidden, native_build):
     """With a fixed number of steps, an example stops computing once a step leaves its state
     unchanged bit for bit: the result equals running every step, bit for bit, free and nudged,
     and most examples of this contracting net stop well before the end (three layers, and two:
@@ -361,12 +356,12 @@ def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, hidden,
     a = net.act.scale
 
     def run(stop: bool, beta: float, start):
-        monkeypatch.setattr(native, "STOP_AT_FIXED_POINT", stop)
+        native_build() if stop else native_build("EPRUN_EVERY_STEP")
         state = [s.clone() for s in start]
         const = list(const_free)
         if beta:
             const[-1] = const[-1] + a * beta * target
-        taken = native.relax_dense(state, const, up, down, a, activation, -a * beta, 200, order, count_steps=True)
+        taken = native.dense.relax_dense(state, const, up, down, a, activation, -a * beta, 200, order, count_steps=True)
         return state, taken
 
     with torch.no_grad():
@@ -390,7 +385,7 @@ def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, hidden,
 @pytest.mark.parametrize("hidden, classes", [([48, 11], 6), ([40], 17), ([8, 17, 33], 6), ([64, 64, 64], 10)])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
-def test_block_path_matches_the_pair_path(hidden, classes, activation, order):
+def test_block_path_matches_the_pair_path(hidden, classes, activation, order, native_build):
     """Wider and deeper nets relax in blocks of up to 12 examples (AVX-512 builds): a free phase
     then a nudged phase of 19 examples (blocks of 10 and 9 on one thread), against the float64
     torch relaxation: the block path's error is float32 rounding, no larger than the pair
@@ -407,13 +402,10 @@ def test_block_path_matches_the_pair_path(hidden, classes, activation, order):
             nudged, _ = _relax(model, inputs, y, 8, 0.5, order, start=free)
         return free + nudged
 
-    previous = native.use_block_path(True)
-    try:
-        blocks = phases(net, x)
-        native.use_block_path(False)
-        pairs = phases(net, x)
-    finally:
-        native.use_block_path(previous)
+    native_build()
+    blocks = phases(net, x)
+    native_build("EPRUN_NO_BLOCKS")
+    pairs = phases(net, x)
     exact = phases(copy.deepcopy(net).double(), x.double())
     for a, b, e in zip(blocks, pairs, exact):
         err_blocks, err_pairs = float((a.double() - e).abs().max()), float((b.double() - e).abs().max())

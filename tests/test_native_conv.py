@@ -23,7 +23,7 @@ def fresh_native_state():
 
 def _compiled(kernel, padding, side, channels) -> bool:
     z_side = side + 2 * padding - kernel + 1
-    return native.unpool_conv_t_available(kernel, 1, padding, z_side, side, channels)
+    return native.conv.unpool_conv_t_available(kernel, 1, padding, z_side, side, channels)
 
 
 needs_kernel = pytest.mark.skipif(not _compiled(5, 0, 12, 32),
@@ -50,7 +50,7 @@ def _torch_top_down(above, indices, weight, z_size, padding):
 def _run(above, indices, weight, z_size, side, padding, base=None, alpha=1.0, clamp01=False):
     out = torch.full((above.shape[0], side, side, weight.shape[1]), float("nan"))
     weight_r = weight.permute(2, 0, 3, 1).contiguous()
-    assert native.unpool_conv_t(above, indices, weight_r, z_size, (side, side), padding, out, base, alpha, clamp01)
+    assert native.conv.unpool_conv_t(above, indices, weight_r, z_size, (side, side), padding, out, base, alpha, clamp01)
     return out.permute(0, 3, 1, 2)
 
 
@@ -101,12 +101,12 @@ def test_other_geometries_and_tensors_are_refused_untouched():
     above, indices, weight, z_size = _layer(2, 5, 0, 12, 32)
     weight_r = weight.permute(2, 0, 3, 1).contiguous()
     out = torch.full((2, 12, 12, 32), 7.0)
-    assert not native.unpool_conv_t_available(5, 2, 0, 8, 12, 32)  # stride 2
-    assert not native.unpool_conv_t_available(5, 1, 0, 8, 12, 48)  # channels not instantiated
-    assert not native.unpool_conv_t(above.double(), indices, weight_r, z_size, (12, 12), 0, out)  # float64
-    assert not native.unpool_conv_t(above, indices.int(), weight_r, z_size, (12, 12), 0, out)  # int32 indices
-    assert not native.unpool_conv_t(above, indices, weight_r, z_size, (12, 12), 0, out.permute(0, 3, 1, 2))
-    assert not native.unpool_conv_t(above, indices, weight_r, z_size, (12, 12), 0, out, base=torch.ones(1))
+    assert not native.conv.unpool_conv_t_available(5, 2, 0, 8, 12, 32)  # stride 2
+    assert not native.conv.unpool_conv_t_available(5, 1, 0, 8, 12, 48)  # channels not instantiated
+    assert not native.conv.unpool_conv_t(above.double(), indices, weight_r, z_size, (12, 12), 0, out)  # float64
+    assert not native.conv.unpool_conv_t(above, indices.int(), weight_r, z_size, (12, 12), 0, out)  # int32 indices
+    assert not native.conv.unpool_conv_t(above, indices, weight_r, z_size, (12, 12), 0, out.permute(0, 3, 1, 2))
+    assert not native.conv.unpool_conv_t(above, indices, weight_r, z_size, (12, 12), 0, out, base=torch.ones(1))
     assert torch.equal(out, torch.full((2, 12, 12, 32), 7.0))
 
 

@@ -80,7 +80,7 @@ def test_add_outer_split_over_threads_changes_no_bit():
     bit for bit."""
     from eprun import native
 
-    if not native.add_outer_available():
+    if not native.dense.add_outer_available():
         pytest.skip("no AVX-512 build of the kernel here")
     g = torch.Generator().manual_seed(3)
     a, x, start = torch.randn(50, 77, generator=g), torch.rand(50, 101, generator=g), torch.randn(77, 101, generator=g)
@@ -90,7 +90,7 @@ def test_add_outer_split_over_threads_changes_no_bit():
         for count in (1, 2):
             torch.set_num_threads(count)
             out = start.clone()
-            assert native.add_outer_(out, a, x, 0.7)
+            assert native.dense.add_outer_(out, a, x, 0.7)
             results.append(out)
     finally:
         torch.set_num_threads(threads)
@@ -99,11 +99,11 @@ def test_add_outer_split_over_threads_changes_no_bit():
 
 def test_add_outer_declines_what_it_cannot_take():
     """The compiled product takes float32, contiguous CPU tensors of matching shapes only; anything
-    else is left to addmm_ (native.add_outer_ returns False and writes nothing)."""
+    else is left to addmm_ (native.dense.add_outer_ returns False and writes nothing)."""
     from eprun import native
 
     a, x, out = torch.randn(5, 8), torch.rand(5, 9), torch.zeros(8, 9)
     for args in ((out, a.double(), x), (out, torch.randn(8, 5).T, x), (torch.zeros(8, 10), a, x),
                  (out, a, torch.rand(4, 9))):
-        assert native.add_outer_(*args, 1.0) is False
+        assert native.dense.add_outer_(*args, 1.0) is False
     assert torch.equal(out, torch.zeros(8, 9))

@@ -92,7 +92,9 @@ def test_step_uses_backward_weights_in_the_top_down_terms_only():
     want4 = net.act(s3 @ w3.T + b3)
     with torch.no_grad():
         close(net.step(x, [s1, s2, s3, s4]), [want1, want2, want3, want4])
-    assert not hasattr(net, "phi")
+    assert not net.has_phi
+    with pytest.raises(NotImplementedError, match="no primitive function"):
+        net.phi(x, [s1, s2, s3, s4])
     for method in (net.dphi_dtheta, net.dphi_ds):
         with pytest.raises(NotImplementedError):
             method(x, [s1, s2, s3, s4])

@@ -21,7 +21,7 @@ def fresh_native_state():
     native.reset()
 
 
-needs_kernel = pytest.mark.skipif(not native.winograd_conv_pool_available(5, 1, 2, (8, 8), 32, 64),
+needs_kernel = pytest.mark.skipif(not native.conv.winograd_conv_pool_available(5, 1, 2, (8, 8), 32, 64),
                                   reason="the compiled Winograd convolution did not build")
 
 
@@ -62,7 +62,7 @@ def _compiled(s, weight, padding=0, fill=7.0):
     shape = (batch, weight.shape[0], (h + 2 * padding - 4) // 2, (w + 2 * padding - 4) // 2)
     pooled = torch.full(shape, fill).contiguous(memory_format=torch.channels_last)
     indices = torch.full(shape, -1, dtype=torch.int64).contiguous(memory_format=torch.channels_last)
-    done = native.winograd_conv_pool(s.contiguous(memory_format=torch.channels_last),
+    done = native.conv.winograd_conv_pool(s.contiguous(memory_format=torch.channels_last),
                                      winograd.transform_weights(weight), padding, pooled, indices)
     return done, pooled, indices
 
@@ -122,19 +122,19 @@ def test_split_over_threads_changes_no_bit():
 @needs_kernel
 def test_other_geometries_and_tensors_are_refused_untouched():
     s, weight = _layer(2, 32, 64, 12)
-    assert not native.winograd_conv_pool_available(3, 1, 2, (8, 8), 32, 64)  # 3×3 kernel
-    assert not native.winograd_conv_pool_available(5, 2, 2, (8, 8), 32, 64)  # stride 2
-    assert not native.winograd_conv_pool_available(5, 1, 3, (8, 8), 32, 64)  # 3×3 pooling
-    assert not native.winograd_conv_pool_available(5, 1, 2, (6, 6), 32, 64)  # z not in 4×4 tiles
-    assert not native.winograd_conv_pool_available(5, 1, 2, (8, 8), 24, 64)  # ci not a multiple of 16
-    assert not native.winograd_conv_pool_available(5, 1, 2, (8, 8), 32, 48)  # co not a multiple of 64
+    assert not native.conv.winograd_conv_pool_available(3, 1, 2, (8, 8), 32, 64)  # 3×3 kernel
+    assert not native.conv.winograd_conv_pool_available(5, 2, 2, (8, 8), 32, 64)  # stride 2
+    assert not native.conv.winograd_conv_pool_available(5, 1, 3, (8, 8), 32, 64)  # 3×3 pooling
+    assert not native.conv.winograd_conv_pool_available(5, 1, 2, (6, 6), 32, 64)  # z not in 4×4 tiles
+    assert not native.conv.winograd_conv_pool_available(5, 1, 2, (8, 8), 24, 64)  # ci not a multiple of 16
+    assert not native.conv.winograd_conv_pool_available(5, 1, 2, (8, 8), 32, 48)  # co not a multiple of 64
     done, pooled, indices = _compiled(s.double(), weight)  # float64
     assert not done and bool((pooled == 7.0).all()) and bool((indices == -1).all())
     shape = (2, 64, 4, 4)
     pooled, indices = torch.full(shape, 7.0), torch.full(shape, -1, dtype=torch.int64)  # not channels-last
-    assert not native.winograd_conv_pool(s.contiguous(memory_format=torch.channels_last),
+    assert not native.conv.winograd_conv_pool(s.contiguous(memory_format=torch.channels_last),
                                          winograd.transform_weights(weight), 0, pooled, indices)
-    assert not native.winograd_conv_pool(s, winograd.transform_weights(weight), 0,  # s not channels-last
+    assert not native.conv.winograd_conv_pool(s, winograd.transform_weights(weight), 0,  # s not channels-last
                                          pooled.contiguous(memory_format=torch.channels_last),
                                          indices.contiguous(memory_format=torch.channels_last))
     assert bool((pooled == 7.0).all())
@@ -167,8 +167,8 @@ def test_relax_through_the_winograd_convolution_matches_the_torch_path(order, be
     """The MNIST net (its W_1 ⋆ s¹ goes through the Winograd kernel) against EPRUN_NATIVE=0."""
     net = _mnist_net()
     calls = []
-    original = native.winograd_conv_pool
-    monkeypatch.setattr(native, "winograd_conv_pool", lambda *a: calls.append(1) or original(*a))
+    original = native.conv.winograd_conv_pool
+    monkeypatch.setattr(native.conv, "winograd_conv_pool", lambda *a: calls.append(1) or original(*a))
     ours = _relaxed(net, monkeypatch, "auto", beta=beta, order=order)
     assert calls
     theirs = _relaxed(net, monkeypatch, "0", beta=beta, order=order)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from eprun.errors import DataError
+from eprun.schema import Section
 
 PADDING_MODES = ("zeros", "reflect", "replicate")
 
@@ -38,7 +39,7 @@ _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     """Training-batch augmentation; everything off by default (then :func:`augment` is identity)."""
 
     random_crop_padding: int = 0      # p: pad by p, crop back at a random offset; 0 = off

@@ -49,17 +49,19 @@
 
 enum { ACT_LOGISTIC = 0, ACT_CLAMP01 = 1, ACT_TANH = 2 };
 
-/* 1: nets other than one hidden layer under a small output relax in blocks of examples (AVX-512
- * builds, relax_rows_blocked); 0: in pairs, as AVX2 builds do. Set by eprun_relax_blocked. */
-static int blocked_rows = 1;
-
-/* Set the path of wider and deeper nets (on: 1 blocks, 0 pairs; −1 leaves it) and return the
- * previous setting; for benchmarks and tests that compare both. Not for use during a call. */
-int eprun_relax_blocked(int on) {
-    const int was = blocked_rows;
-    if (on >= 0) blocked_rows = on;
-    return was;
-}
+/* Build variants, for the tests and benchmarks that compare paths (eprun.native.build): the
+ * default build stops an example at a bitwise fixed point and relaxes wider and deeper nets in
+ * blocks on AVX-512. EPRUN_EVERY_STEP computes every step; EPRUN_NO_BLOCKS relaxes them in pairs. */
+#ifdef EPRUN_EVERY_STEP
+#define FIXED_POINT_STOP 0
+#else
+#define FIXED_POINT_STOP 1
+#endif
+#ifdef EPRUN_NO_BLOCKS
+#define BLOCK_PATH 0
+#else
+#define BLOCK_PATH 1
+#endif
 
 /* ------------------------------------------------------------------ the base non-linearity g */
 
@@ -595,7 +597,7 @@ static inline int64_t above_of(int i, int n_layers, const int64_t *sizes) {
 /* 1 when relax_rows takes the block path for this net (AVX-512 builds; the one-pass path keeps
  * one hidden layer under a small output) */
 static int uses_blocks(int n_layers, const int64_t *sizes) {
-    return EPRUN_AVX512 && blocked_rows && n_layers >= 2 && !(n_layers == 2 && sizes[1] <= 16);
+    return EPRUN_AVX512 && BLOCK_PATH && n_layers >= 2 && !(n_layers == 2 && sizes[1] <= 16);
 }
 
 /* The floats of every layer's packed couplings; P[i] set to layer i's start in `buffer` (when
@@ -890,14 +892,6 @@ static int relax_dense_packed(int n_layers, const int64_t *sizes, float *const *
                       steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
 }
 
-int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
-                      const int *constant_per_row, const float *const *up, const float *const *down, float a, int act,
-                      float nudge, int steps, int async_order, float tol, int check_every, int exact,
-                      int32_t *steps_taken, int64_t row_begin, int64_t row_end) {
-    return relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
-                              async_order, tol, check_every, exact, steps_taken, row_begin, row_end, NULL);
-}
-
 /* Couplings packed once for the threads of a parallel call (the block path), or NULL when the
  * net does not take that path (or memory ran out: each thread then packs its own). The space is
  * packing_space's, kept by the calling thread. */
@@ -932,30 +926,33 @@ static void pack_together(int n_layers, const int64_t *sizes, const float *const
 #endif
 
 /*
- * The same relaxation with the rows split into `threads` contiguous ranges of whole pairs, run in
- * one OpenMP parallel region. Built with -fopenmp, the library shares the process's OpenMP
- * runtime (torch's libgomp, loaded first under the same soname), so the region runs on the
- * worker threads that torch's own parallel operations use, which are still spinning from the
- * previous product: no thread is created, and none competes with an idle-spinning one. Without
- * OpenMP it runs the rows on the calling thread. Returns what the ranges returned (0, or −1).
+ * Relax the whole batch for ``steps`` steps, in place (the arguments of relax_rows; with tol = 0 an
+ * example stops at a bitwise fixed point unless built with EPRUN_EVERY_STEP), its rows split into
+ * `threads` contiguous ranges of whole pairs run in one OpenMP parallel region. Built with
+ * -fopenmp, the library shares the process's OpenMP runtime (torch's libgomp, loaded first under
+ * the same soname), so the region runs on the worker threads that torch's own parallel operations
+ * use, which are still spinning from the previous product: no thread is created, and none
+ * competes with an idle-spinning one. Without OpenMP the rows run on the calling thread.
+ * Returns 0, or −1 if scratch memory could not be allocated.
  */
-int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
-                            const int *constant_per_row, const float *const *up, const float *const *down, float a,
-                            int act, float nudge, int steps, int async_order, float tol, int check_every,
-                            int exact, int32_t *steps_taken, int64_t row_begin, int64_t row_end, int threads) {
+int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
+                      const int *constant_per_row, const float *const *up, const float *const *down, float a, int act,
+                      float nudge, int steps, int async_order, float tol, int check_every, int32_t *steps_taken,
+                      int64_t batch, int threads) {
+    const int exact = FIXED_POINT_STOP;
+    const float *P[64] = {NULL};
+    const float *const *packed = shared_packing(n_layers, sizes, P);
 #ifdef _OPENMP
     int failed = 0;
-    int64_t pairs = (row_end - row_begin + 1) / 2;
+    int64_t pairs = (batch + 1) / 2;
     if (threads > pairs) threads = (int)pairs;
     if (threads > 1) {
-        const float *P[64] = {NULL};
-        const float *const *packed = shared_packing(n_layers, sizes, P);
 #pragma omp parallel num_threads(threads) reduction(| : failed)
         {
             int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
             pack_together(n_layers, sizes, up, down, packed, k, n);
-            int64_t lo = row_begin + 2 * (pairs * k / n), hi = row_begin + 2 * (pairs * (k + 1) / n);
-            if (hi > row_end) hi = row_end;
+            int64_t lo = 2 * (pairs * k / n), hi = 2 * (pairs * (k + 1) / n);
+            if (hi > batch) hi = batch;
             if (lo < hi)
                 failed |= relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
                                              nudge, steps, async_order, tol, check_every, exact, steps_taken, lo, hi,
@@ -965,8 +962,11 @@ int eprun_relax_dense_split(int n_layers, const int64_t *sizes, float *const *st
     }
 #endif
     (void)threads;
-    return eprun_relax_dense(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
-                             async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
+#if EPRUN_AVX512
+    if (packed) pack_share(n_layers, sizes, up, down, packed, 0, 1);
+#endif
+    return relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
+                              async_order, tol, check_every, exact, steps_taken, 0, batch, packed);
 }
 
 /*
@@ -1026,13 +1026,14 @@ static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free
 }
 
 /* ep_phases_rows on the whole batch, split into `threads` ranges of whole pairs in one OpenMP
- * parallel region (as eprun_relax_dense_split): both phases of a range on one thread, so the
+ * parallel region (as eprun_relax_dense): both phases of a range on one thread, so the
  * nudged phase starts from states still in that core's cache. */
 int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free_state, float *const *nudged_state,
                           const float *const *constant, const int *constant_per_row, float *nudged_out_constant,
                           const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
-                          float a, int act, int T, int K, int async_order, float tol, int check_every, int exact,
+                          float a, int act, int T, int K, int async_order, float tol, int check_every,
                           int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t batch, int threads) {
+    const int exact = FIXED_POINT_STOP;
     int failed = 0;
     const float *P[64] = {NULL};
     const float *const *packed = shared_packing(n_layers, sizes, P);  /* once for both phases */
@@ -1065,7 +1066,7 @@ int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free
     return failed;
 }
 
-/* 1 if the library was built with OpenMP, so eprun_relax_dense_split runs on several threads. */
+/* 1 if the library was built with OpenMP, so eprun_relax_dense runs on several threads. */
 int eprun_native_openmp(void) {
 #ifdef _OPENMP
     return 1;

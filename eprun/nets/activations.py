@@ -13,7 +13,7 @@ drive, so one step costs the matmuls plus a single in-place elementwise pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -25,6 +25,7 @@ class Activation:
     shift: float  # c
     base_: Callable[[torch.Tensor], torch.Tensor]  # g, in place
     base: Callable[[torch.Tensor], torch.Tensor]  # g, out of place (autograd-friendly)
+    bounds: tuple[float, float]  # the range of σ
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """σ(x) = g(a·x + c), out of place."""
@@ -44,8 +45,11 @@ def _clamp01(z: torch.Tensor) -> torch.Tensor:
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation("sigmoid", 4.0, -2.0, torch.sigmoid_, torch.sigmoid),
-    "hard_sigmoid": Activation("hard_sigmoid", 1.0, 0.0, _clamp01_, _clamp01),
-    "hard_sigmoid_half": Activation("hard_sigmoid_half", 0.5, 0.0, _clamp01_, _clamp01),
-    "tanh": Activation("tanh", 1.0, 0.0, torch.tanh_, torch.tanh),
+    "sigmoid": Activation("sigmoid", 4.0, -2.0, torch.sigmoid_, torch.sigmoid, (0.0, 1.0)),
+    "hard_sigmoid": Activation("hard_sigmoid", 1.0, 0.0, _clamp01_, _clamp01, (0.0, 1.0)),
+    "hard_sigmoid_half": Activation("hard_sigmoid_half", 0.5, 0.0, _clamp01_, _clamp01, (0.0, 1.0)),
+    "tanh": Activation("tanh", 1.0, 0.0, torch.tanh_, torch.tanh, (-1.0, 1.0)),
 }
+
+#: the ``activation:`` values of the EP nets' recipes
+ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]

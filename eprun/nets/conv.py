@@ -39,21 +39,8 @@ indices give the top-down term into s^n. It also runs the even/odd (``async``) s
 Scellier et al. 2023 and stops a phase early at a tolerance (see :meth:`relax`). :meth:`phi`
 exists as the oracle the tests differentiate with autograd.
 
-On the CPU in float32, the top-down term W_nᵀ ⋆ P_nᵀ(s^{n+1}) of a max-pooled layer is computed
-by :func:`eprun.native.unpool_conv_t` where it instantiates the geometry (the papers' MNIST and
-CIFAR-10 nets): from the nonzeros of P_nᵀ(s^{n+1}) only, one in p² of the unpooled map, instead of
-``max_unpool2d`` and a dense ``conv_transpose2d``. For s¹ it also adds the drive and applies σ
-(hard sigmoids) in the same pass. Its output is channels-last, so the layers that receive it are
-kept channels-last during :meth:`relax` (scratch copies; the given state is updated in place at
-the end), and so is the convolution that reads them, which oneDNN also runs faster that way.
-That convolution, when it is 5 × 5 with stride 1 and 2 × 2 max pooling (the MNIST net's second
-layer), goes through :func:`eprun.native.winograd_conv_pool` instead: Winograd's F(4 × 4, 5 × 5)
-(:mod:`eprun.nets.winograd`), about a fifth of the multiply-adds, the pooling fused in.
-MNIST net, batch 100, 2 threads (``python -m benchmarks.conv_step``), ms a step: torch 3.8–4.3,
-compiled top-down term 2.3–2.7, and the Winograd convolution 1.2–1.4; against the autograd
-baseline (``eprun --threads 2 bench --only conv-mnist -s data.batch_size=100 --batches 3
---warmup 1``, the versions alternately) 2.3–2.4× → 4.0–4.7× → 8.7–9.3×.
-``EPRUN_NATIVE=0`` keeps torch for everything.
+Where they apply, compiled kernels compute the per-step convolution and top-down term
+(:mod:`eprun.nets.conv_kernels`); ``EPRUN_NATIVE=0`` keeps torch for everything.
 """
 
 from __future__ import annotations
@@ -64,39 +51,20 @@ from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from eprun import native
-from eprun.nets import winograd
-from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import (ConvLayerLists, Readout, ScratchStates, WeightLayers, check_tol_scope, grad_of,
-                                largest_change, note_relax, per_layer, relax_each_example, uniform_parameter)
+from eprun.nets.activations import ActivationName
+from eprun.nets.base import ModelConfig, WeightProducts
+from eprun.nets.conv_kernels import ConvKernels, max_pool_with_indices
+from eprun.nets.conv_lists import ConvLayerLists
+from eprun.nets.early_stop import check_tol_scope, largest_change, relax_each_example
+from eprun.nets.layered import LayeredNetwork
+from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
 
-ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 PoolKind = Literal["max", "avg", "none"]
-
-CLAMPED_ACTIVATIONS = ("hard_sigmoid", "hard_sigmoid_half")  # g = clamp to [0, 1]: the compiled kernel applies it
-CHANNELS_LAST_POOL_MIN = 1 << 14  # elements of z from which the CPU pooling goes through channels-last
-
-
-def max_pool_with_indices(z: torch.Tensor, p: int, keep_channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F.max_pool2d(z, p, p, return_indices=True)``, the same values and indices bit for bit.
-
-    On the CPU, torch's kernel for (N, C, H, W)-contiguous input is several times slower than
-    its channels-last one at the conv nets' shapes (2 threads, AMD EPYC: (100, 64, 8, 8) 0.96
-    against 0.16 ms, (100, 32, 24, 24) 4.3 against 1.1 ms, the two layout conversions included),
-    so a large z is pooled in a channels-last copy and the results are returned contiguous
-    (``keep_channels_last``: as they come, channels-last)."""
-    if z.device.type == "cpu" and z.dim() == 4 and z.numel() >= CHANNELS_LAST_POOL_MIN:
-        pooled, indices = F.max_pool2d(z.contiguous(memory_format=torch.channels_last), p, p, return_indices=True)
-        if keep_channels_last:
-            return pooled, indices
-        return pooled.contiguous(), indices.contiguous()
-    return F.max_pool2d(z, p, p, return_indices=True)
 
 
 @dataclass
-class ConvConfig(ConvLayerLists):
+class ConvConfig(ConvLayerLists, ModelConfig):
     """``model:`` section for ``kind: conv``; the defaults are Ernoult et al. 2019's MNIST net.
 
     ``kernels``, ``strides``, ``paddings`` and ``pools`` take one value per conv layer, or a
@@ -124,8 +92,9 @@ class ConvConfig(ConvLayerLists):
         for size in self.channels:
             if size <= 0:
                 yield "channels", f"channel counts must be positive, got {size}"
-        yield from self.check_conv_lists({"kernels": 1, "strides": 1, "paddings": 0})
-        for pool in self.per_conv_layer("pools"):
+        yield from self.check_conv_lists({"kernels": (self.kernels, 1), "strides": (self.strides, 1),
+                                          "paddings": (self.paddings, 0)}, self.pools)
+        for pool in self.per_conv_layer(self.pools):
             if pool not in ("max", "avg", "none"):
                 yield "pools", f"unknown pooling {pool!r} (allowed: max, avg, none)"
         if self.pool_size < 1:
@@ -152,7 +121,7 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
     c, h, w = input_shape
     p = cfg.pool_size
     for j, (out_ch, k, s, pad, pool) in enumerate(zip(
-            cfg.channels, *(cfg.per_conv_layer(n) for n in ("kernels", "strides", "paddings", "pools")))):
+            cfg.channels, *(cfg.per_conv_layer(v) for v in (cfg.kernels, cfg.strides, cfg.paddings, cfg.pools)))):
         hz, wz = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
         if hz < 1 or wz < 1:
             problems.append(f"kernels: conv layer {j + 1} (kernel {k}, padding {pad}) does not fit its "
@@ -168,7 +137,7 @@ def _conv_geometry(cfg: ConvConfig, input_shape: tuple[int, ...]) -> tuple[list,
     return layers, problems
 
 
-class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
+class ConvNet(LayeredNetwork):
     """Conv + fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     relax_schedules = True  # relax() takes order / tol / check_every / tol_scope
@@ -190,18 +159,15 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
 
     def __init__(self, cfg: ConvConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
-        super().__init__()
         problems = self.check_fits(cfg, input_shape, num_classes)
         if problems:
             raise ValueError("; ".join(problems))
+        super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
         self.cfg = cfg
-        self.act = ACTIVATIONS[cfg.activation]
-        self.num_classes = num_classes
-        self.softmax_readout = cfg.readout == "softmax"
         self.n_conv = len(cfg.channels)
-        self.strides = cfg.per_conv_layer("strides")
-        self.paddings = cfg.per_conv_layer("paddings")
-        self.pools = cfg.per_conv_layer("pools")
+        self.strides = cfg.per_conv_layer(cfg.strides)
+        self.paddings = cfg.per_conv_layer(cfg.paddings)
+        self.pools = cfg.per_conv_layer(cfg.pools)
         self.pool_size = cfg.pool_size
         geometry, _ = _conv_geometry(cfg, input_shape)
         self.input_shape = tuple(input_shape)
@@ -209,7 +175,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         # output_padding so that the transposed convolution gives back s^n's exact size
         self.output_paddings = [
             tuple((size + 2 * pad - k) % stride for size in in_shape[1:])
-            for (in_shape, _, _), k, stride, pad in zip(geometry, cfg.per_conv_layer("kernels"),
+            for (in_shape, _, _), k, stride, pad in zip(geometry, cfg.per_conv_layer(cfg.kernels),
                                                         self.strides, self.paddings)
         ]
         self.state_shapes = [shape for _, _, shape in geometry]  # per example, s¹ … s^N
@@ -219,9 +185,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         def uniform(shape, fan_in, scale):
             return uniform_parameter(shape, fan_in, scale, generator)
 
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for j, ((in_shape, _, _), k) in enumerate(zip(geometry, cfg.per_conv_layer("kernels"))):
+        for j, ((in_shape, _, _), k) in enumerate(zip(geometry, cfg.per_conv_layer(cfg.kernels))):
             fan_in = in_shape[0] * k * k
             self.weights.append(uniform((cfg.channels[j], in_shape[0], k, k), fan_in, scales[j]))
             self.biases.append(uniform((cfg.channels[j],), fan_in, 1.0))
@@ -230,16 +194,9 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
             self.weights.append(uniform((self.state_shapes[j][0], fan_in), fan_in, scales[j]))
             self.biases.append(uniform((self.state_shapes[j][0],), fan_in, 1.0))
         if self.softmax_readout:
-            fan_in = math.prod(self.state_shapes[-1])
-            self.readout_weight = uniform((num_classes, fan_in), fan_in, scales[-1])
-            self.readout_bias = uniform((num_classes,), fan_in, 1.0)
-        self._scratch: dict = {}
+            self.add_readout(math.prod(self.state_shapes[-1]), scales[-1], generator)
 
     # ------------------------------------------------------------------ structure
-
-    @property
-    def num_state_layers(self) -> int:
-        return len(self.state_shapes)
 
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer: (batch, C, H, W) for conv layers, (batch, n) for fc layers."""
@@ -282,72 +239,6 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         """The top-down transposed convolution into s^n used by :meth:`relax` (W_n here; a
         vector-field net overrides it with its backward kernel)."""
         return self._conv_t(n, u)
-
-    def _compiled_top_down(self, state: list[torch.Tensor], down_weights: list[torch.Tensor]) -> dict:
-        """The conv layers n ≥ 1 whose top-down term W_nᵀ ⋆ P_nᵀ(s^{n+1}) the compiled kernel
-        computes from the nonzeros of P_nᵀ(s^{n+1}) (:func:`eprun.native.unpool_conv_t`: max
-        pooling, stride 1, CPU float32, a geometry it instantiates): {n: (W_n as [k, co, k, ci],
-        its output buffer [batch, h, w, ci])}. The weights are permuted once per relaxation."""
-        found = {}
-        batch = state[0].shape[0]
-        for n in range(1, self.n_conv):
-            below, weight = state[n - 1], down_weights[n]
-            if (self.pools[n] != "max" or self.strides[n] != 1 or below.device.type != "cpu"
-                    or below.dtype != torch.float32 or weight.dtype != torch.float32):
-                continue
-            ci, h, w = below.shape[1:]
-            if not native.unpool_conv_t_available(weight.shape[2], 1, self.paddings[n], self.conv_hw[n][1], w, ci):
-                continue
-            key = ("top-down", n, batch)
-            if key not in self._scratch:
-                self._scratch[key] = below.new_empty(batch, h, w, ci)
-            found[n] = (weight.detach().permute(2, 0, 3, 1).contiguous(), self._scratch[key])
-        return found
-
-    def _winograd_convolutions(self, state: list[torch.Tensor], layers: set[int]) -> dict:
-        """The conv layers n ≥ 1 whose v_n, i_n = P_n(W_n ⋆ s^n) the compiled Winograd kernel
-        computes (:func:`eprun.native.winograd_conv_pool`: F(4 × 4, 5 × 5) with the 2 × 2 max
-        pooling fused in, s^n channels-last, i.e. n − 1 in ``layers``): {n: (U_n = W_n
-        transformed, the pooled values' and indices' buffers [batch, co, h/2, w/2], channels-last)}.
-        U_n is kept with a copy of the W_n it came from and recomputed when W_n differs from that
-        copy (a comparison: ~10 µs against 0.3 ms for the transform of the MNIST net's W_1, which
-        the per-example early stop would otherwise pay at every check). The parameter's version
-        counter cannot tell: the fused optimisers change parameters without bumping it."""
-        found = {}
-        batch = state[0].shape[0]
-        for n in range(1, self.n_conv):
-            weight = self.weights[n]
-            if (n - 1 not in layers or self.pools[n] != "max" or self.pool_size != 2 or self.strides[n] != 1
-                    or weight.dtype != torch.float32
-                    or not native.winograd_conv_pool_available(weight.shape[-1], 1, 2, self.conv_hw[n],
-                                                               weight.shape[1], weight.shape[0])):
-                continue
-            key = ("winograd-out", n, batch)
-            if key not in self._scratch:
-                shape = (batch, weight.shape[0], self.conv_hw[n][0] // 2, self.conv_hw[n][1] // 2)
-                self._scratch[key] = tuple(torch.empty(shape, dtype=dtype, device=weight.device,
-                                                       memory_format=torch.channels_last)
-                                           for dtype in (weight.dtype, torch.int64))
-            kept = self._scratch.get(("winograd-weights", n))
-            if kept is None or kept[0].shape != weight.shape or not torch.equal(kept[0], weight):
-                kept = self._scratch[("winograd-weights", n)] = (weight.detach().clone(),
-                                                                 winograd.transform_weights(weight))
-            found[n] = (kept[1], *self._scratch[key])
-        return found
-
-    def _channels_last_states(self, state: list[torch.Tensor], layers: set[int]) -> tuple[list, list]:
-        """(current, next) state buffers for :meth:`relax`: channels-last scratch copies for the
-        state layers in ``layers`` (those that receive a compiled top-down term, which comes
-        channels-last), ``state`` itself and the usual scratch for the others."""
-        scratch = self._scratch_for(state)
-        cur, nxt = list(state), list(scratch)
-        for i in layers:
-            key = ("channels-last", i, state[i].shape[0])
-            if key not in self._scratch:
-                self._scratch[key] = [torch.empty_like(state[i], memory_format=torch.channels_last) for _ in range(2)]
-            cur[i], nxt[i] = self._scratch[key]
-            cur[i].copy_(state[i])
-        return cur, nxt
 
     def _top_down_weights(self) -> list[torch.Tensor]:
         """Weight n carries the top-down signal from s^{n+1} into s^n in :meth:`relax` (W_n here;
@@ -524,7 +415,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         ``tol`` > 0 stops early once a step changes no state by ``tol`` or more (max |s_{t+1} − s_t|
         over layers, and over examples with ``tol_scope`` "batch", or per example with "example";
         read every ``check_every`` steps: the only host synchronisation of the loop; with
-        "example", see :func:`~eprun.nets.common.relax_each_example`). ``self.last_relax_steps``
+        "example", see :func:`~eprun.nets.early_stop.relax_each_example`). ``self.last_relax_steps``
         holds the steps taken (with "example", their mean over the examples).
         """
         if tol > 0.0 and check_tol_scope(tol_scope) == "example":
@@ -537,97 +428,57 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         weights_t = [w.T if n >= n_conv else None for n, w in enumerate(self.weights)]
         down_weights = self._top_down_weights()
         (first_convs, first_layers), (second_convs, second_layers) = self._schedule(order, n_layers)
-        compiled = self._compiled_top_down(state, down_weights)
-        channels_last = {n - 1 for n in compiled}  # state layers that get a compiled top-down term
-        if channels_last:
-            cur, nxt = self._channels_last_states(state, channels_last)
-            if 0 in channels_last:
-                const[0] = const[0].contiguous(memory_format=torch.channels_last)
-        else:
-            cur, nxt = state, self._scratch_for(state)
-        fast_convs = self._winograd_convolutions(state, channels_last)
+        kernels = ConvKernels(self, state, down_weights)
+        cur, nxt = kernels.state_buffers(state)
+        if 0 in kernels.channels_last:
+            const[0] = const[0].contiguous(memory_format=torch.channels_last)
         pooled: list = [None] * n_layers  # v_n: the bottom-up term of s^{n+1}
         indices: list = [None] * n_layers  # i_n: routes the top-down term into s^n
 
-        def convolve(n: int, src: list[torch.Tensor]) -> None:
-            """v_n, i_n = P_n(W_n ⋆ s^n) with s^n = src[n − 1], by the compiled Winograd kernel where
-            it runs. Where the compiled top-down kernel takes i_n, both stay in the pooling's own
-            layout (channels-last on the CPU; the update's addition reads v_n in it), saving two
-            layout conversions a step."""
-            if n in fast_convs:
-                weight_u, out, out_indices = fast_convs[n]
-                if native.winograd_conv_pool(src[n - 1], weight_u, self.paddings[n], out, out_indices):
-                    pooled[n], indices[n] = out, out_indices
-                    return
-            pooled[n], indices[n] = self._pool(n, self._conv(n, src[n - 1], bias=False), n in compiled)
-
-        def top_down(n: int, above: torch.Tensor) -> torch.Tensor:
-            """W_nᵀ ⋆ P_nᵀ(s^{n+1}) into s^n, compiled where it can be."""
-            if n in compiled:
-                weight_r, buffer = compiled[n]
-                if native.unpool_conv_t(above, indices[n], weight_r, self.conv_hw[n], buffer.shape[1:3],
-                                        self.paddings[n], buffer):
-                    return buffer.permute(0, 3, 1, 2)
-            return self._conv_t_down(n, self._unpool(n, above, indices[n]))
-
-        clamps = self.act.name in CLAMPED_ACTIVATIONS
-
-        def first_layer_fused(src: list[torch.Tensor], out: torch.Tensor) -> bool:
-            """s¹ ← g(drive + a·W_1ᵀ ⋆ P_1ᵀ(s²)) in one compiled pass, g included for the hard
-            sigmoids (then True); False when it did not run."""
-            weight_r, buffer = compiled[1]
-            done = native.unpool_conv_t(src[1], indices[1], weight_r, self.conv_hw[1], buffer.shape[1:3],
-                                        self.paddings[1], out.permute(0, 2, 3, 1), const[0].permute(0, 2, 3, 1),
-                                        a, clamps)
-            if done and not clamps:
-                self.act.apply_to_affine_(out)
-            return done
-
         def update(i: int, src: list[torch.Tensor], out: torch.Tensor) -> None:
-            """s^{i+1} ← g(z^{i+1}) into ``out``: neighbours from ``src``, v_i / i_{i+1} as last convolved."""
-            above = i + 1 < n_layers
-            if i == 0 and 1 in compiled and first_layer_fused(src, out):
+            """s^{i+1} ← g(z^{i+1}) into ``out``, its neighbours from ``src``, v_i and i_{i+1} as last convolved."""
+            if i == 0 and n_conv > 1 and kernels.first_layer_fused(const[0], src[1], indices[1], out):
                 return
-            if i < n_conv:  # conv state: bottom-up a·v_i + (a·b + c), or the drive at i = 0
-                if i + 1 < n_conv:  # conv above: the top-down term is a transposed convolution
-                    down = top_down(i + 1, src[i + 1])
+            if i < n_conv:  # conv state: a·v_i + (a·b + c), or the drive at i = 0
+                if i + 1 < n_conv:  # conv above: + a·W_{i+1}ᵀ ⋆ P_{i+1}ᵀ(s^{i+2})
+                    down = kernels.top_down(i + 1, src[i + 1], indices[i + 1])
                     if i == 0:
                         torch.add(const[0], down, alpha=a, out=out)
                     else:
                         torch.add(const[i], pooled[i].add_(down), alpha=a, out=out)
-                else:  # fc (or nothing) above
+                else:  # fc (or nothing) above: + a·reshape(W_{i+1}ᵀ s^{i+2})
                     if i == 0:
                         out.copy_(const[0])
                     else:
                         torch.add(const[i], pooled[i], alpha=a, out=out)
-                    if above:
+                    if i + 1 < n_layers:
                         out.view(batch, -1).addmm_(src[i + 1], down_weights[i + 1], alpha=a)
-            else:  # fc state
+            else:  # fc state: a·(W_i s^i) + (a·b + c) + a·(W_{i+1}ᵀ s^{i+2})
                 torch.addmm(const[i], self.flatten(src[i - 1]), weights_t[i], alpha=a, out=out)
-                if above:
+                if i + 1 < n_layers:
                     out.addmm_(src[i + 1], down_weights[i + 1], alpha=a)
             if nudged and i == n_layers - 1:
-                self._nudge_(out, cur[i], beta, target)
+                self.nudge_(out, cur[i], beta, target)
             self.act.apply_to_affine_(out)
 
         for n in second_convs:  # i_n at s^n_0 for the first half of the first step
             if self.pools[n] == "max":
-                convolve(n, state)
+                pooled[n], indices[n] = kernels.convolve(n, state[n - 1])
         taken = 0
         for _ in range(steps):
             for n in first_convs:
-                convolve(n, cur)
+                pooled[n], indices[n] = kernels.convolve(n, cur[n - 1])
             for i in first_layers:
                 update(i, cur, nxt[i])
             for n in second_convs:  # s^n of these is fresh in nxt
-                convolve(n, nxt)
+                pooled[n], indices[n] = kernels.convolve(n, nxt[n - 1])
             for i in second_layers:  # the neighbours of these layers are fresh in nxt
                 update(i, nxt, nxt[i])
             cur, nxt = nxt, cur
             taken += 1
             if tol > 0.0 and taken % check_every == 0 and largest_change(cur, nxt) < tol:
                 break
-        note_relax(self, taken, "torch+native" if compiled else "torch")
+        self.note_relax(taken, kernels.engine)
         for s, new in zip(state, cur):
             if new is not s:
                 s.copy_(new)
@@ -642,12 +493,7 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
         """
         drive = self.dphi_ds(x, state, input_term)
         if beta != 0.0 and target is not None:
-            s_last = state[-1]
-            if self.softmax_readout:
-                p = torch.softmax(self.logits(state), dim=1)
-                drive[-1] = drive[-1] + (beta * (target - p) @ self.readout_weight).reshape(s_last.shape)
-            else:
-                drive[-1] = drive[-1] + beta * (target - s_last)
+            drive = self.nudged_drive(drive, state, beta, target)
         return [self.act(d) for d in drive]
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
@@ -664,3 +510,18 @@ class ConvNet(WeightLayers, ScratchStates, Readout, nn.Module):
             state.append(h)
         return state
 
+    def describe(self) -> str:
+        """e.g. ``1x28x28 c32-c64 fc10``."""
+        body = "-".join(f"c{w.shape[0]}" for w in list(self.weights)[:self.n_conv])
+        fc = "-".join(str(s[0]) for s in self.state_shapes[self.n_conv:])
+        return f"{'x'.join(map(str, self.input_shape))} {body}" + (f" fc{fc}" if fc else "")
+
+    def weight_products(self, batch: int) -> WeightProducts:
+        """P_j = B·C_{j+1}·C_j·k_j²·H'_j·W'_j for conv layer j (H'_j × W'_j: the convolution's output,
+        before pooling), B·|s^j|·|s^{j+1}| for a fully connected one."""
+        products, is_conv = [], []
+        for j, w in enumerate(self.weights):
+            positions = math.prod(self.conv_hw[j]) if j < self.n_conv else 1
+            products.append(batch * w.numel() * positions)
+            is_conv.append(j < self.n_conv)
+        return WeightProducts(tuple(products), tuple(is_conv))

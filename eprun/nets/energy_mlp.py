@@ -65,15 +65,16 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from eprun.nets.activations import ACTIVATIONS
-from eprun.nets.common import Readout, WeightLayers, grad_of, per_layer, uniform_parameter
+from eprun.nets.activations import ActivationName
+from eprun.nets.base import ModelConfig
+from eprun.nets.dense import dense_weight_products
+from eprun.nets.layered import LayeredNetwork
+from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
 from eprun.nets.products import add_outer_, linear
-
-ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
 
 @dataclass
-class EnergyMLPConfig:
+class EnergyMLPConfig(ModelConfig):
     """``model:`` section for ``kind: energy_mlp`` (MSE read-out only)."""
 
     kind: str = "energy_mlp"
@@ -104,10 +105,8 @@ class EnergyMLPConfig:
             )
 
 
-class EnergyMLP(WeightLayers, Readout, nn.Module):
-    """Fully connected net with the energy-based EP dynamics and a feed-forward twin."""
-
-    softmax_readout = False  # MSE read-out only
+class EnergyMLP(LayeredNetwork):
+    """Fully connected net with the energy-based EP dynamics and a feed-forward twin (MSE read-out only)."""
 
     Config = EnergyMLPConfig
 
@@ -118,14 +117,12 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
 
     def __init__(self, cfg: EnergyMLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
-        super().__init__()
         if cfg.readout != "mse":
             raise ValueError("energy_mlp supports only readout: mse")
+        super().__init__(cfg.activation, num_classes, softmax_readout=False)
         self.cfg = cfg
-        self.act = ACTIVATIONS[cfg.activation]
         self.eps = float(cfg.dt)
         self.nudge_scale = self.eps  # the nudge is εβ(y − s^N): neural updates are divided by εβ (see eprun.gdu)
-        self.num_classes = num_classes
         n_in = math.prod(input_shape)
         self.sizes = [n_in] + list(cfg.hidden) + [num_classes]  # sizes of s⁰ (= x) … s^N
         scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
@@ -133,8 +130,6 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
         def uniform(shape, fan_in, scale):
             return uniform_parameter(shape, fan_in, scale, generator).data
 
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
         for n in range(len(self.sizes) - 1):
             fan_in = self.sizes[n]
             self.weights.append(nn.Parameter(uniform((self.sizes[n + 1], fan_in), fan_in, scales[n])))
@@ -145,13 +140,8 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
             for i, size in enumerate(cfg.hidden):
                 upper = torch.triu(uniform((size, size), size, scales[i]), diagonal=1)
                 self.laterals.append(nn.Parameter(upper + upper.T))
-        self._scratch: dict = {}
 
     # ------------------------------------------------------------------ structure
-
-    @property
-    def num_state_layers(self) -> int:
-        return len(self.sizes) - 1
 
     def _lateral(self, i: int) -> nn.Parameter | None:
         """L of state layer i (0-based), or None."""
@@ -207,12 +197,17 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
             total = total + 0.5 * ((r[i + 1] @ self._sym_lateral(lat)) * r[i + 1]).sum(dim=1)
         return total
 
-    def _interaction(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """h^n = W_{n−1} ρ(s^{n−1}) + W_nᵀ ρ(s^{n+1}) + b_n [+ L_n ρ(s^n)], out of place."""
+    def _interaction(self, x: torch.Tensor, state: list[torch.Tensor],
+                     input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """h^n = W_{n−1} ρ(s^{n−1}) + W_nᵀ ρ(s^{n+1}) + b_n [+ L_n ρ(s^n)], out of place; ``input_term``,
+        if given, is :meth:`input_term` of x (W_0 x̃ + b_1, computed once)."""
         r = [self.rho_input(x)] + [self.act(s) for s in state]
         out = []
         for n in range(1, len(r)):
-            h = r[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
+            if n == 1 and input_term is not None:
+                h = input_term
+            else:
+                h = r[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
             if n + 1 < len(r):
                 h = h + r[n + 1] @ self.weights[n]
             lat = self._lateral(n - 1)
@@ -221,10 +216,16 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
             out.append(h)
         return out
 
-    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+    def input_term(self, x: torch.Tensor) -> torch.Tensor:
+        """W_0 x̃ + b_1: the part of the first layer's interaction that depends on the static input
+        only (autograd-friendly)."""
+        return self.rho_input(x) @ self.weights[0].T + self.biases[0]
+
+    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor],
+                input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
         """∂Φ/∂s^n = (1/ε − 1) s^n + ρ'(s^n) ⊙ h^n, per layer (closed form)."""
         c = 1.0 / self.eps - 1.0
-        return [c * s + self.rho_prime(s) * h for s, h in zip(state, self._interaction(x, state))]
+        return [c * s + self.rho_prime(s) * h for s, h in zip(state, self._interaction(x, state, input_term))]
 
     def dphi_dtheta(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
         """Batch mean of ∂Φ/∂W_n = ρ(s^{n+1})ρ(s^n)ᵀ, ∂Φ/∂b_{n+1} = ρ(s^{n+1}) and ∂Φ/∂L_n.
@@ -270,7 +271,7 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
 
     # ------------------------------------------------------------------ dynamics (hot path)
 
-    def _scratch_for(self, state: list[torch.Tensor]) -> dict:
+    def _relax_buffers(self, state: list[torch.Tensor]) -> dict:
         ref = state[0]
         key = (ref.shape[0], ref.dtype, ref.device)
         if key not in self._scratch:  # one set per batch size (the last batch may be smaller)
@@ -319,7 +320,7 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
         eps = self.eps
         n_layers = len(state)
         nudged = beta != 0.0 and target is not None
-        buf = self._scratch_for(state)
+        buf = self._relax_buffers(state)
         r, d, h = buf["r"], buf["d"], buf["h"]
         weights = list(self.weights)
         weights_t = [w.T for w in weights]
@@ -353,16 +354,18 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
                     s.add_(pull)
                 if clamp:
                     s.clamp_(0.0, 1.0)
+        self.note_relax(steps, "torch")
         return state
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
-             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+             target: torch.Tensor | None = None, input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One step, out of place and autograd-friendly: s_{t+1} = ε·∂(Φ − βℓ)/∂s, then clamp.
 
-        Used by BPTT and as the readable reference of :meth:`relax`.
+        Used by BPTT (with ``input_term`` computed once per batch) and as the readable reference
+        of :meth:`relax`.
         """
         eps = self.eps
-        new = [eps * g for g in self.dphi_ds(x, state)]
+        new = [eps * g for g in self.dphi_ds(x, state, input_term)]
         if beta != 0.0 and target is not None:
             new[-1] = new[-1] + (eps * beta) * (target - state[-1])
         if self.cfg.clamp:
@@ -381,3 +384,10 @@ class EnergyMLP(WeightLayers, Readout, nn.Module):
             h = self.act(s)
         return state
 
+    def describe(self) -> str:
+        return "-".join(map(str, self.sizes)) + " EB"
+
+    def weight_products(self, batch: int):
+        dense = dense_weight_products(self.sizes, batch)
+        laterals = tuple(batch * lat.shape[0] ** 2 for lat in self.laterals)
+        return type(dense)(dense.products, dense.is_conv, laterals)

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eprun.nets.common import ConvLayerLists, per_layer, uniform_parameter
+from eprun.nets.base import ModelConfig, Network
+from eprun.nets.conv_lists import ConvLayerLists
+from eprun.nets.parameters import per_layer, uniform_parameter
 
 FFActivationName = Literal["elu", "relu", "leaky_relu", "tanh", "sigmoid", "identity"]
 
@@ -44,7 +46,7 @@ FF_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 @dataclass
-class FFMLPConfig:
+class FFMLPConfig(ModelConfig):
     """``model:`` section for ``kind: ff_mlp``: x → hidden … → linear classifier."""
 
     kind: str = "ff_mlp"
@@ -64,7 +66,7 @@ class FFMLPConfig:
 
 
 @dataclass
-class FFConvConfig(ConvLayerLists):
+class FFConvConfig(ConvLayerLists, ModelConfig):
     """``model:`` section for ``kind: ff_conv``: conv blocks (conv, σ, pool), dense layers, classifier."""
 
     kind: str = "ff_conv"
@@ -83,7 +85,7 @@ class FFConvConfig(ConvLayerLists):
             for size in values:
                 if size <= 0:
                     yield name, f"sizes must be positive, got {size}"
-        yield from self.check_conv_lists({"kernels": 1, "paddings": 0})
+        yield from self.check_conv_lists({"kernels": (self.kernels, 1), "paddings": (self.paddings, 0)}, self.pools)
         n = len(self.channels) + len(self.fc) + 1
         if isinstance(self.weight_scale, list) and len(self.weight_scale) != n:
             yield "weight_scale", (f"a list needs one entry per weight layer ({n}: {len(self.channels)} conv + "
@@ -154,7 +156,7 @@ class ConvLayer(nn.Module):
         return F.conv_transpose2d(self.act(u), self.feedback_weight, self.feedback_bias, padding=self.padding)
 
 
-class FeedforwardNet(nn.Module):
+class FeedforwardNet(Network):
     """Forward layers F_1 … F_N and feedback layers G_2 … G_N (see the module docstring).
 
     ``forward_all(x)`` gives every h_l and the pooling indices; ``forward_layer(l, h)`` and
@@ -163,8 +165,6 @@ class FeedforwardNet(nn.Module):
     feedback (V, c) — so nets of the same recipe and seed have the same forward weights
     whatever the rule.
     """
-
-    feedforward_only = True  # no EP dynamics: trained by dtp, drl, vanilla_dtp, tp or bp
 
     def __init__(self, layers: list[nn.Module], num_classes: int, generator: torch.Generator):
         super().__init__()
@@ -220,6 +220,12 @@ class FeedforwardNet(nn.Module):
         """Per-example cross-entropy of the logits h_N."""
         return F.cross_entropy(state[-1], y, reduction="none")
 
+    def describe(self) -> str:
+        """e.g. ``1x28x28 c16-c32-10``."""
+        first = self.layers[0].in_shape
+        return "x".join(map(str, first)) + " " + "-".join(
+            (f"c{layer.out_shape[0]}" if len(layer.out_shape) == 3 else str(layer.out_shape[0])) for layer in self.layers)
+
 
 def _dense_chain(in_shape: tuple[int, ...], hidden: list[int], num_classes: int, act: str,
                  scales: list[float], generator) -> list[nn.Module]:
@@ -254,8 +260,8 @@ def _conv_shapes(cfg: FFConvConfig, input_shape: tuple[int, ...]) -> tuple[list[
     if len(input_shape) != 3:
         return shapes, [f"kind: ff_conv needs image inputs (C, H, W), the data gives {tuple(input_shape)}"]
     c, height, width = input_shape
-    for j, (ch, k, p, pool) in enumerate(zip(cfg.channels, cfg.per_conv_layer("kernels"),
-                                             cfg.per_conv_layer("paddings"), cfg.per_conv_layer("pools"))):
+    for j, (ch, k, p, pool) in enumerate(zip(cfg.channels, cfg.per_conv_layer(cfg.kernels),
+                                             cfg.per_conv_layer(cfg.paddings), cfg.per_conv_layer(cfg.pools))):
         height, width = height + 2 * p - k + 1, width + 2 * p - k + 1
         if height < 1 or width < 1 or (pool == "max" and min(height, width) < 2):
             problems.append(f"channels: conv layer {j + 1} (kernel {k}, padding {p}, pool {pool}) leaves no "
@@ -288,8 +294,8 @@ class FeedforwardConvNet(FeedforwardNet):
             raise ValueError("; ".join(problems))
         scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
         layers, shape = [], tuple(input_shape)
-        for j, (ch, k, p, pool) in enumerate(zip(cfg.channels, cfg.per_conv_layer("kernels"),
-                                                 cfg.per_conv_layer("paddings"), cfg.per_conv_layer("pools"))):
+        for j, (ch, k, p, pool) in enumerate(zip(cfg.channels, cfg.per_conv_layer(cfg.kernels),
+                                                 cfg.per_conv_layer(cfg.paddings), cfg.per_conv_layer(cfg.pools))):
             layers.append(ConvLayer(shape, ch, k, p, pool, cfg.activation, scales[j], generator))
             shape = layers[-1].out_shape
         layers += _dense_chain(shape, cfg.fc, num_classes, cfg.activation, scales[len(cfg.channels):], generator)

@@ -26,18 +26,19 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
-from torch import nn
 
-from eprun import native
-from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward,
-                                ep_phases_dense, grad_of, init_dense_chain, parameters_in, relax_dense_)
+from eprun.native import dense as native_dense
+from eprun.nets.activations import ActivationName
+from eprun.nets.base import ModelConfig
+from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
+from eprun.nets.dense_relax import ep_phases_dense, relax_dense_
+from eprun.nets.layered import LayeredNetwork
+from eprun.nets.parameters import grad_of, parameters_in
 from eprun.nets.products import add_outer_, linear
-
-ActivationName = Literal["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
 
 @dataclass
-class MLPConfig:
+class MLPConfig(ModelConfig):
     """``model:`` section for ``kind: mlp``."""
 
     kind: str = "mlp"
@@ -60,7 +61,7 @@ class MLPConfig:
             )
 
 
-class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
+class PrototypicalMLP(LayeredNetwork):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     relax_schedules = True  # relax() takes order / tol / check_every / tol_scope
@@ -73,15 +74,11 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
 
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
-        super().__init__()
-        init_dense_chain(self, cfg, input_shape, num_classes, self.layer_count(cfg), generator)
-        self._scratch: dict = {}
+        super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
+        self.cfg = cfg
+        init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)
 
     # ------------------------------------------------------------------ structure
-
-    @property
-    def num_state_layers(self) -> int:
-        return len(self.sizes) - 1
 
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""
@@ -138,7 +135,8 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         weights, biases = parameters_in(self.weights), parameters_in(self.biases)
         x = self.flatten(x)
         c = scale / x.shape[0]
-        if native.ep_dense_update(x, state_a, state_b, [grad_of(w) for w in weights], [grad_of(b) for b in biases], c):
+        if native_dense.ep_dense_update(x, state_a, state_b, [grad_of(w) for w in weights],
+                                        [grad_of(b) for b in biases], c):
             return
         layers_a = [x] + list(state_a)
         layers_b = [x] + list(state_b)
@@ -182,7 +180,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         weights = parameters_in(self.weights)
         bottom_up = [w.T for w in weights]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = weights[1:]  # s^{n+1} @ W_n = (W_nᵀ s^{n+1})ᵀ
-        return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target,
+        return relax_dense_(self, const, state, self.scratch_states(state), bottom_up, top_down, steps, beta, target,
                             order=order, tol=tol, check_every=check_every, tol_scope=tol_scope)
 
     @torch.no_grad()
@@ -190,8 +188,8 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
                   **schedule):
         """EP's free phase (``free_steps`` from s = 0) and one-sided nudged phase (``nudged_steps``
         from s*) in one call of the compiled kernel, when it applies (see
-        :func:`eprun.nets.common.ep_phases_dense`): (s*, s^β, loss at s*, mean steps per phase),
-        else None. The same steps as :meth:`relax` for each phase; U_i = W_{i−1}, D_i = W_i."""
+        :func:`eprun.nets.dense_relax.ep_phases_dense`): (s*, s^β, loss at s*, mean steps per phase),
+        else None. The same steps as :meth:`relax` for each phase; the kernel's U_i = W_{i−1}, D_i = W_i."""
         weights = parameters_in(self.weights)[1:]
         return ep_phases_dense(self, drive, labels, free_steps, nudged_steps, beta, [None] + weights, weights + [None],
                                **schedule)
@@ -205,12 +203,7 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         """
         drive = self.dphi_ds(x, state, input_term)
         if beta != 0.0 and target is not None:
-            s_last = state[-1]
-            if self.softmax_readout:
-                p = torch.softmax(self.logits(state), dim=1)
-                drive[-1] = drive[-1] + beta * (target - p) @ self.readout_weight
-            else:
-                drive[-1] = drive[-1] + beta * (target - s_last)
+            drive = self.nudged_drive(drive, state, beta, target)
         return [self.act(d) for d in drive]
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
@@ -218,4 +211,10 @@ class PrototypicalMLP(WeightLayers, ScratchStates, Readout, nn.Module):
     def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up: the equivalent feed-forward MLP."""
         return dense_feedforward(self, x)
+
+    def describe(self) -> str:
+        return "-".join(map(str, self.sizes))
+
+    def weight_products(self, batch: int):
+        return dense_weight_products(self.sizes, batch)
 

@@ -11,8 +11,8 @@ fc; the input is clamped, so there is no B_0) given a backward weight B_n of W_n
 B_nᵀ ⋆ is the transposed convolution with B_n's kernel; P_nᵀ is ConvNet's pooling adjoint, its
 max-pool argmax taken at z_n = W_n ⋆ s^n + b_{n+1} (the forward weights), as in ConvNet. When
 B_n ≠ W_n this derives from no primitive function Φ: it is a vector field, not a gradient, so
-:meth:`phi` does not exist and :meth:`dphi_ds` / :meth:`dphi_dtheta` / :meth:`phi_parameters`
-raise. The nudge and the read-outs (MSE on s^N, or softmax(W_out s^N + b_out) outside the
+``has_phi`` is False and :meth:`phi`, :meth:`dphi_ds`, :meth:`dphi_dtheta` and
+:meth:`phi_parameters` raise. The nudge and the read-outs (MSE on s^N, or softmax(W_out s^N + b_out) outside the
 dynamics) are ConvNet's; the read-out has no backward weight.
 
 Initial angle. ``initial_angle: α`` (degrees) builds each B_n from W_n exactly as
@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eprun.nets.common import grad_of
 from eprun.nets.conv import ConvConfig, ConvNet
+from eprun.nets.parameters import grad_of
 from eprun.nets.vf_mlp import angle_degrees, backward_at_angle
 
 
@@ -80,6 +80,7 @@ class VectorFieldConvNet(ConvNet):
     """ConvNet's dynamics with backward weights B_n in the top-down terms; trained by the VF update."""
 
     Config = VFConvConfig
+    has_phi = False  # B ≠ W: a vector field
 
     def __init__(self, cfg: VFConvConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
@@ -112,22 +113,23 @@ class VectorFieldConvNet(ConvNet):
         return {f"B{n}": angle_degrees(self.backward_weight(n), self.weights[n])
                 for n in range(1, len(self.weights))}
 
-    # ------------------------------------------------------------------ no Φ
+    def monitor(self) -> dict[str, float]:
+        """The angles of :meth:`angles`, logged as ``vf_angle_deg/B{n}``."""
+        return {f"vf_angle_deg/{k}": v for k, v in self.angles().items()}
 
-    @property
-    def phi(self):
-        """There is no Φ when B ≠ W: reading ``net.phi`` raises AttributeError (``hasattr`` is False)."""
-        raise AttributeError("vf_conv has no energy function Φ: its dynamics are a vector field (B ≠ W)")
+    def describe(self) -> str:
+        return super().describe() + " VF"
 
-    def dphi_ds(self, x, state):
-        raise NotImplementedError("vf_conv has no Φ (B ≠ W): use pre_activations() for the vector field")
+    # ------------------------------------------------------------------ no Φ (ConvNet's would ignore B)
+
+    def phi(self, x, state):
+        raise NotImplementedError(self._no_phi())
+
+    def dphi_ds(self, x, state, input_term=None):
+        raise NotImplementedError(self._no_phi() + "; pre_activations() gives the vector field")
 
     def dphi_dtheta(self, x, state):
-        raise NotImplementedError("vf_conv has no Φ (B ≠ W): ∂Φ/∂θ is undefined; its update is the VF "
-                                  "update of accumulate_dphi_dtheta_difference_()")
-
-    def phi_parameters(self):
-        raise NotImplementedError("vf_conv has no Φ (B ≠ W), hence no Φ parameters (GDU does not apply)")
+        raise NotImplementedError(self._no_phi() + "; its update is the VF update of accumulate_dphi_dtheta_difference_()")
 
     # ------------------------------------------------------------------ the vector field and the VF update
 
@@ -141,13 +143,17 @@ class VectorFieldConvNet(ConvNet):
         return torch.nn.grad.conv2d_weight(d, self.backward_weight(n).shape, u, self.strides[n],
                                            self.paddings[n])
 
-    def pre_activations(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down with B_n, per layer (no Φ here)."""
+    def pre_activations(self, x: torch.Tensor, state: list[torch.Tensor],
+                        input_term: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down with B_n, per layer (no Φ
+        here); ``input_term``, if given, is :meth:`input_term` of x, computed once."""
         layers = [x] + list(state)
         out = []
         indices = [None] * len(layers)
         for n in range(1, len(layers)):  # bottom-up, remembering the argmax of every pool (forward W)
-            if n - 1 < self.n_conv:
+            if n == 1 and input_term is not None:
+                g, indices[0] = input_term
+            elif n - 1 < self.n_conv:
                 g, indices[n - 1] = self._pool(n - 1, self._conv(n - 1, layers[n - 1]))
             else:
                 g = self.flatten(layers[n - 1]) @ self.weights[n - 1].T + self.biases[n - 1]
@@ -266,19 +272,14 @@ class VectorFieldConvNet(ConvNet):
         return [None] + [self.backward_weight(n) for n in range(1, len(self.weights))]
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
-             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+             target: torch.Tensor | None = None, input_term=None) -> list[torch.Tensor]:
         """One step, out of place and autograd-friendly: s_{t+1} = σ(pre_activations − β ∂ℓ/∂s).
 
         Used by BPTT and as the readable reference of :meth:`relax`.
         """
-        pre = self.pre_activations(x, state)
+        pre = self.pre_activations(x, state, input_term)
         if beta != 0.0 and target is not None:
-            s_last = state[-1]
-            if self.softmax_readout:
-                p = torch.softmax(self.logits(state), dim=1)
-                pre[-1] = pre[-1] + (beta * (target - p) @ self.readout_weight).reshape(s_last.shape)
-            else:
-                pre[-1] = pre[-1] + beta * (target - s_last)
+            pre = self.nudged_drive(pre, state, beta, target)
         return [self.act(p) for p in pre]
 
     # feedforward (forward weights W only), input_drive, init_state, target, logits, loss and

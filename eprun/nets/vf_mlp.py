@@ -49,9 +49,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eprun.nets.common import (Readout, ScratchStates, WeightLayers, dense_constants, dense_feedforward,
-                                ep_phases_dense, grad_of, init_dense_chain, parameters_in, relax_dense_)
+from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
+from eprun.nets.dense_relax import ep_phases_dense, relax_dense_
+from eprun.nets.layered import LayeredNetwork
 from eprun.nets.mlp import MLPConfig
+from eprun.nets.parameters import grad_of, parameters_in
 from eprun.nets.products import add_outer_, linear
 
 
@@ -95,10 +97,11 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.atan2(float(perp.norm() * nb2.sqrt()), float(dot)))
 
 
-class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
+class VectorFieldMLP(LayeredNetwork):
     """Fully connected net with the prototypical dynamics, forward weights W and backward weights B."""
 
     Config = VFMLPConfig
+    has_phi = False  # B ≠ Wᵀ: a vector field
 
     @staticmethod
     def layer_count(cfg: VFMLPConfig) -> int:
@@ -107,21 +110,17 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
 
     def __init__(self, cfg: VFMLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
-        super().__init__()
-        init_dense_chain(self, cfg, input_shape, num_classes, self.layer_count(cfg), generator)  # as the MLP: same seed, same W
+        super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
+        self.cfg = cfg
+        init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)  # as the MLP: same seed, same W
         self.same_update = bool(cfg.same_update)
         # backward weights: feedback[n − 1] is B_n, n = 1 … N−1
         self.feedback = nn.ParameterList()
         for n in range(1, len(self.weights)):
             noise = torch.randn(self.weights[n].T.shape, generator=generator, dtype=torch.float64)
             self.feedback.append(nn.Parameter(backward_at_angle(self.weights[n], cfg.initial_angle, noise)))
-        self._scratch: dict = {}
 
     # ------------------------------------------------------------------ structure
-
-    @property
-    def num_state_layers(self) -> int:
-        return len(self.sizes) - 1
 
     def backward_weight(self, n: int) -> nn.Parameter:
         """B_n (layer n+1 → n), n = 1 … N−1."""
@@ -134,9 +133,6 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
             groups[n].append(self.backward_weight(n))
         return groups
 
-    def phi_parameters(self):
-        raise NotImplementedError("vf_mlp has no Φ (B ≠ Wᵀ), hence no Φ parameters (GDU does not apply)")
-
     def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
         """s_0 = 0 for every layer."""
         return [like.new_zeros(batch, size) for size in self.sizes[1:]]
@@ -147,14 +143,22 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         return {f"B{n}": angle_degrees(self.backward_weight(n), self.weights[n].T)
                 for n in range(1, len(self.weights))}
 
+    def monitor(self) -> dict[str, float]:
+        """The angles of :meth:`angles`, logged as ``vf_angle_deg/B{n}``."""
+        return {f"vf_angle_deg/{k}": v for k, v in self.angles().items()}
+
     # ------------------------------------------------------------------ the vector field and the VF update
 
-    def pre_activations(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
+    def pre_activations(self, x: torch.Tensor, state: list[torch.Tensor],
+                        input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
         """W_{n−1} s^{n−1} + B_n s^{n+1} + b_n per layer: the role ∂Φ/∂s plays in the MLP (no Φ here)."""
         layers = [self.flatten(x)] + list(state)
         out = []
         for n in range(1, len(layers)):
-            g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
+            if n == 1 and input_term is not None:
+                g = input_term
+            else:
+                g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
             if n + 1 < len(layers):
                 g = g + layers[n + 1] @ self.backward_weight(n).T
             out.append(g)
@@ -261,36 +265,43 @@ class VectorFieldMLP(WeightLayers, ScratchStates, Readout, nn.Module):
         const = dense_constants(self, drive, len(state), beta, target)
         bottom_up = [w.T for w in parameters_in(self.weights)]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = [f.T for f in parameters_in(self.feedback)]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
-        return relax_dense_(self, const, state, self._scratch_for(state), bottom_up, top_down, steps, beta, target)
+        return relax_dense_(self, const, state, self.scratch_states(state), bottom_up, top_down, steps, beta, target)
 
     @torch.no_grad()
     def ep_phases(self, drive: torch.Tensor, labels: torch.Tensor, free_steps: int, nudged_steps: int, beta: float,
                   **schedule):
         """The free phase and the one-sided nudged phase in one call of the compiled kernel, when it
-        applies (see :func:`eprun.nets.common.ep_phases_dense`): (s*, s^β, loss at s*, mean steps
+        applies (see :func:`eprun.nets.dense_relax.ep_phases_dense`): (s*, s^β, loss at s*, mean steps
         per phase), else None. The same steps as :meth:`relax`; U_i = W_{i−1}, D_i = B_{i+1}ᵀ."""
         up = [None] + parameters_in(self.weights)[1:]
         down = [f.T.contiguous() for f in parameters_in(self.feedback)] + [None]
         return ep_phases_dense(self, drive, labels, free_steps, nudged_steps, beta, up, down, **schedule)
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
-             target: torch.Tensor | None = None) -> list[torch.Tensor]:
+             target: torch.Tensor | None = None, input_term=None) -> list[torch.Tensor]:
         """One step, out of place and autograd-friendly: s^n_{t+1} = σ(W_{n−1}s^{n−1} + B_n s^{n+1} + b_n − β∂ℓ/∂s^n).
 
-        Used by BPTT and as the readable reference of :meth:`relax`.
+        Used by BPTT and as the readable reference of :meth:`relax` (``input_term``, if given, is
+        :meth:`input_term` of x: W_0 x + b_1, computed once).
         """
-        pre = self.pre_activations(x, state)
+        pre = self.pre_activations(x, state, input_term)
         if beta != 0.0 and target is not None:
-            if self.softmax_readout:
-                p = torch.softmax(self.logits(state), dim=1)
-                pre[-1] = pre[-1] + beta * (target - p) @ self.readout_weight
-            else:
-                pre[-1] = pre[-1] + beta * (target - state[-1])
+            pre = self.nudged_drive(pre, state, beta, target)
         return [self.act(p) for p in pre]
+
+    def input_term(self, x: torch.Tensor) -> torch.Tensor:
+        """W_0 x + b_1: the part of a step that depends on the static input only (autograd-friendly)."""
+        return self.flatten(x) @ self.weights[0].T + self.biases[0]
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
 
     def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s^{n+1} = σ(W_n s^n + b_{n+1}) bottom-up with the forward weights only."""
         return dense_feedforward(self, x)
+
+    def describe(self) -> str:
+        return "-".join(map(str, self.sizes)) + " VF"
+
+    def weight_products(self, batch: int):
+        return dense_weight_products(self.sizes, batch)
 

@@ -10,22 +10,19 @@ from dataclasses import dataclass
 
 import torch
 
+from eprun.rules.base import Rule, RuleConfig
+
 
 @dataclass
-class BPConfig:
+class BPConfig(RuleConfig):
     """``rule:`` section for ``kind: bp``."""
 
     kind: str = "bp"
 
 
-class BP:
+class BP(Rule):
     Config = BPConfig
     needs_dynamics = False  # any net with a feed-forward pass
-
-    def __init__(self, cfg: BPConfig, net, generator: torch.Generator):
-        self.cfg = cfg
-        self.net = net
-        self.generator = generator
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate ∂(mean ℓ)/∂θ into ``.grad`` by autograd; return logits and per-example loss."""
@@ -40,9 +37,3 @@ class BP:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.net.feedforward(x)
         return self.net.logits(state), self.net.loss(state, y)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

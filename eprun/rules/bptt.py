@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from eprun.rules.base import Relaxation, Rule, RuleConfig
+
 
 @dataclass
-class BPTTConfig:
+class BPTTConfig(RuleConfig):
     """``rule:`` section for ``kind: bptt``."""
 
     kind: str = "bptt"
@@ -28,31 +30,25 @@ class BPTTConfig:
         if self.T < 1:
             yield "T", f"needs at least 1 step, got {self.T}"
 
+    def relaxation(self) -> Relaxation:
+        return Relaxation(self.T)
 
-class BPTT:
+
+class BPTT(Rule):
     Config = BPTTConfig
-
-    def __init__(self, cfg: BPTTConfig, net, generator: torch.Generator):
-        self.cfg = cfg
-        self.net = net
-        self.generator = generator
 
     def unroll(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s_T after T steps of ``net.step`` from s_0 = 0, with the autograd graph kept.
 
-        Where the net offers ``input_term`` (the first layer's drive from the static input,
-        W_0 x + b_1), it enters the graph once and every step reuses it: the same function of θ,
-        without T copies of the largest product and of its backward.
+        Where the net offers an ``input_term`` (the first layer's drive from the static input,
+        e.g. W_0 x + b_1), it enters the graph once and every step reuses it: the same function
+        of θ, without T copies of the largest product and of its backward.
         """
         net = self.net
         state = net.init_state(x.shape[0], like=x)
-        if hasattr(net, "input_term"):
-            term = net.input_term(x)
-            for _ in range(self.cfg.T):
-                state = net.step(x, state, input_term=term)
-            return state
+        term = net.input_term(x)
         for _ in range(self.cfg.T):
-            state = net.step(x, state)
+            state = net.step(x, state, input_term=term)
         return state
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +66,3 @@ class BPTT:
         state = self.net.init_state(x.shape[0], like=x)
         state = self.net.relax(self.net.input_drive(x), state, self.cfg.T)
         return self.net.logits(state), self.net.loss(state, y)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

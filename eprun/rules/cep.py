@@ -30,17 +30,10 @@ to O(β) for W_n (n ≥ 1) and B_n, whose pre-synaptic units move during the nud
 Finite η: the continual loop. The dynamics use θ_k, so each increment feeds back into the
 next state change. For the input layer, ΔW_0 = (η_0/β)·batch-mean(Δs¹ xᵀ) and Δb_1 move the
 drive W_0 x_b + b_1 of example b by (η_0/β)·mean_c[(x_c·x_b + 1) Δs¹_c], so the next Δs¹ picks
-up σ' times that: a loop gain of about g = (η_0/β)·σ'·(⟨x_c·x_b⟩ + 1) per step (σ' ≤ 1 for
-``sigmoid``; ⟨x_c·x_b⟩ ≈ 40 on MNIST, where the Δs¹_c of a batch share the direction the nudge
-gives them). Once |g| nears 1 the loop compounds over the K steps: the β > 0 updates grow to
-tens of times their small-η limit, and the β < 0 ones (``random-sign``) oscillate and can point
-against it. Measured at the initial weights on MNIST batches, 784-512-10, K = 15: at
-η_0/|β| = 0.038 (the published C-VF-1h rates) the β > 0 updates are 8–150× their limit and
-most β < 0 ones point against it, and C-VF-1h does not learn (10.44% after an MNIST epoch);
-at 0.025 both signs stay aligned and it learns (87.41%). ``recipes/ernoult2020/cvf-1h.yaml``
-gives the numbers and ``tests/test_cep.py`` checks the one-hidden-layer recipes. Amplification
-alone is not failure: C-EP-1h (0.028, one-sided) is 3–20× amplified and learns, and so do the
-published two-hidden-layer C-VF rates (0.026, K = 20, 15–140×) over the 1000 MNIST batches tried.
+up σ' times that: a loop gain of about g = (η_0/β)·σ'·(⟨x_c·x_b⟩ + 1) per step. Once |g| nears
+1 the loop compounds over the K steps: the β > 0 updates grow to many times their small-η
+limit, and the β < 0 ones (``random-sign``) oscillate and can point against it. What that
+means for the published C-VF learning rates is measured in ``recipes/README.md`` (C-EP rows).
 
 Optimisers. Each increment is applied by the recipe's own ``torch.optim`` optimiser, so its
 per-layer learning rates (η per layer) and schedule hold: at each nudged step the rule zeroes
@@ -66,13 +59,14 @@ from typing import Literal
 
 import torch
 
+from eprun.rules.base import Relaxation, RuleConfig
 from eprun.rules.ep import EP
 
 Estimator = Literal["one-sided", "positive", "negative", "random-sign"]
 
 
 @dataclass
-class CEPConfig:
+class CEPConfig(RuleConfig):
     """``rule:`` section for ``kind: cep``."""
 
     kind: str = "cep"
@@ -92,6 +86,16 @@ class CEPConfig:
         if not 0.0 <= self.sign_probability <= 1.0:
             yield "sign_probability", f"a probability in [0, 1], got {self.sign_probability}"
 
+    def relaxation(self) -> Relaxation:
+        return Relaxation(self.T, self.K, self.beta, self.estimator)
+
+    def label(self) -> str:
+        return f"{self.kind}/{self.estimator}"
+
+    def schedule(self) -> dict:
+        """The papers' schedule only: every layer from s_t, a fixed number of steps."""
+        return {}
+
 
 class CEP(EP):
     """C-EP / C-VF on any network with ``input_drive``, ``relax`` and ``accumulate_dphi_dtheta_difference_``.
@@ -106,6 +110,9 @@ class CEP(EP):
     def __init__(self, cfg: CEPConfig, net, generator: torch.Generator):
         super().__init__(cfg, net, generator)
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def _count(self, phase: str) -> None:
+        """C-EP's phases always take T and K steps: nothing to count."""
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimiser that applies each nudged step's increment (built on ``net.layer_groups()``)."""

@@ -54,13 +54,13 @@ from typing import Literal, Union
 import torch
 import torch.nn.functional as F
 
-from eprun.nets.common import per_layer
+from eprun.nets.parameters import per_layer
+from eprun.rules.base import Rule, RuleConfig
 
-FEEDBACK_NETS = ("ff_mlp", "ff_conv")
 
 
 @dataclass
-class DTPConfig:
+class DTPConfig(RuleConfig):
     """``rule:`` section for ``kind: dtp`` (L-DRL); the defaults are the paper's CIFAR-10 β and momentum."""
 
     kind: str = "dtp"
@@ -95,12 +95,16 @@ class DTPConfig:
 
     def check_model(self, model, n_layers: int):
         """Cross-checks against the network: a feedback path, and one entry per feedback layer."""
-        if model.kind not in FEEDBACK_NETS:
+        from eprun.nets import NETWORKS
+        from eprun.nets.feedforward import FeedforwardNet
+
+        feedback_nets = [kind for kind, net in NETWORKS.items() if issubclass(net, FeedforwardNet)]
+        if model.kind not in feedback_nets:
             yield "kind", (f"{self.kind} needs a feed-forward net with feedback layers "
-                           f"(model.kind: {' or '.join(FEEDBACK_NETS)}), got model.kind: {model.kind}")
+                           f"(model.kind: {' or '.join(feedback_nets)}), got model.kind: {model.kind}")
             return
-        for name in ("noise", "feedback_iterations", "feedback_lr"):
-            value = getattr(self, name)
+        for name, value in (("noise", self.noise), ("feedback_iterations", self.feedback_iterations),
+                            ("feedback_lr", self.feedback_lr)):
             if isinstance(value, list) and len(value) != n_layers - 1:
                 yield name, (f"a list needs one entry per feedback layer G_2 … G_N ({n_layers - 1} for a net "
                              f"of {n_layers} weight layers), got {len(value)}")
@@ -146,17 +150,16 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b / denom)))))
 
 
-class DTP:
+class DTP(Rule):
     """L-DRL target propagation (``kind: dtp``); the subclasses change the feedback loss or the targets."""
 
     Config = DTPConfig
     needs_dynamics = False  # runs on feed-forward nets
+    measures_alignment = True
     difference_targets = True  # t_{l−1} = h_{l−1} + G_l(t_l) − G_l(h_l); False: t_{l−1} = G_l(t_l)
 
     def __init__(self, cfg: DTPConfig, net, generator: torch.Generator):
-        self.cfg = cfg
-        self.net = net
-        self.generator = generator
+        super().__init__(cfg, net, generator)
         n_feedback = net.depth - 1
         self.noise = per_layer(cfg.noise, n_feedback)  # index l−2 for G_l
         self.iterations = [int(k) for k in per_layer(cfg.feedback_iterations, n_feedback)]

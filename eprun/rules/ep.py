@@ -25,11 +25,13 @@ from typing import Literal, Optional
 
 import torch
 
+from eprun.rules.base import Relaxation, Rule, RuleConfig
+
 Estimator = Literal["one-sided", "positive", "negative", "random-sign", "symmetric", "centered"]
 
 
 @dataclass
-class EPConfig:
+class EPConfig(RuleConfig):
     """``rule:`` section for ``kind: ep``."""
 
     kind: str = "ep"
@@ -64,29 +66,51 @@ class EPConfig:
         """The asynchronous schedule and early stopping exist for nets whose ``relax`` takes them
         (``relax_schedules``: the prototypical MLP and conv nets)."""
         from eprun.nets import NETWORKS
+        from eprun.nets.base import EPNetwork
+
+        def takes_schedules(net) -> bool:
+            return issubclass(net, EPNetwork) and net.relax_schedules
 
         custom = self.order != "sync" or self.tol > 0.0
-        if custom and not getattr(NETWORKS[model.kind], "relax_schedules", False):
-            kinds = ", ".join(kind for kind, net in NETWORKS.items() if getattr(net, "relax_schedules", False))
+        if custom and not takes_schedules(NETWORKS[model.kind]):
+            kinds = ", ".join(kind for kind, net in NETWORKS.items() if takes_schedules(net))
             yield "order" if self.order != "sync" else "tol", (
                 f"order: async and tol > 0 are available for model.kind: {kinds}, not {model.kind}")
 
+    def relaxation(self) -> Relaxation:
+        return Relaxation(self.T, self.K, self.beta, self.estimator)
 
-class EP:
-    """EP on any network with ``relax``, ``accumulate_dphi_dtheta_`` and a read-out."""
+    def label(self) -> str:
+        return f"{self.kind}/{self.estimator}"
+
+    def paired_rule(self):
+        """``pair_with: bptt``: BPTT through the same T steps."""
+        if self.pair_with != "bptt":
+            return None
+        from eprun.rules.bptt import BPTTConfig
+
+        return BPTTConfig(T=self.T)
+
+    def schedule(self) -> dict:
+        """Keyword arguments of ``net.relax`` for a non-default schedule (none for the papers')."""
+        if self.order == "sync" and self.tol == 0.0:
+            return {}
+        return {"order": self.order, "tol": self.tol, "check_every": self.check_every, "tol_scope": self.tol_scope}
+
+
+class EP(Rule):
+    """EP on any :class:`~eprun.nets.base.EPNetwork`."""
 
     Config = EPConfig
 
     def __init__(self, cfg: EPConfig, net, generator: torch.Generator):
-        self.cfg = cfg
-        self.net = net
-        self.generator = generator  # β-sign draws
+        super().__init__(cfg, net, generator)  # the generator draws β's sign
         self._steps = {"free": [0, 0], "nudged": [0, 0]}  # with tol > 0: [steps taken, phases] per kind
 
     def _count(self, phase: str) -> None:
         if self.cfg.tol > 0.0:
             tally = self._steps[phase]
-            tally[0] += getattr(self.net, "last_relax_steps", 0)
+            tally[0] += self.net.last_relax_steps
             tally[1] += 1
 
     def _count_steps(self, steps: tuple[float, float]) -> None:
@@ -114,12 +138,8 @@ class EP:
         return beta
 
     def schedule(self) -> dict:
-        """Keyword arguments of ``net.relax`` for a non-default schedule (none for the papers')."""
-        order, tol = getattr(self.cfg, "order", "sync"), getattr(self.cfg, "tol", 0.0)
-        if order == "sync" and tol == 0.0:
-            return {}
-        return {"order": order, "tol": tol, "check_every": self.cfg.check_every,
-                "tol_scope": getattr(self.cfg, "tol_scope", "batch")}
+        """Keyword arguments of ``net.relax`` for the recipe's schedule."""
+        return self.cfg.schedule()
 
     @torch.no_grad()
     def free_phase(self, drive: torch.Tensor) -> list[torch.Tensor]:
@@ -133,8 +153,8 @@ class EP:
         net, cfg = self.net, self.cfg
         drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
         beta = self._beta()
-        both = getattr(net, "ep_phases", None) if cfg.estimator not in ("symmetric", "centered") else None
-        fused = both(drive, y, cfg.T, cfg.K, beta, **self.schedule()) if both is not None else None
+        symmetric = cfg.estimator in ("symmetric", "centered")
+        fused = None if symmetric else net.ep_phases(drive, y, cfg.T, cfg.K, beta, **self.schedule())
         if fused is not None:  # both phases in one compiled call: the same steps as the two relaxations below
             free, nudged, loss, steps = fused
             self._count_steps(steps)
@@ -147,7 +167,7 @@ class EP:
         logits, loss = net.logits(free), net.loss(free, y)
         nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target, **self.schedule())
         self._count("nudged")
-        if cfg.estimator in ("symmetric", "centered"):
+        if symmetric:
             anti = net.relax(drive, [s.clone() for s in free], cfg.K, -beta, target, **self.schedule())
             self._count("nudged")
             # −Δθ = (1/2β)(∂Φ/∂θ(s^{−β}) − ∂Φ/∂θ(s^β))
@@ -163,9 +183,3 @@ class EP:
         """Prediction from the free fixed point: logits and per-example loss."""
         free = self.free_phase(self.net.input_drive(x))
         return self.net.logits(free), self.net.loss(free, y)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

@@ -1,6 +1,6 @@
 """Run directories: layout, atomic writes, metrics, env, summary, safe checkpoints, opening runs.
 
-One run directory per run, never overwritten (DESIGN.md, "Run directory")::
+One run directory per run, never overwritten::
 
     runs/<recipe-name>-<YYYYmmdd-HHMMSS>[-n]/
       recipe.yaml  env.json  metrics.jsonl  summary.json
@@ -8,12 +8,13 @@ One run directory per run, never overwritten (DESIGN.md, "Run directory")::
 
 Submodules, one job each: ``layout`` (file names), ``atomic`` (temp file + rename writes),
 ``metrics`` (JSON lines), ``env`` (env.json), ``checkpoint`` (weights-only checkpoints),
-``rundir`` (create / find / open a run, summary).
+``rundir`` (create / find / open a run, summary), ``lock`` (one writer per run).
 """
 
 from eprun.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from eprun.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from eprun.runs.env import write_env
+from eprun.runs.lock import RunLock
 from eprun.runs.layout import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
@@ -50,6 +51,7 @@ __all__ = [
     "SUMMARY_FILE",
     "MetricsWriter",
     "RunInfo",
+    "RunLock",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",

@@ -1,4 +1,4 @@
-"""Names of the files inside a run directory (see DESIGN.md, "Run directory")."""
+"""Names of the files inside a run directory."""
 
 RECIPE_FILE = "recipe.yaml"
 ENV_FILE = "env.json"
@@ -8,6 +8,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 PLOTS_DIR = "plots"
+LOCK_FILE = ".lock"
 
 #: Everything a run directory may hold, relative to it (directories end with "/").
 RUN_FILES = (

@@ -1,6 +1,6 @@
 """Run directories: create one (never reusing a name), find one from a path inside it, open it.
 
-Layout (DESIGN.md)::
+Layout::
 
     runs/<recipe-name>-<YYYYmmdd-HHMMSS>[-n]/
       recipe.yaml  env.json  metrics.jsonl  summary.json  checkpoints/  plots/

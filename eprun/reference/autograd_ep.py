@@ -1,4 +1,4 @@
-"""The baselines: EP, BPTT and C-EP formulated as the public reference code of the papers does it.
+"""EP, BPTT and C-EP by autograd of Φ, formulated as the public reference code of the papers does it.
 
 At every step of every phase the primitive function Φ (with −βℓ when nudged) is rebuilt from
 the parameters θ and the input x — so the input drive W_0 x + b_1, or the first convolution
@@ -17,10 +17,10 @@ and ε·∂(−βℓ)/∂s^N = εβ(y − s^N): the dynamics of :mod:`eprun.nets
             applies the autograd gradient of −(Φ(x, s_{k+1}, θ_k) − Φ(x, s_k, θ_k))/β
 
 A softmax read-out (outside Φ) gets the autograd gradient of its loss at s* (once per batch).
-The baselines reuse the parameters of an eprun network (``mlp``, ``energy_mlp``, ``conv``) but
-none of its code: Φ of every net is written here, so a faster eprun helper never makes the
-baseline faster. They are what ``eprun bench`` and ``benchmarks/bench_mlp.py`` time eprun
-against, side by side.
+These reuse the parameters of an eprun network (``mlp``, ``energy_mlp``, ``conv``) but none of
+its code: Φ of every net is written here, so a faster eprun helper never makes the reference
+faster, and a bug in a net's closed forms does not reach it. The tests hold eprun's updates
+equal to these; ``eprun bench`` times eprun against them, side by side.
 """
 
 from __future__ import annotations
@@ -131,14 +131,14 @@ def phi(net, x, state):
 def loss(net, state, y):
     """ℓ per example: ½‖y − s^N‖² (MSE), or the cross-entropy of softmax(W_out s^N + b_out)."""
     out = state[-1]
-    if getattr(net, "softmax_readout", False):
+    if net.softmax_readout:
         return F.cross_entropy(_flat(out) @ net.readout_weight.T + net.readout_bias, y, reduction="none")
     target = F.one_hot(y, net.num_classes).to(out.dtype)
     return 0.5 * ((out - target) ** 2).sum(dim=1)
 
 
 def logits(net, state):
-    if getattr(net, "softmax_readout", False):
+    if net.softmax_readout:
         return _flat(state[-1]) @ net.readout_weight.T + net.readout_bias
     return state[-1]
 
@@ -200,7 +200,7 @@ def _signed_beta(beta: float, estimator: str) -> float:
 
 def _readout_grad_(net, s_star, y):
     """Softmax read-out (outside Φ): .grad += ∂ mean ℓ(s*)/∂(W_out, b_out)."""
-    if getattr(net, "softmax_readout", False):
+    if net.softmax_readout:
         loss(net, s_star, y).mean().backward()
 
 
@@ -260,16 +260,3 @@ def predict(net, x, T):
     state = free_phase(net, x, T)
     with torch.no_grad():
         return logits(net, state).detach()
-
-
-# --------------------------------------------------------------------------- the original entry points
-
-
-def autograd_train_step(net, x, y, T, K, beta):
-    """One one-sided EP training step by autograd of Φ; writes −Δθ into ``.grad``; returns s*."""
-    return ep_train_step(net, x, y, T, K, beta)
-
-
-def autograd_predict(net, x, T):
-    """The free phase's prediction (s^N for the MSE read-out)."""
-    return predict(net, x, T)
