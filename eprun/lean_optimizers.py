@@ -3,21 +3,24 @@
 A training step of a small EP net is well under a millisecond, and the optimiser's Python around
 its fused kernels is a visible part of it: ``Optimizer.step`` opens a profiler range, runs the
 hook chains, rebuilds the lists of parameters, gradients and moment buffers of every parameter
-group and calls the kernel once per group; ``zero_grad`` does the same walk. Measured on the
-784-512-10 net (batch 50, 2 CPU cores, ``python -m benchmarks.mlp_breakdown``), a training step
-costs about 0.1 ms more through the standard ``step`` and ``zero_grad`` than through the same
-kernels called directly.
-
-These subclasses keep everything of torch's optimisers (state, ``state_dict``, schedulers, hooks)
-and, once every parameter has its state, run the same kernel on lists built once and kept:
+group and calls the kernel once per group; ``zero_grad`` does the same walk. The subclasses here
+keep everything of torch's optimisers (state, ``state_dict``, schedulers, hooks) and, once every
+parameter has its state, run the same kernel on lists built once and kept:
 
     Adam / AdamW:  step_i ← step_i + 1;  torch._fused_adam_ / _fused_adamw_(θ, g, m, v, …)
     SGD:           torch._fused_sgd_(θ, g, momentum buffers, …)
 
-with one call for all the groups that share their hyperparameters (the kernel is elementwise
-and per tensor, so the result is the same bit for bit as one call per group). Anything else —
-a hook, a closure, a gradient that is missing or was replaced, a tensor learning rate, an
-``amsgrad`` state not built yet, a non-fused group — takes torch's own ``step``, unchanged.
+with one call for all the groups that share their hyperparameters (the kernel is elementwise and
+per tensor, so the result is the same bit for bit as one call per group). Anything else — a hook,
+a closure, a gradient that is missing or was replaced, a tensor learning rate, an ``amsgrad``
+state not built yet, a non-fused group — takes torch's own ``step``, unchanged.
+
+The short path calls private parts of torch (the fused kernels, the optimiser hook registries and
+its step wrapper), which a torch release may change. So :func:`build` uses it only after a check,
+once per process, that every private part exists and that the short path gives torch's own fused
+optimisers' parameters and state bit for bit over a few steps, for each class; otherwise it
+returns torch's optimiser in its default (public, unfused) implementation and :func:`status`
+says why (``env.json`` records it).
 """
 
 from __future__ import annotations
@@ -25,7 +28,28 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.optim.optimizer import Optimizer, _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+from torch.optim.optimizer import Optimizer
+
+_status: dict = {}  # "ok": bool once checked, "reason": why not
+_parts: dict = {}
+
+
+def _private_parts() -> dict:
+    """The private torch names the short path calls (raises AttributeError / ImportError if one is
+    missing); looked up once."""
+    if not _parts:
+        _parts.update(_look_up_private_parts())
+    return _parts
+
+
+def _look_up_private_parts() -> dict:
+    from torch.optim import optimizer as optimizer_module
+
+    return {"adam": torch._fused_adam_, "adamw": torch._fused_adamw_, "sgd": torch._fused_sgd_,
+            "zero": torch._foreach_zero_, "add": torch._foreach_add_,
+            "pre_hooks": optimizer_module._global_optimizer_pre_hooks,
+            "post_hooks": optimizer_module._global_optimizer_post_hooks,
+            "profile_hook_step": Optimizer.profile_hook_step}
 
 
 def _torch_step(cls: type) -> Callable:
@@ -42,10 +66,12 @@ class _LeanStep:
     hyperparameters are read (:meth:`_group_plan`) and how one merged call runs (:meth:`_run`)."""
 
     _lean: Optional[tuple] = None  # (hyperparameter keys, grads, merged calls), built once the state exists
+    _torch_class: type
 
     def _lean_ready(self) -> Optional[list]:
         """The merged calls, when the short path applies to this step; None otherwise."""
-        if (_global_optimizer_pre_hooks or _global_optimizer_post_hooks or self._optimizer_step_pre_hooks
+        parts = _private_parts()
+        if (parts["pre_hooks"] or parts["post_hooks"] or self._optimizer_step_pre_hooks
                 or self._optimizer_step_post_hooks or getattr(self, "grad_scale", None) is not None
                 or getattr(self, "found_inf", None) is not None):
             return None
@@ -84,7 +110,7 @@ class _LeanStep:
 
     def _full_step(self, closure):
         self._lean = None
-        return self._torch_step(self, closure)
+        return _torch_step(self._torch_class)(self, closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         lean = self._lean
@@ -105,7 +131,7 @@ class _LeanStep:
 class LeanAdam(_LeanStep, torch.optim.Adam):
     """``torch.optim.Adam`` (fused) with the short step path (same results bit for bit)."""
 
-    _torch_step = staticmethod(_torch_step(torch.optim.Adam))
+    _torch_class = torch.optim.Adam
 
     @staticmethod
     def _group_key(group: dict) -> Optional[tuple]:
@@ -142,13 +168,13 @@ class LeanAdam(_LeanStep, torch.optim.Adam):
 class LeanAdamW(LeanAdam, torch.optim.AdamW):
     """``torch.optim.AdamW`` (fused) with the short step path (same results bit for bit)."""
 
-    _torch_step = staticmethod(_torch_step(torch.optim.AdamW))
+    _torch_class = torch.optim.AdamW
 
 
 class LeanSGD(_LeanStep, torch.optim.SGD):
     """``torch.optim.SGD`` (fused) with the short step path (same results bit for bit)."""
 
-    _torch_step = staticmethod(_torch_step(torch.optim.SGD))
+    _torch_class = torch.optim.SGD
 
     @staticmethod
     def _group_key(group: dict) -> Optional[tuple]:
@@ -177,3 +203,70 @@ class LeanSGD(_LeanStep, torch.optim.SGD):
         torch._fused_sgd_(params, grads, buffers, weight_decay=weight_decay, momentum=momentum, lr=lr,
                           dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=False,
                           grad_scale=None, found_inf=None)
+
+
+LEAN = {"adam": (LeanAdam, torch.optim.Adam), "adamw": (LeanAdamW, torch.optim.AdamW),
+        "sgd": (LeanSGD, torch.optim.SGD)}
+#: the settings the check runs each class with (every branch of the short path's kernels)
+_CHECKS = {"adam": dict(betas=(0.9, 0.99), eps=1e-7, weight_decay=1e-3), "adamw": dict(weight_decay=1e-2),
+           "sgd": dict(momentum=0.9, nesterov=True, weight_decay=1e-4)}
+
+
+def _same_as_torch(kind: str) -> bool:
+    """The short path of ``kind`` gives torch's fused optimiser's parameters and state bit for bit
+    over 4 steps (two groups of one learning rate and one of another), and torch's public
+    per-tensor implementation's parameters to float rounding (which a private kernel that changed
+    its meaning would not)."""
+    lean_cls, torch_cls = LEAN[kind]
+    results = []
+    for cls, fused in ((torch_cls, True), (lean_cls, True), (torch_cls, False)):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((5, 3), (5,), (2, 5), (2,))]
+        groups = [{"params": params[:2], "lr": 0.01}, {"params": params[2:3], "lr": 0.01},
+                  {"params": params[3:], "lr": 0.003}]
+        implementation = {"fused": True} if fused else {"foreach": False}
+        optimizer = cls(groups, lr=0.01, **implementation, **_CHECKS[kind])
+        for _ in range(4):
+            optimizer.zero_grad(set_to_none=False)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) if p.grad is None else p.grad.add_(
+                    torch.randn(p.shape, generator=g))
+            optimizer.step()
+        state = optimizer.state_dict()["state"]
+        results.append(([p.detach().clone() for p in params],
+                        [t for i in sorted(state) for _, t in sorted(state[i].items()) if torch.is_tensor(t)]))
+    (params_fused, state_fused), (params_lean, state_lean), (params_public, _) = results
+    return (len(state_fused) == len(state_lean) and all(torch.equal(a, b) for a, b in zip(params_fused, params_lean))
+            and all(torch.equal(a, b) for a, b in zip(state_fused, state_lean))
+            and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(params_lean, params_public)))
+
+
+def status() -> dict:
+    """Whether :func:`build` returns the short-path optimisers here, or why not (checked once)."""
+    if "ok" not in _status:
+        try:
+            _private_parts()
+            failed = [kind for kind in LEAN if not _same_as_torch(kind)]
+            if failed:
+                _status.update(ok=False, reason=f"the short path did not give torch's result ({', '.join(failed)})")
+            else:
+                _status.update(ok=True, reason=None)
+        except (AttributeError, ImportError, RuntimeError, TypeError) as error:
+            _status.update(ok=False, reason=f"a private part of torch is missing or changed: {error}")
+    return {"lean": _status["ok"], "reason": _status["reason"]}
+
+
+def reset() -> None:
+    """Check again at the next :func:`status` (e.g. after a test changed torch's names)."""
+    _status.clear()
+    _parts.clear()
+
+
+def build(kind: str, groups: list[dict], fused: bool | None = None, **kwargs) -> torch.optim.Optimizer:
+    """The optimiser ``kind`` (adam, adamw, sgd) on ``groups``: with ``fused``, the short-path class
+    where :func:`status` allows it; otherwise torch's own class in its default implementation
+    (the fused kernels are private parts too: where the check failed they are not relied on)."""
+    lean_cls, torch_cls = LEAN[kind]
+    if fused and status()["lean"]:
+        return lean_cls(groups, fused=True, **kwargs)
+    return torch_cls(groups, **kwargs)

@@ -127,3 +127,70 @@ def test_build_optimizer_gives_the_lean_classes():
     assert isinstance(build_optimizer(OptimConfig(kind="adam", lr=[1e-3, 1e-3]), groups), LeanAdam)
     assert isinstance(build_optimizer(OptimConfig(kind="adamw", lr=[1e-3, 1e-3]), groups), torch.optim.AdamW)
     assert isinstance(build_optimizer(OptimConfig(kind="sgd", lr=[1e-3, 1e-3]), groups), LeanSGD)
+
+
+# ----------------------------------------------------------------------------- the guard around torch's private parts
+
+from eprun import lean_optimizers  # noqa: E402
+from eprun.optim import build_optimizer  # noqa: E402
+from eprun.recipe import OptimConfig  # noqa: E402
+
+
+@pytest.fixture
+def fresh_check():
+    lean_optimizers.reset()
+    yield
+    lean_optimizers.reset()
+
+
+def _train_with(optimizer, params, steps=4):
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=False)
+        _set_grads(params, step)
+        optimizer.step()
+    return params
+
+
+def test_the_short_path_is_used_where_its_check_passes(fresh_check):
+    assert lean_optimizers.status() == {"lean": True, "reason": None}
+    params = _params()
+    assert isinstance(build_optimizer(OptimConfig(kind="adam", lr=[1e-2, 1e-2]), [params[:2], params[2:]]),
+                      LeanAdam)
+
+
+@pytest.mark.parametrize("missing", ["_fused_adam_", "_fused_sgd_", "_foreach_zero_"])
+def test_a_missing_private_kernel_falls_back_to_torchs_optimiser(missing, fresh_check, monkeypatch):
+    """A torch without one of the private kernels: the check says so and build_optimizer returns
+    torch's own optimiser, which trains as torch's does."""
+    monkeypatch.delattr(torch, missing)
+    state = lean_optimizers.status()
+    assert state["lean"] is False and missing in state["reason"]
+    for kind, torch_cls in (("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)):
+        params = _params()
+        opt = build_optimizer(OptimConfig(kind=kind, lr=[1e-2, 3e-3], momentum=0.0), [params[:2], params[2:]])
+        assert type(opt) is torch_cls
+        reference = _params()
+        _train_with(torch_cls(_groups(reference, [1e-2, 3e-3]), lr=1e-2), reference)
+        assert _same(_train_with(opt, params), reference)
+
+
+def test_a_private_kernel_that_behaves_differently_falls_back(fresh_check, monkeypatch):
+    """A private kernel that exists but computes something else (a changed signature or meaning in
+    a later torch): the check's comparison with torch's own step catches it."""
+    original = torch._fused_adam_
+
+    def changed(params, *args, lr, **kwargs):
+        return original(params, *args, lr=lr * 2, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", changed)
+    state = lean_optimizers.status()
+    assert state["lean"] is False and "adam" in state["reason"]
+    params = _params()
+    assert type(build_optimizer(OptimConfig(kind="adam", lr=1e-2), [params])) is torch.optim.Adam
+
+
+def test_missing_hook_registries_fall_back(fresh_check, monkeypatch):
+    import torch.optim.optimizer as optimizer_module
+
+    monkeypatch.delattr(optimizer_module, "_global_optimizer_pre_hooks")
+    assert lean_optimizers.status()["lean"] is False

@@ -107,3 +107,41 @@ def test_add_outer_declines_what_it_cannot_take():
                  (out, a, torch.rand(4, 9))):
         assert native.dense.add_outer_(*args, 1.0) is False
     assert torch.equal(out, torch.zeros(8, 9))
+
+
+# ----------------------------------------------------------------------------- the guard around the private oneDNN op
+
+
+@pytest.fixture
+def fresh_products():
+    products.reset()
+    yield
+    products.reset()
+
+
+def _product_inputs():
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(4, 300, generator=g), torch.rand(256, 300, generator=g) - 0.5, torch.rand(256, generator=g)
+
+
+def test_a_missing_onednn_op_falls_back_to_addmm(fresh_products, monkeypatch):
+    monkeypatch.setattr(torch.ops, "mkldnn", object())
+    state = products.onednn_status()
+    assert state["onednn"] is False and "no oneDNN linear op" in state["reason"]
+    x, w, b = _product_inputs()
+    with torch.no_grad():
+        assert torch.equal(products.linear(x, w, b), torch.addmm(b, x, w.T))
+
+
+def test_a_onednn_op_that_gives_another_result_falls_back(fresh_products, monkeypatch):
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Changed:
+        _linear_pointwise = staticmethod(lambda x, w, b, *rest: real(x, w, b, *rest) * 2)
+
+    monkeypatch.setattr(torch.ops, "mkldnn", Changed())
+    state = products.onednn_status()
+    assert state["onednn"] is False and "did not give addmm's result" in state["reason"]
+    x, w, b = _product_inputs()
+    with torch.no_grad():
+        assert torch.equal(products.linear(x, w, b), torch.addmm(b, x, w.T))

@@ -55,6 +55,9 @@ def _torch_info(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda_device_name": None,
     }
+    from eprun import lean_optimizers
+
+    info["optimizer_short_path"] = lean_optimizers.status()
     if str(device).startswith("cpu"):
         from eprun import native
         from eprun.nets.products import onednn_status
