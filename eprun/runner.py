@@ -262,7 +262,7 @@ def _first_non_finite(exp: Experiment, loss: torch.Tensor) -> str | None:
 
     Every batch: one sum per tensor, stacked, one host read. A sum is NaN/±Inf whenever its
     tensor holds a NaN or an Inf, and costs a read of the tensor, without the boolean tensor
-    ``isfinite`` would allocate (a third of the step for the 784-512-10 net). Only when a sum is
+    ``isfinite`` would allocate (a pass over every weight-sized tensor). Only when a sum is
     not finite — a NaN/Inf, or finite values whose sum overflows — are the tensors checked one
     by one."""
     params = list(exp.net.named_parameters())

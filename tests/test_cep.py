@@ -214,11 +214,11 @@ def test_one_hidden_layer_continual_recipes_stay_inside_the_continual_loop_limit
 
     At the recipe's initial weights, on the first mnist-mini batches, for each sign of β the
     estimator uses: the update with β < 0 must point along its η → 0 limit (cosine > 0.5) and
-    not exceed it 3 times; with β > 0 the loop amplifies (C-EP-1h: up to ~20×) but must stay
-    aligned (cosine > 0.35) and below 40×. The published C-VF-1h rates [0.0076, 0.0038] fail
-    this (β < 0: cosine −0.28 and −0.04, the update points uphill; β > 0: 85×) and do not
-    learn (see ``rules/cep.py``). Calibrated on the 784-512-10 net only: the two-hidden-layer
-    recipes' published rates amplify as much at the start yet learn, so they are not held to it.
+    not exceed it 3 times; with β > 0 the loop amplifies but must stay aligned (cosine > 0.35)
+    and below 40 times the limit. The published C-VF-1h rates [0.0076, 0.0038] fail this (the
+    β < 0 update points uphill) and do not learn (recipes/README.md, C-EP rows). Calibrated on
+    the 784-512-10 net only: the two-hidden-layer recipes' published rates amplify as much at the
+    start yet learn, so they are not held to it.
     """
     from eprun.data.splits import load_splits
     from eprun.recipe import load_recipe

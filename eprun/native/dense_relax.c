@@ -487,8 +487,8 @@ static inline __attribute__((always_inline)) void relax_rows_two_layers(
  *
  * then z = c_i + a·acc [+ ν·s_i], s_i ← g(z). The couplings are packed once a call (pack_chunk):
  * for each chunk of 32 units the rows of Uᵀ_i, then of D_i, one after the other, so the k loop
- * reads one contiguous stream (read in place, rows of Uᵀ_i 4·n_i bytes apart, the stream crossed
- * a page every few rows and ran 2.5× slower). The sums run in order k = 0, 1, … for each
+ * reads one contiguous stream (read in place, rows of Uᵀ_i 4·n_i bytes apart, the stream would
+ * cross a page every few rows). The sums run in order k = 0, 1, … for each
  * example whatever R is, so an example's result does not depend on its block. An example that
  * stops (tol, or a bitwise fixed point with exact) leaves the block, its last slot taking its
  * place. */
@@ -626,8 +626,8 @@ static void pack_share(int n_layers, const int64_t *sizes, const float *const *u
 }
 
 /* Space for `floats` packed floats, kept by the calling thread from one call to the next and
- * grown when a larger net needs it (a fresh allocation of a few MB each call cost ~0.5 ms in page
- * faults, a fifth of a free phase of T = 4 on 784-512-512-512-10); NULL if memory ran out. */
+ * grown when a larger net needs it (a fresh allocation of a few MB would pay its page faults at
+ * every call); NULL if memory ran out. */
 static float *packing_space(int64_t floats) {
     static __thread float *space = NULL;
     static __thread int64_t capacity = 0;

@@ -35,12 +35,8 @@
  * the OpenMP workers changes no bit. The results differ from a direct convolution by rounding
  * (the transforms' round-off: float32, the MNIST net's second layer, max |error| 4e-6 against
  * 9e-7 for torch's; ``tests/test_winograd.py`` bounds it, and any disagreement between the
- * constants below and the Python module's would fail it).
- *
- * The MNIST net's second layer (batch 100, 32 → 64 channels, 12 × 12 → 8 × 8, pooled to 4 × 4),
- * AVX-512, 2 threads: 0.39–0.49 ms against 1.45 ms for oneDNN's channels-last convolution and
- * 0.07 ms for the pooling (``python -m benchmarks.conv_step``); one thread: 0.17 ms input
- * transform, 0.47 ms products (~220 GFLOP/s), 0.13 ms output transform and pooling.
+ * constants below and the Python module's would fail it). What it saves on the MNIST net's second
+ * layer is measured in docs/performance.md (``python -m benchmarks.conv_step``).
  */
 #include <stdint.h>
 #include <stdlib.h>
