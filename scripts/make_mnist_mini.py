@@ -4,7 +4,7 @@ The first 10000 MNIST training images and the first 2000 test images (with their
 written as gzipped IDX files under MNIST's four names. gzip uses mtime 0 and no file name,
 so the same source files always give byte-identical output.
 
-    python scripts/make_mnist_mini.py [--source ../shared/data/mnist] [--out eprun/data/mnist_mini]
+    python scripts/make_mnist_mini.py [--source data] [--out eprun/data/mnist_mini]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MAX_TOTAL_BYTES = 3 * 1024 * 1024
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--source", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, default=REPO / "eprun" / "data" / "mnist_mini")
     args = parser.parse_args()
 

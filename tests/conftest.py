@@ -58,16 +58,17 @@ def restore_torch_threads():
 
 @pytest.fixture
 def native_build(monkeypatch):
-    """``native_build(*defines, arch="native")`` loads a variant build of the native kernels (e.g.
+    """``native_build(*defines, arch=None)`` loads a variant build of the native kernels (e.g.
     ``"EPRUN_EVERY_STEP"``, ``"EPRUN_NO_BLOCKS"``) in place of the default library, for the rest
-    of the test; with no defines, the default build. Returns the library."""
+    of the test; with no defines, the default build; ``arch`` None: ``EPRUN_NATIVE_ARCH``'s.
+    Returns the library."""
     from eprun.native import build, parallel
 
     monkeypatch.setenv("EPRUN_NATIVE", "auto")
     build.reset()
 
-    def use(*defines: str, arch: str = "native"):
-        library = build.compile_library(arch, tuple(defines))
+    def use(*defines: str, arch: str | None = None):
+        library = build.compile_library(arch or build.arch(), tuple(defines))
         monkeypatch.setattr(build, "_library", library)
         monkeypatch.setattr(build, "_failure", None)
         parallel.reset()
@@ -75,3 +76,20 @@ def native_build(monkeypatch):
 
     yield use
     build.reset()
+
+
+@pytest.fixture(autouse=True)
+def native_tests_use_the_kernels(request, monkeypatch):
+    """The compiled kernels' own tests (marker ``native``) run them even in a suite run with
+    ``EPRUN_NATIVE=0``, which puts every other test on the torch path."""
+    import os
+
+    if request.node.get_closest_marker("native") is not None and os.environ.get("EPRUN_NATIVE") == "0":
+        from eprun import native
+
+        monkeypatch.setenv("EPRUN_NATIVE", "auto")
+        native.reset()
+        yield
+        native.reset()
+    else:
+        yield

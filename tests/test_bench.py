@@ -235,3 +235,22 @@ def test_precision_script_compares_every_precision_with_float64():
     for label in ("float32, compiled kernels", "float32, torch"):
         assert max(cell["relative_error"] for cell in results[label].values()) < 1e-2
         assert min(cell["cosine"] for cell in results[label].values()) > 0.999
+
+
+@needs_compiler
+def test_engines_script_times_torch_and_every_build_the_cpu_runs(monkeypatch):
+    """benchmarks/engines.py: the free phase on torch and on each build this CPU can run, per
+    batch and thread count, each build's states within float32 rounding of torch's; it leaves
+    EPRUN_NATIVE and the thread count as it found them."""
+    from benchmarks import engines
+    from eprun.native import build
+
+    monkeypatch.delenv("EPRUN_NATIVE", raising=False)
+    threads = torch.get_num_threads()
+    result = engines.main(["--batches", "4", "--rounds", "1"])
+    assert torch.get_num_threads() == threads and "EPRUN_NATIVE" not in __import__("os").environ
+    names = {key.split(", ")[-1] for key in result["engines"]}
+    assert "torch" in names and "generic" in names
+    assert ("avx2" in names) == ("avx2" in build.cpu_flags())
+    for figures in result["engines"].values():
+        assert figures["us_per_step"] > 0 and figures["max_abs_difference_from_torch"] < 1e-4

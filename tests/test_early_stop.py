@@ -16,7 +16,9 @@ from eprun import native
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from tests.test_conv_schedules import make_net as conv_net
 from tests.test_conv_schedules import relaxed
-from tests.test_native import needs_compiler
+from tests.test_native import needs_kernels
+
+pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +130,7 @@ def test_scope_is_checked():
         relax(net, x, y, 10, tol=1e-3, tol_scope="layer")
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("order", ["sync", "async"])
 @pytest.mark.parametrize("hidden", [(20, 15), (33,)])
 def test_native_per_example_stop_matches_torch(order, hidden, monkeypatch):
@@ -154,7 +156,7 @@ def test_native_per_example_stop_matches_torch(order, hidden, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 def test_native_row_steps_and_a_nan_row(activation):
     """The kernel reports the steps of each row; a NaN in a row's constant stays NaN through g

@@ -11,6 +11,8 @@ from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from eprun.nets.vf_mlp import VFMLPConfig, VectorFieldMLP
 from eprun.rules.ep import EP, EPConfig
 
+pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)
+
 needs_kernel = pytest.mark.skipif(not native.dense.add_outer_available(), reason="no AVX-512 build of the kernels here")
 
 

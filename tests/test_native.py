@@ -15,7 +15,11 @@ from eprun.native import build, parallel
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from eprun.nets.vf_mlp import VFMLPConfig, VectorFieldMLP
 
+pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)
+
 needs_compiler = pytest.mark.skipif(build.compiler() is None, reason="no C compiler on this machine")
+needs_kernels = pytest.mark.skipif(build.compiler() is None or not set(build.VECTOR_FLAGS) <= build.cpu_flags(),
+                                   reason="the compiled kernels need a C compiler and AVX2/FMA")
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +76,7 @@ def _assert_engines_agree(net, data, steps, beta, torch_only):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("hidden", [[16], [13], [40, 9], [8, 17, 33]])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
@@ -104,7 +108,7 @@ def test_native_matches_torch_free_and_nudged(hidden, activation, order, torch_o
     assert float((theirs[-1] - theirs[len(hidden)]).abs().max()) > 1e-3
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("hidden, classes", [([37], 10), ([37], 6), ([16], 1), ([40], 17), ([512], 10)])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
@@ -132,7 +136,7 @@ def test_two_layer_nets_match_torch(hidden, classes, activation, order, torch_on
     assert float((theirs[-1] - theirs[1]).abs().max()) > 1e-3  # the nudge moved the output
 
 
-@needs_compiler
+@needs_kernels
 def test_vector_field_net_with_one_hidden_layer(torch_only):
     """The one-pass path reads the top-down matrix D and the bottom-up U separately: the
     vector-field net's feedback B ≠ Wᵀ reaches it as it is."""
@@ -143,7 +147,7 @@ def test_vector_field_net_with_one_hidden_layer(torch_only):
     _assert_engines_agree(net, _data(7, classes=10), 15, 0.3, torch_only)
 
 
-@needs_compiler
+@needs_kernels
 def test_status_reports_the_vector_paths():
     """status() says which vector paths the build holds; AVX-512 implies AVX2."""
     state = native.status()
@@ -151,7 +155,7 @@ def test_status_reports_the_vector_paths():
     assert state["vectorized"] or not state["avx512"]
 
 
-@needs_compiler
+@needs_kernels
 def test_native_float32_error_is_rounding_against_float64(torch_only):
     """Both float32 paths sit within float32 rounding of the float64 torch relaxation."""
     net = _net([64, 32])
@@ -167,7 +171,7 @@ def test_native_float32_error_is_rounding_against_float64(torch_only):
         assert float((a.double() - b).abs().max()) < 1e-5
 
 
-@needs_compiler
+@needs_kernels
 def test_vector_field_net_uses_its_feedback_matrices(torch_only):
     """The vector-field MLP's top-down matrices are B_n, not W_nᵀ: the kernel gets them as they are."""
     net = _net([24, 12], kind="vf")
@@ -177,7 +181,7 @@ def test_vector_field_net_uses_its_feedback_matrices(torch_only):
     _assert_engines_agree(net, _data(7), 15, 0.3, torch_only)
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("hidden", [[48, 11], [37]])
 def test_batch_split_over_threads_is_bit_identical(hidden):
     """Examples relax independently: splitting the batch over threads changes no bit, nor does
@@ -212,7 +216,7 @@ def test_batch_split_over_threads_is_bit_identical(hidden):
     assert one_tol[1] < 20  # the per-example stop did stop examples: both paths of the split are covered
 
 
-@needs_compiler
+@needs_kernels
 def test_softmax_readout_nudge_falls_back_to_torch():
     """The softmax read-out's nudge is outside the kernel: its free phase runs native, its nudged
     phase on torch."""
@@ -225,7 +229,7 @@ def test_softmax_readout_nudge_falls_back_to_torch():
         assert engine == "torch"
 
 
-@needs_compiler
+@needs_kernels
 def test_single_steps_tolerance_and_strided_inputs_use_torch():
     net = _net([20])
     x, y = _data(5)
@@ -242,21 +246,39 @@ def test_single_steps_tolerance_and_strided_inputs_use_torch():
         assert net.last_relax_engine == "torch"
 
 
-@needs_compiler
-def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
+@needs_kernels
+def test_build_is_cached_and_keyed(tmp_path, monkeypatch, capsys):
+    """The first use compiles, saying so on stderr; the next process finds the build in the cache."""
     monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
     native.reset()
     try:
         assert native.library() is not None
+        assert "eprun: compiling the native kernels" in capsys.readouterr().err
         built = list((tmp_path / "native").glob("eprun-kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native.reset()
         assert native.library() is not None
+        assert capsys.readouterr().err == ""  # nothing compiled, nothing said
         assert built[0].stat().st_mtime_ns == stamp  # found in the cache, not rebuilt
         assert native.status()["available"] and native.status()["reason"] is None
     finally:
         native.reset()
+
+
+def test_an_instruction_set_the_cpu_lacks_is_refused_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"sse2"})
+    monkeypatch.setenv("EPRUN_NATIVE_ARCH", "avx2")
+    native.reset()
+    assert native.library() is None
+    assert native.status()["reason"] == ("EPRUN_NATIVE_ARCH=avx2: this CPU lacks avx2, fma, which the compiled "
+                                         "kernels need (torch runs instead)")
+    for value in ("neon", "generic"):
+        monkeypatch.setenv("EPRUN_NATIVE_ARCH", value)
+        native.reset()
+        assert native.library() is None
+        assert f"EPRUN_NATIVE_ARCH={value!r} is not one of native, avx2, avx512" in native.status()["reason"]
 
 
 def test_missing_compiler_falls_back_or_fails_as_asked(tmp_path, monkeypatch):
@@ -310,21 +332,38 @@ def test_compiler_error_is_reported(tmp_path, monkeypatch):
         native.reset()
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
-def test_portable_build_without_vector_instructions(activation, tmp_path, monkeypatch, torch_only):
-    """Built for no vector instructions (``EPRUN_NATIVE_ARCH=generic``, what a machine without AVX2
-    runs), the kernel runs its scalar loops; they follow the same dynamics."""
+def test_scalar_loops_follow_the_same_dynamics(activation, torch_only, native_build):
+    """The scalar loops (which finish every vector loop, and are all a build without vector
+    instructions has) follow the same dynamics: a generic build against torch."""
+    net, (x, y) = _net([21, 7], activation), _data(6)
+    with torch.no_grad():
+        torch_only(True)
+        theirs, _ = _relax(net, x, y, 12, 0.3, "sync")
+        torch_only(False)
+        native_build(arch="generic")
+        ours, engine = _relax(net, x, y, 12, 0.3, "sync")
+    assert engine == "native"
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_no_library_without_avx2_torch_runs_instead(tmp_path, monkeypatch):
+    """Without AVX2 and FMA the kernels would be slower than torch: none is built, and the
+    reason says so."""
     monkeypatch.setenv("EPRUN_CACHE", str(tmp_path))
-    monkeypatch.setenv("EPRUN_NATIVE_ARCH", "generic")
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"sse2", "neon"})
     native.reset()
-    try:
-        _assert_engines_agree(_net([21, 7], activation), _data(6), 12, 0.3, torch_only)
-    finally:
-        native.reset()
+    net, (x, y) = _net([12]), _data(4)
+    with torch.no_grad():
+        _, engine = _relax(net, x, y, 5, 0.0, "sync")
+    assert engine == "torch" and native.library() is None
+    assert "lacks avx2, fma, which the compiled kernels need" in native.status()["reason"]
+    assert not list(tmp_path.glob("native/*.so"))
 
 
-@needs_compiler
+@needs_kernels
 def test_openmp_build_shares_torchs_runtime():
     """Built with OpenMP, the kernel's parallel region must run on torch's worker threads: the
     process holds one OpenMP runtime, not a second pool of threads spinning on the same cores."""
@@ -337,7 +376,7 @@ def test_openmp_build_shares_torchs_runtime():
     assert parallel.one_openmp_runtime()
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
 @pytest.mark.parametrize("hidden", [[30, 12], [30]])
@@ -381,7 +420,7 @@ def test_stop_at_a_bitwise_fixed_point_changes_no_bit(activation, order, hidden,
             assert torch.equal(u, v)
 
 
-@needs_compiler
+@needs_kernels
 @pytest.mark.parametrize("hidden, classes", [([48, 11], 6), ([40], 17), ([8, 17, 33], 6), ([64, 64, 64], 10)])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
@@ -411,3 +450,18 @@ def test_block_path_matches_the_pair_path(hidden, classes, activation, order, na
         err_blocks, err_pairs = float((a.double() - e).abs().max()), float((b.double() - e).abs().max())
         assert err_blocks <= 2 * err_pairs + 2e-5, (err_blocks, err_pairs)
     assert float((blocks[-1] - blocks[len(hidden)]).abs().max()) > 1e-3  # the nudge moved the output
+
+
+@needs_compiler
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("arch", ["avx2", "avx512"])
+def test_every_instruction_set_compiles(arch, tmp_path):
+    """Every build a user's machine may take compiles without a warning, whether or not this CPU
+    can run it (an AVX-512 build is compiled here even where only CI's other machines run it)."""
+    import subprocess
+
+    flags = [f for f in build.flag_sets(arch)[0] if f != "-fopenmp"]
+    run = subprocess.run([build.compiler(), *flags, "-Wall", "-o", str(tmp_path / "k.so"),
+                          *map(str, build.SOURCES), "-lm"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "warning" not in run.stderr, run.stderr

@@ -10,6 +10,8 @@ from eprun import native
 from eprun.nets.conv import ConvConfig, ConvNet, max_pool_with_indices
 from eprun.nets.vf_conv import VectorFieldConvNet, VFConvConfig
 
+pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)
+
 # (kernel, padding, s^n's side, its channels): the geometries unpool_conv_t.c instantiates
 GEOMETRIES = [(5, 0, 12, 32), (3, 1, 16, 128), (3, 1, 8, 256), (3, 0, 4, 512)]
 

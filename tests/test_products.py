@@ -7,6 +7,8 @@ import torch
 
 from eprun.nets import products
 
+pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)
+
 
 @pytest.fixture(autouse=True)
 def fresh_setting():

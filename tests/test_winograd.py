@@ -13,6 +13,8 @@ from eprun import native
 from eprun.nets import winograd
 from eprun.nets.conv import ConvConfig, ConvNet
 
+pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)
+
 
 @pytest.fixture(autouse=True)
 def fresh_native_state():

@@ -16,8 +16,13 @@ Settings (environment):
 * ``EPRUN_NATIVE``: ``auto`` (default: use the library when it builds), ``0`` (never: torch runs
   everything), ``1`` (a failure to build is an error instead of a fallback).
 * ``EPRUN_NATIVE_ARCH``: the instruction set compiled for: ``native`` (default: this machine's),
-  ``avx2`` (x86-64-v3), ``avx512`` (x86-64-v4), ``generic`` (no vector instructions: the scalar
-  loops every machine can run). A set this CPU cannot run is refused with the reason.
+  ``avx2`` (x86-64-v3), ``avx512`` (x86-64-v4). A set this CPU cannot run is refused with the
+  reason.
+
+The kernels need AVX2 and FMA: built without them (``generic``, which the benchmarks and tests
+compile to measure the scalar loops that also finish every vector loop) they are slower than
+torch (docs/performance.md), so a CPU without them (or not x86-64) gets no library and torch
+runs everything.
 
 :func:`compile_library` also builds variants with preprocessor defines (``EPRUN_EVERY_STEP``,
 ``EPRUN_NO_BLOCKS`` in ``dense_relax.c``): the tests and benchmarks that compare the kernels'
@@ -39,13 +44,16 @@ from pathlib import Path
 
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("dense_relax.c", "outer_product.c", "unpool_conv_t.c", "winograd_conv_pool.c"))
-#: ``EPRUN_NATIVE_ARCH`` → the -march flags, and the CPU flags (/proc/cpuinfo) it needs
+VECTOR_FLAGS = ("avx2", "fma")
+#: instruction set → the -march flags, and the CPU flags (/proc/cpuinfo) it needs to run
 ARCHES = {
-    "native": (["-march=native"], ()),
-    "avx2": (["-march=x86-64-v3"], ("avx2", "fma")),
-    "avx512": (["-march=x86-64-v4"], ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl")),
-    "generic": ([], ()),
+    "native": (["-march=native"], VECTOR_FLAGS),
+    "avx2": (["-march=x86-64-v3"], VECTOR_FLAGS),
+    "avx512": (["-march=x86-64-v4"], VECTOR_FLAGS + ("avx512f", "avx512bw", "avx512dq", "avx512vl")),
+    "generic": ([], ()),  # no vector instructions: compiled by benchmarks and tests only
 }
+#: the ``EPRUN_NATIVE_ARCH`` values
+SETTINGS = ("native", "avx2", "avx512")
 BASE_FLAGS = ["-O3", "-fPIC", "-shared"]
 
 _lock = threading.Lock()
@@ -116,13 +124,14 @@ def flag_sets(arch_name: str) -> list[list[str]]:
 
 
 def compile_library(arch_name: str = "native", defines: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compile (or find in the cache) and load the library for ``arch_name`` with ``defines``;
-    raise OSError with the reason on failure."""
+    """Compile (or find in the cache) and load the library for ``arch_name`` (one of
+    :data:`ARCHES`) with ``defines``; raise OSError with the reason on failure."""
     if arch_name not in ARCHES:
-        raise OSError(f"EPRUN_NATIVE_ARCH={arch_name!r} is not one of {', '.join(ARCHES)}")
+        raise OSError(f"EPRUN_NATIVE_ARCH={arch_name!r} is not one of {', '.join(SETTINGS)}")
     missing = [flag for flag in ARCHES[arch_name][1] if flag not in cpu_flags()]
     if missing:
-        raise OSError(f"EPRUN_NATIVE_ARCH={arch_name}: this CPU lacks {', '.join(missing)}")
+        raise OSError(f"EPRUN_NATIVE_ARCH={arch_name}: this CPU lacks {', '.join(missing)}, which the "
+                      f"compiled kernels need (torch runs instead)")
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler found ($CC, cc, gcc, clang)")
@@ -173,6 +182,8 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if _library is None and _failure is None:
             try:
+                if arch() not in SETTINGS:
+                    raise OSError(f"EPRUN_NATIVE_ARCH={arch()!r} is not one of {', '.join(SETTINGS)}")
                 _library = compile_library(arch())
             except (OSError, subprocess.SubprocessError) as error:
                 _failure = str(error)

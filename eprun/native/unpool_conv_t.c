@@ -68,6 +68,7 @@ typedef struct {
 
 /* Branch-free: whether a value is 0 is data (a saturated unit), so it picks an address instead
  * of a branch; a zero is written to a spare slot past the entries and not counted. */
+__attribute__((unused)) /* used by the AVX-512 path only */
 static void sort_nonzeros(sorted_nonzeros *nz, const float *s, const int64_t *idx, const unpool_geometry *g) {
     const int64_t positions = g->hz * g->wz, spare = g->co * g->hp * g->wp;
     for (int64_t r = 0; r <= positions; r++) nz->start[r] = 0;
