@@ -301,7 +301,7 @@ def test_missing_compiler_falls_back_or_fails_as_asked(tmp_path, monkeypatch):
             native.library()
         monkeypatch.setenv("EPRUN_NATIVE", "0")
         native.reset()
-        assert native.status() == {"mode": "0", "arch": "native", "available": False, "vectorized": False,
+        assert native.status() == {"mode": "0", "arch": build.arch(), "available": False, "vectorized": False,
                                    "avx512": False, "openmp": False, "reason": "EPRUN_NATIVE=0"}
     finally:
         native.reset()
