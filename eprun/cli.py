@@ -46,7 +46,9 @@ def main_options(
 
 
 def user_errors(fn):
-    """Print an :class:`EprunError` as one line on stderr and exit with its code (2 for bad input)."""
+    """Print an :class:`EprunError` as one line on stderr and exit with its code (2 for bad input);
+    an environmental fault (a file that cannot be read or written) likewise, exit code 1; anything
+    else is an internal error: one line saying so and where its full trace was written, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -58,8 +60,38 @@ def user_errors(fn):
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
+        except OSError as exc:
+            where = f" {exc.filename}:" if exc.filename else ""
+            err.print(f"[red]error:[/red]{where} {exc.strerror or exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        except Exception as exc:  # noqa: BLE001 (the last resort: no traceback reaches the terminal)
+            trace = _write_trace()
+            err.print(f"[red]internal error:[/red] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                      f"(a bug in eprun; the full trace is in {trace})", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _write_trace() -> str:
+    """The current exception's traceback in a file under the cache folder (or the temp folder);
+    returns its path."""
+    import tempfile
+    import time
+    import traceback
+
+    from eprun.native.build import cache_dir
+
+    text = f"eprun {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    name = f"eprun-trace-{time.strftime('%Y%m%d-%H%M%S')}-{__import__('os').getpid()}.txt"
+    for folder in (cache_dir() / "traces", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return str(folder / name)
+        except OSError:
+            continue
+    return "(nowhere: no folder could be written)"
 
 
 @app.command()
@@ -75,17 +107,20 @@ def train(
     force: bool = typer.Option(False, "--force", help="With --resume: accept a recipe edited since the start."),
 ):
     """Train a recipe (or --resume a run); prints the run directory on the last line."""
-    from eprun import runner
-    from eprun.recipe import load_recipe
-
     if resume is not None:
         if recipe is not None or fast_dev_run:
             raise EprunError("--resume takes the run directory only: no RECIPE argument and no --fast-dev-run")
+        from eprun import runner
+
         run_dir = runner.resume(resume, force=force, overrides=set_, quiet=quiet)
     else:
         if recipe is None:
             raise EprunError("train: give a RECIPE (file or bundled name), or --resume RUN_DIR")
-        resolved = load_recipe(catalog.resolve(recipe), set_)
+        path = _read_first(catalog.resolve(recipe))
+        from eprun import runner
+        from eprun.recipe import load_recipe
+
+        resolved = load_recipe(path, set_)
         if fast_dev_run:
             result = runner.fast_dev_run(resolved)
             losses = ", ".join(f"{v:.4f}" for v in result["train_losses"])
@@ -102,6 +137,15 @@ def train(
     print(run_dir)
 
 
+def _read_first(path: Path) -> Path:
+    """Parse the recipe file before the heavy imports (torch): a malformed or hostile file is
+    refused in a fraction of a second and in little memory."""
+    from eprun import schema
+
+    schema.read_yaml(path)
+    return path
+
+
 def _report(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     err.print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f}, best val accuracy "
@@ -114,7 +158,8 @@ def _report(run_dir: Path) -> None:
 def eval_(
     checkpoint: Path = typer.Argument(..., help="A checkpoint, e.g. runs/NAME/checkpoints/last.pt."),
     split: str = typer.Option("test", "--split", help="test, val or train."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Rebuild the network from this recipe instead."),
+    recipe: Optional[str] = typer.Option(None, "--recipe",
+                                         help="Rebuild the network from this recipe (file or bundled name) instead."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda[:n]; default: the recipe's."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ):
@@ -124,10 +169,12 @@ def eval_(
     if split not in ("test", "val", "train"):
         raise EprunError(f"--split: expected test, val or train, got {split!r}")
     result = runner.evaluate_checkpoint(checkpoint, split, recipe, device)
+    if result["loss"] is None:
+        err.print("warning: the loss is not finite on this split (NaN or Inf); it is reported as null")
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
-        print(f"{split}: accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  (n = {result['n']})")
+        print(f"{split}: accuracy {result['accuracy']:.4f}  loss {_fmt(result['loss'])}  (n = {result['n']})")
 
 
 @app.command()
@@ -140,6 +187,11 @@ def compare(
     """Put runs side by side."""
     from eprun import plots, runs
 
+    if plot is not None:  # refused before anything is read or printed
+        if plot.is_dir():
+            raise EprunError(f"--plot: {plot} is a folder; give a file name, e.g. {plot / 'compare.png'}")
+        if not plot.parent.is_dir():
+            raise EprunError(f"--plot: the folder {plot.parent} does not exist; create it or give another path")
     infos = [runs.open_run(p) for p in run_dirs]
     rows = [_compare_row(i) for i in infos]
     if as_json:
@@ -170,7 +222,8 @@ def _compare_row(info) -> dict:
     s, recipe = info.summary, info.recipe or {}
     rule = recipe.get("rule", {}) if isinstance(recipe, dict) else {}
     label = s.get("rule") or (rule.get("kind", "?") + (f"/{rule['estimator']}" if rule.get("estimator") else ""))
-    return {"name": info.name, "path": str(info.path), "status": s.get("status", "running"), "rule": label,
+    status = s.get("status", "running") + (" (no summary.json)" if s.get("summary_missing") else "")
+    return {"name": info.name, "path": str(info.path), "status": status, "rule": label,
             "epochs": s.get("epochs_completed", 0), "best_val_accuracy": s.get("best_val_accuracy"),
             "test_accuracy": s.get("test_accuracy"), "wall_time_s": s.get("wall_time_s"),
             "samples_per_s": s.get("samples_per_s"), "angle_to_bptt_deg": _last(info.metrics, "gdu", "angle_deg"),
@@ -312,4 +365,8 @@ def recipes_show(name: str = typer.Argument(..., help="A bundled recipe name, e.
 
 
 def main():
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit, a write fails (and is reported) instead of killing eprun
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app()

@@ -25,3 +25,11 @@ class CheckpointError(EprunError):
 
 class RunDirError(EprunError):
     """A path that is not an eprun run directory."""
+
+
+class StorageError(EprunError):
+    """A file could not be written (disk full, file-size limit, permissions): an environmental
+    fault, not bad input; exit code 1. Every file is written atomically, so what was written
+    before stays whole."""
+
+    exit_code = 1

@@ -194,9 +194,23 @@ def run_check(recipe, *, checkpoint=None, steps: int | None = None, beta: float 
     b = beta if beta is not None else (relaxation.beta or 0.01)
     if not 1 <= K <= T:
         raise RecipeError(f"--steps: K must be between 1 and T = {T}, got {K}")
+    if not math.isfinite(b) or b == 0.0:
+        raise RecipeError(f"--beta: must be a finite, non-zero number (EP divides by β), got {b}")
+    if batch < 1:
+        raise RecipeError(f"--batch: must be ≥ 1, got {batch}")
+    if dtype not in ("float32", "float64"):
+        raise RecipeError(f"--dtype: expected float32 or float64, got {dtype!r}")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise RecipeError(f"--out: {out_dir} is a file; give a folder for gdu.json, gdu.csv and the plots")
+        if (out_dir / "gdu.json").exists():
+            raise RecipeError(f"--out: {out_dir} already holds a GDU check (gdu.json); give another folder")
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     device = torch.device("cpu")
     splits = load_data(recipe, device)
+    if batch > len(splits.train):
+        raise RecipeError(f"--batch: the training split has {len(splits.train)} examples, got {batch}")
     exp = assemble(recipe, splits, device)
     if not exp.net.has_phi:
         raise RecipeError(f"{recipe.name}: model.kind {recipe.model.kind!r} has no primitive function Φ "

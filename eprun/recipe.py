@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from eprun import schema
+from eprun.limits import MAX_BATCH, MAX_COUNT, MAX_EXAMPLES, MAX_SEED, magnitude, within
 from eprun.data.augment import AugmentConfig
 from eprun.nets import NETWORKS, network_configs
 from eprun.rules import RULES, rule_configs
@@ -40,14 +41,11 @@ class DataConfig(schema.Section):
 
         if self.dataset not in DATASETS:
             yield "dataset", f"unknown dataset {self.dataset!r} (allowed: {', '.join(sorted(DATASETS))})"
-        if self.val_size < 0:
-            yield "val_size", f"must be ≥ 0, got {self.val_size}"
-        if self.batch_size < 1:
-            yield "batch_size", f"must be ≥ 1, got {self.batch_size}"
-        if self.eval_batch_size < 1:
-            yield "eval_batch_size", f"must be ≥ 1, got {self.eval_batch_size}"
-        if self.train_subset is not None and self.train_subset < 1:
-            yield "train_subset", f"must be ≥ 1 or null, got {self.train_subset}"
+        yield from within("val_size", self.val_size, 0, MAX_EXAMPLES)
+        yield from within("batch_size", self.batch_size, 1, MAX_BATCH)
+        yield from within("eval_batch_size", self.eval_batch_size, 1, MAX_BATCH)
+        if self.train_subset is not None:
+            yield from within("train_subset", self.train_subset, 1, MAX_EXAMPLES)
 
 
 @dataclass
@@ -65,6 +63,14 @@ class OptimConfig(schema.Section):
             for v in values if isinstance(values, list) else [values]:
                 if v < 0:
                     yield name, f"must be ≥ 0, got {v}"
+            yield from magnitude(name, values)
+        if not 0.0 <= self.momentum < 1.0:
+            yield "momentum", f"must be in [0, 1), got {self.momentum}"
+        for beta in self.betas:
+            if not 0.0 <= beta < 1.0:
+                yield "betas", f"each must be in [0, 1) (Adam's moment decays), got {list(self.betas)}"
+        if not 0.0 < self.eps <= 1.0:
+            yield "eps", f"must be > 0 and at most 1, got {self.eps}"
         if self.nesterov and (self.kind != "sgd" or self.momentum <= 0):
             yield "nesterov", "needs kind: sgd and momentum > 0"
 
@@ -79,8 +85,13 @@ class ScheduleConfig(schema.Section):
     gamma: float = 0.1
 
     def check(self):
-        if self.step_size < 1:
-            yield "step_size", f"must be ≥ 1 epoch, got {self.step_size}"
+        yield from within("step_size", self.step_size, 1, MAX_COUNT)
+        if self.min_lr < 0.0:
+            yield "min_lr", f"must be ≥ 0, got {self.min_lr}"
+        if self.gamma <= 0.0:
+            yield "gamma", f"must be > 0, got {self.gamma}"
+        yield from magnitude("min_lr", self.min_lr)
+        yield from magnitude("gamma", self.gamma)
 
 
 @dataclass
@@ -95,18 +106,16 @@ class TrainConfig(schema.Section):
     convergence_tol: float = 1e-3  # free-phase residual above which a warning is logged
 
     def check(self):
-        if self.epochs < 1:
-            yield "epochs", f"must be ≥ 1, got {self.epochs}"
-        if self.log_every < 1:
-            yield "log_every", f"must be ≥ 1, got {self.log_every}"
-        if self.max_batches is not None and self.max_batches < 1:
-            yield "max_batches", f"must be ≥ 1 or null, got {self.max_batches}"
+        yield from within("epochs", self.epochs, 1, MAX_COUNT)
+        yield from within("log_every", self.log_every, 1, MAX_COUNT)
+        if self.max_batches is not None:
+            yield from within("max_batches", self.max_batches, 1, MAX_COUNT)
         for key, value in (("gdu_every", self.gdu_every), ("diagnostics_every", self.diagnostics_every),
-                           ("alignment_every", self.alignment_every)):
-            if value < 0:
-                yield key, f"must be ≥ 0 (0: never), got {value}"
-        if self.checkpoint_every < 0:
-            yield "checkpoint_every", f"must be ≥ 0 (0: only at epoch ends), got {self.checkpoint_every}"
+                           ("alignment_every", self.alignment_every), ("checkpoint_every", self.checkpoint_every)):
+            yield from within(key, value, 0, MAX_COUNT)  # 0: never (checkpoint_every: at epoch ends only)
+        if self.convergence_tol <= 0.0:
+            yield "convergence_tol", f"must be > 0, got {self.convergence_tol}"
+        yield from magnitude("convergence_tol", self.convergence_tol)
 
 
 @dataclass
@@ -128,8 +137,7 @@ class Recipe(schema.Section):
     def check(self):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             yield "device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}"
-        if self.seed < 0:
-            yield "seed", f"must be ≥ 0, got {self.seed}"
+        yield from within("seed", self.seed, 0, MAX_SEED)
         net_cls, rule_cls = NETWORKS[self.model.kind], RULES[self.rule.kind]
         n_layers = net_cls.layer_count(self.model)
         if not net_cls.has_dynamics and rule_cls.needs_dynamics:

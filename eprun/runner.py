@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from eprun import plots, runs, schema
+from eprun import catalog, plots, runs, schema, stopping
 from eprun.assemble import build_network, build_rule, generator, resolve_device
 from eprun.data import Split, Splits, load_splits, synthetic_like
 from eprun.data.augment import augment
-from eprun.errors import CheckpointError, EprunError, RecipeError, RunDirError
+from eprun.errors import CheckpointError, EprunError, RecipeError, RunDirError, StorageError
+from eprun.memory_check import check_memory
 from eprun.nets import NETWORKS
 from eprun.nets.base import Network
 from eprun.optim import build_optimizer, build_scheduler
@@ -86,6 +87,8 @@ def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment
     random.seed(recipe.seed)
     info = splits.info
     check_fits(recipe, info)
+    largest = max(len(splits.train), len(splits.test), len(splits.val) if splits.val is not None else 0)
+    check_memory(recipe, NETWORKS[recipe.model.kind], tuple(info.input_shape), info.num_classes, largest, device)
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
     optimizer = build_optimizer(recipe.optim, net.layer_groups())
@@ -228,26 +231,32 @@ def batches_per_epoch(recipe: Recipe, n_train: int) -> int:
 
 
 class _StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop stops at the next batch boundary. A second signal
-    gets the default behaviour (immediate stop)."""
+    """SIGINT / SIGTERM request a stop (:mod:`eprun.stopping`): the loop stops at the next batch
+    boundary, or sooner where a long computation checks the request. A second signal stops at once."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
+        stopping.clear()
         if _in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # the second signal: stop now
+            raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once; resume from the last "
+                              f"checkpoint with: eprun train --resume {self.run_dir}", signum)
         self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        stopping.request(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        stopping.clear()
 
 
 def _in_main_thread() -> bool:
@@ -294,7 +303,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
 
     progress = TrainProgress(recipe.train.epochs * n_batches, quiet)
     progress.advance(pos.epoch * n_batches + pos.batch)
-    with runs.MetricsWriter(run_dir / runs.METRICS_FILE) as metrics, progress, _StopFlag() as stop:
+    with runs.MetricsWriter(run_dir / runs.METRICS_FILE) as metrics, progress, _StopFlag(run_dir) as stop:
 
         def log(record):
             metrics.log(record)
@@ -409,10 +418,24 @@ def _finish(run_dir: Path, recipe: Recipe, summary: dict, wall_start: float, wal
     whatever the outcome."""
     summary["wall_time_s"] = wall_before + time.perf_counter() - wall_start
     summary.setdefault("best_val_accuracy", None)
-    runs.write_summary(run_dir, summary)
-    metrics = runs.read_metrics(run_dir / runs.METRICS_FILE)
-    plots.plot_curves(metrics, run_dir / runs.PLOTS_DIR / "curves.png", title=recipe.name)
-    plots.plot_alignment(metrics, run_dir / runs.PLOTS_DIR / "alignment.png", title=recipe.name)
+    try:
+        runs.write_summary(run_dir, summary)
+        metrics = runs.read_metrics(run_dir / runs.METRICS_FILE)
+        plots.plot_curves(metrics, run_dir / runs.PLOTS_DIR / "curves.png", title=recipe.name)
+        plots.plot_alignment(metrics, run_dir / runs.PLOTS_DIR / "alignment.png", title=recipe.name)
+    except OSError as exc:
+        if summary.get("status") == "finished":  # the run went well: this failure is the one to report
+            error = _storage_failure(run_dir, summary, exc)
+            _write_summary_if_possible(run_dir, summary)
+            raise error from None
+        _write_summary_if_possible(run_dir, summary)  # another error is on its way out
+
+
+def _write_summary_if_possible(run_dir: Path, summary: dict) -> None:
+    try:
+        runs.write_summary(run_dir, summary)
+    except OSError:
+        pass
 
 
 def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
@@ -424,6 +447,17 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
     runs.write_summary(run_dir, pos.summary)
     try:
         run_loop(exp, run_dir, pos, window, epoch_window, quiet)
+    except stopping.StopRequested as exc:  # inside a batch or an evaluation: that work is dropped
+        name = signal.Signals(exc.signum).name
+        pos.summary.update(status="interrupted", interrupted_by=name)
+        raise Interrupted(f"{name}: stopped during epoch {pos.epoch + 1}, batch {pos.batch + 1}; the run resumes from "
+                          f"its last checkpoint with: eprun train --resume {run_dir}", exc.signum) from None
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.exit_code - 128 if isinstance(exc, Interrupted) else signal.SIGINT
+        pos.summary.update(status="interrupted", interrupted_by=signal.Signals(signum).name)
+        raise
+    except OSError as exc:
+        raise _storage_failure(run_dir, pos.summary, exc) from None
     except BaseException as exc:
         if pos.summary.get("status") == "running":
             pos.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -431,6 +465,17 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
     finally:
         _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
     return run_dir
+
+
+def _storage_failure(run_dir: Path, summary: dict, exc: OSError) -> StorageError:
+    """A write into the run failed (disk full, file-size limit…): status ``failed`` with the reason;
+    the checkpoint written before is whole (atomic writes), and the run resumes once space is back."""
+    reason = f"could not write {exc.filename or run_dir}: {exc.strerror or exc}"
+    summary.update(status="failed", error=reason)
+    last = run_dir / runs.LAST_CHECKPOINT
+    after = (f"the last good checkpoint is {last}; free space and resume with: eprun train --resume {run_dir}"
+             if last.exists() else "no checkpoint was written; free space and start the run again")
+    return StorageError(f"{reason}; the run stopped (status failed); {after}")
 
 
 def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
@@ -450,7 +495,12 @@ def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[s
         runs.write_summary(run_dir, summary)
         pos, window, epoch_window = Position(summary=summary), Window(device), Window(device)
         # a step-0 checkpoint: a run killed at any moment, even before its first batch, resumes
-        runs.save_checkpoint(run_dir / runs.LAST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
+        try:
+            runs.save_checkpoint(run_dir / runs.LAST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
+        except OSError as exc:
+            error = _storage_failure(run_dir, summary, exc)
+            _write_summary_if_possible(run_dir, summary)
+            raise error from None
         return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before=0.0)
 
 
@@ -577,12 +627,16 @@ def _shrunk(recipe: Recipe) -> Recipe:
 
 def evaluate_checkpoint(checkpoint: Path, split: str = "test", recipe_path: Path | None = None,
                         device: str | None = None) -> dict:
-    """Rebuild the network of a checkpoint's run (or of ``recipe_path``) and score it on ``split``."""
+    """Rebuild the network of a checkpoint and score it on ``split``. The recipe is ``recipe_path``
+    (a file or a bundled name), else the recipe.yaml of the run the checkpoint is in, else the one
+    embedded in the checkpoint (a checkpoint copied out of its run). Weights holding NaN or Inf are
+    refused: there is nothing to score."""
     state = runs.load_checkpoint(Path(checkpoint))
+    run_recipe = _run_recipe_of(Path(checkpoint))
     if recipe_path is not None:
-        recipe = load_recipe(recipe_path)
-    elif (runs.run_dir_of(Path(checkpoint)) / runs.RECIPE_FILE).exists():
-        recipe = load_recipe(runs.run_dir_of(Path(checkpoint)) / runs.RECIPE_FILE)
+        recipe = load_recipe(catalog.resolve(str(recipe_path)))
+    elif run_recipe is not None:
+        recipe = load_recipe(run_recipe)
     elif "recipe" in state:
         recipe = from_plain(state["recipe"], f"{checkpoint} (embedded recipe)")
     else:
@@ -595,8 +649,22 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", recipe_path: Path
     except (KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{checkpoint}: does not fit the recipe's network ({first})") from None
+    for name, p in exp.net.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{checkpoint}: the weights hold NaN or Inf ({name}); the run that wrote them "
+                                  f"diverged, and there is nothing to score")
     target = {"test": splits.test, "val": splits.val, "train": splits.train}[split]
     if target is None:
         raise EprunError(f"{checkpoint}: the run has no validation split (data.val_size: 0)")
     result = evaluate(exp.rule, target, recipe.data.eval_batch_size)
-    return {"accuracy": result["accuracy"], "loss": result["loss"], "split": split, "n": result["n"]}
+    loss = result["loss"] if math.isfinite(result["loss"]) else None  # JSON has no NaN or Inf
+    return {"accuracy": result["accuracy"], "loss": loss, "split": split, "n": result["n"]}
+
+
+def _run_recipe_of(checkpoint: Path) -> Path | None:
+    """The recipe.yaml of the run a checkpoint lies in, or None outside a run."""
+    try:
+        path = runs.run_dir_of(checkpoint) / runs.RECIPE_FILE
+    except RunDirError:
+        return None
+    return path if path.exists() else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -20,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
-import yaml
-
+from eprun import yaml_reading
 from eprun.errors import RecipeError
 
 KeyPath = tuple[str, ...]
@@ -66,35 +66,17 @@ def polymorphic(registry: Callable[[], dict[str, type]], default_kind: str) -> A
 # --------------------------------------------------------------------------- YAML reading
 
 
-def _key_lines(node: yaml.Node, path: KeyPath, out: dict[KeyPath, int]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            out[path + (key,)] = key_node.start_mark.line + 1
-            _key_lines(value_node, path + (key,), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            out[path + (str(index),)] = item.start_mark.line + 1
-            _key_lines(item, path + (str(index),), out)
-
-
 def parse_yaml(text: str, name: str) -> tuple[dict, Source]:
-    """Parse YAML text into a mapping, remembering the line of every key."""
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{name}{line}: YAML syntax error: {problem}") from None
+    """Parse YAML text into a mapping, remembering the line of every key (see
+    :mod:`eprun.yaml_reading` for what is refused: duplicate keys, aliases past a bound)."""
+    data, lines = yaml_reading.load(text, name)
     if data is None:
-        data = {}
+        raise RecipeError(f"{name}: the recipe is empty; a recipe is a YAML mapping of sections "
+                          f"(data, model, rule, optim, schedule, train), e.g. recipes/quickstart.yaml")
     if not isinstance(data, dict):
         raise RecipeError(f"{name}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
     source = Source(name)
-    if node is not None:
-        _key_lines(node, (), source.lines)
+    source.lines.update(lines or {})
     return data, source
 
 
@@ -118,8 +100,10 @@ def apply_override(data: dict, assignment: str, source: Source) -> None:
     if not all(path):
         raise RecipeError(f"override '{assignment}': empty key in '{dotted}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = yaml_reading.load_value(raw, f"override '{assignment}'") if raw.strip() else None
+    except RecipeError as error:
+        if "YAML syntax error" not in str(error):
+            raise
         value = raw
     node = data
     for depth, key in enumerate(path[:-1]):
@@ -166,6 +150,7 @@ class _Mismatch(Exception):
     pass
 
 
+INT_LIMIT = 1 << 63
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -212,12 +197,18 @@ def _convert(value: Any, tp: Any, path: KeyPath, source: Source) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Mismatch
+        if not -INT_LIMIT < value < INT_LIMIT:
+            raise source.error(path, f"{value} is out of range: integers must lie within ±(2⁶³ − 1)")
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the number meant
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; take it as the number meant
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Mismatch
+        if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+            raise source.error(path, f"{value} is out of range for a number here")
+        if not math.isfinite(value):
+            raise source.error(path, f"must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -51,7 +51,7 @@ RECIPE_CASES = [
     ("unknown key", ("  beta: 0.2", "  bta: 0.2"), "rule.bta: unknown key; did you mean 'beta'?"),
     ("wrong type", ("  K: 5", "  K: five"), "rule.K: expected an integer, got 'five'"),
     ("beta zero", ("  beta: 0.2", "  beta: 0"), "rule.beta: must be non-zero"),
-    ("negative T", ("  T: 12", "  T: -4"), "rule.T: the free phase needs at least 1 step"),
+    ("negative T", ("  T: 12", "  T: -4"), "rule.T: must be between 1 and 100,000, got -4"),
     ("lr list length", ("  lr: 0.002", "  lr: [0.1, 0.1, 0.1]"),
      "optim.lr: a list needs one entry per weight layer of the model (2), got 3"),
     ("yaml syntax", ("  K: 5", "  K: [5"), "YAML syntax error"),

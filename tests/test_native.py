@@ -465,3 +465,18 @@ def test_every_instruction_set_compiles(arch, tmp_path):
                           *map(str, build.SOURCES), "-lm"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "warning" not in run.stderr, run.stderr
+
+
+@needs_kernels
+def test_step_counts_the_kernel_cannot_represent_are_refused_not_wrapped():
+    """2³² + 30 steps would wrap to 30 in a C int: the kernel declines such a relaxation (torch
+    takes it) and its wrapper refuses the value outright."""
+    net, (x, _) = _net([12]), _data(4)
+    with torch.no_grad():
+        state = net.init_state(4, like=x)
+        const = [net.input_drive(x), net.biases[1].detach() * net.act.scale + net.act.shift]
+        assert not native.dense.supports(state, *const, steps=(1 << 32) + 30)
+        w = net.weights[1].detach()
+        with pytest.raises(ValueError, match="does not fit the kernel's 32-bit step counts"):
+            native.dense.relax_dense(state, const, [None, w], [w.contiguous(), None], net.act.scale, "sigmoid", 0.0,
+                                     (1 << 32) + 30, "sync")

@@ -164,14 +164,26 @@ def test_open_run_on_non_run_dir(tmp_path):
 
 
 def test_open_run_while_running(tmp_path):
+    """Without a summary.json a run is ``running`` while a live process holds its lock, else
+    ``unknown`` (or ``finished`` once its metrics hold the test score)."""
+    import subprocess
+    import sys
+
     run = make_run(tmp_path)
     info = open_run(run)
-    assert info.summary == {"status": "running"}
+    assert info.summary == {"status": "unknown", "summary_missing": True}
     assert info.metrics == [] and info.recipe == {"name": "demo", "seed": 1}
     assert info.name == run.name and info.path == run.resolve()
 
-    (run / "summary.json").write_text('{"status": "fini')  # partial (not via our writer)
-    assert open_run(run).summary == {"status": "running"}
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / ".lock").write_text(str(writer.pid))
+        assert open_run(run).summary == {"status": "running"}
+        (run / "summary.json").write_text('{"status": "fini')  # partial (not via our writer)
+        assert open_run(run).summary == {"status": "running"}
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_open_run_finished_from_checkpoint_path(tmp_path):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from eprun.errors import DataError
+from eprun.limits import MAX_KERNEL, within
 from eprun.schema import Section
 
 PADDING_MODES = ("zeros", "reflect", "replicate")
@@ -48,8 +49,10 @@ class AugmentConfig(Section):
 
     def check(self):
         p = self.random_crop_padding
-        if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+        if not isinstance(p, int) or isinstance(p, bool):
             yield "random_crop_padding", f"must be an integer ≥ 0 (0 = off), got {p!r}"
+        else:
+            yield from within("random_crop_padding", p, 0, MAX_KERNEL)
         if self.padding_mode not in PADDING_MODES:
             yield "padding_mode", f"unknown mode {self.padding_mode!r} (allowed: {', '.join(PADDING_MODES)})"
         if not isinstance(self.horizontal_flip, bool):

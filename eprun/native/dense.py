@@ -29,6 +29,7 @@ from eprun.native import build, parallel
 
 ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1, "hard_sigmoid_half": 1, "tanh": 2}
 MAX_LAYERS = 64
+C_INT_MAX = (1 << 31) - 1  # the kernels take step counts as C ints
 #: fewest steps worth a call: a single step is cheaper through torch than through the call's set-up
 MIN_STEPS = 2
 
@@ -55,13 +56,20 @@ def _cpu_float32(*tensors: torch.Tensor) -> bool:
 def supports(state: list[torch.Tensor], *tensors: torch.Tensor, steps: int = MIN_STEPS) -> bool:
     """True when the kernel can run this relaxation: the library here, CPU float32 contiguous
     tensors, few enough layers, at least :data:`MIN_STEPS` steps."""
-    if steps < MIN_STEPS or len(state) > MAX_LAYERS or not _cpu_float32(*state, *tensors):
+    if not MIN_STEPS <= steps <= C_INT_MAX or len(state) > MAX_LAYERS or not _cpu_float32(*state, *tensors):
         return False
     return build.library() is not None
 
 
 def _array(kind, values):
     return (kind * len(values))(*values)
+
+
+def _c_int(name: str, value: int) -> int:
+    """``value`` as a C int, refused rather than wrapped when it does not fit."""
+    if not 0 <= value <= C_INT_MAX:
+        raise ValueError(f"{name} = {value} does not fit the kernel's 32-bit step counts")
+    return int(value)
 
 
 def _pointers(tensors) -> ctypes.Array:
@@ -89,8 +97,9 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     code = lib.eprun_relax_dense(
         n, _array(ctypes.c_int64, [s.shape[1] for s in state]), _pointers(state), _pointers(constant),
         _array(ctypes.c_int, [int(c.dim() == 2) for c in constant]), _pointers(up), _pointers(down), float(scale),
-        ACTIVATION_CODES[activation], float(nudge), int(steps), int(order == "async"), float(tol), int(check_every),
-        taken.data_ptr() if taken is not None else None, batch, parallel.threads_for(lib, batch))
+        ACTIVATION_CODES[activation], float(nudge), _c_int("steps", steps), int(order == "async"), float(tol),
+        _c_int("check_every", check_every), taken.data_ptr() if taken is not None else None, batch,
+        parallel.threads_for(lib, batch))
     if code != 0:
         raise MemoryError("the native relaxation could not allocate its scratch state")
     return taken
@@ -120,8 +129,9 @@ def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], consta
         n, _array(ctypes.c_int64, [s.shape[1] for s in free]), _pointers(free), _pointers(nudged),
         _pointers(constant), _array(ctypes.c_int, [int(c.dim() == 2) for c in constant]),
         nudged_constant.data_ptr(), labels.data_ptr(), float(scale * beta), _pointers(up), _pointers(down),
-        float(scale), ACTIVATION_CODES[activation], int(free_steps), int(nudged_steps), int(order == "async"),
-        float(tol), int(check_every), taken[0].data_ptr(), taken[1].data_ptr(), loss.data_ptr(), batch,
+        float(scale), ACTIVATION_CODES[activation], _c_int("free_steps", free_steps),
+        _c_int("nudged_steps", nudged_steps), int(order == "async"), float(tol), _c_int("check_every", check_every),
+        taken[0].data_ptr(), taken[1].data_ptr(), loss.data_ptr(), batch,
         parallel.threads_for(lib, batch))
     if code != 0:
         raise MemoryError("the native relaxation could not allocate its scratch state")

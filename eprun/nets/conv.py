@@ -52,6 +52,8 @@ from typing import Literal, Union
 import torch
 import torch.nn.functional as F
 
+from eprun import stopping
+from eprun.limits import MAX_CHANNELS, MAX_KERNEL, MAX_UNITS, magnitude, within
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig, WeightProducts
 from eprun.nets.conv_kernels import ConvKernels, max_pool_with_indices
@@ -87,21 +89,19 @@ class ConvConfig(ConvLayerLists, ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
+        yield from magnitude("weight_scale", self.weight_scale)
         if not self.channels:
             yield "channels", "needs at least one conv layer, e.g. [32, 64] (use kind: mlp for none)"
         for size in self.channels:
-            if size <= 0:
-                yield "channels", f"channel counts must be positive, got {size}"
+            yield from within("channels", size, 1, MAX_CHANNELS)
         yield from self.check_conv_lists({"kernels": (self.kernels, 1), "strides": (self.strides, 1),
                                           "paddings": (self.paddings, 0)}, self.pools)
         for pool in self.per_conv_layer(self.pools):
             if pool not in ("max", "avg", "none"):
                 yield "pools", f"unknown pooling {pool!r} (allowed: max, avg, none)"
-        if self.pool_size < 1:
-            yield "pool_size", f"must be ≥ 1, got {self.pool_size}"
+        yield from within("pool_size", self.pool_size, 1, MAX_KERNEL)
         for size in self.fc:
-            if size <= 0:
-                yield "fc", f"layer sizes must be positive, got {size}"
+            yield from within("fc", size, 1, MAX_UNITS)
         if self.readout == "mse" and not self.fc:
             yield "fc", "with readout: mse the last fc layer is the output layer; needs at least one, e.g. [10]"
         n_layers = ConvNet.layer_count(self)
@@ -466,6 +466,7 @@ class ConvNet(LayeredNetwork):
                 pooled[n], indices[n] = kernels.convolve(n, state[n - 1])
         taken = 0
         for _ in range(steps):
+            stopping.check()
             for n in first_convs:
                 pooled[n], indices[n] = kernels.convolve(n, cur[n - 1])
             for i in first_layers:

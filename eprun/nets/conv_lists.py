@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from eprun.limits import MAX_KERNEL
+
 
 class ConvLayerLists:
     """For conv-net configs with ``channels``: settings given once or one entry per conv layer."""
@@ -26,5 +28,5 @@ class ConvLayerLists:
                 yield name, f"one entry per conv layer ({n} for channels={self.channels}) or a single value, got {len(values)}"
             elif name in lowest:
                 for v in values:
-                    if v < lowest[name][1]:
-                        yield name, f"must be ≥ {lowest[name][1]}, got {v}"
+                    if not lowest[name][1] <= v <= MAX_KERNEL:
+                        yield name, f"must be between {lowest[name][1]} and {MAX_KERNEL}, got {v}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from eprun import stopping
 from eprun.native import dense as native_dense
 from eprun.nets.dense import dense_constants
 from eprun.nets.early_stop import check_tol_scope, largest_change, relax_each_example
@@ -71,6 +72,7 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     first, second = (range(0, n_layers, 2), range(1, n_layers, 2)) if order == "async" else (range(n_layers), ())
     taken = 0
     for _ in range(steps):
+        stopping.check()
         for i in first:
             update(i, cur, cur, nxt[i])
         for i in second:  # neighbours of an odd-indexed layer are even-indexed: already fresh in nxt

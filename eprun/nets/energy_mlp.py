@@ -65,6 +65,8 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
+from eprun import stopping
+from eprun.limits import MAX_UNITS, magnitude, within
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig
 from eprun.nets.dense import dense_weight_products
@@ -88,11 +90,11 @@ class EnergyMLPConfig(ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
+        yield from magnitude("weight_scale", self.weight_scale)
         if not self.hidden:
             yield "hidden", "needs at least one hidden layer size, e.g. [512]"
         for size in self.hidden:
-            if size <= 0:
-                yield "hidden", f"layer sizes must be positive, got {size}"
+            yield from within("hidden", size, 1, MAX_UNITS)
         if not 0.0 < self.dt <= 1.0:
             yield "dt", f"the step size ε must be in (0, 1], got {self.dt}"
         if self.readout != "mse":
@@ -333,6 +335,7 @@ class EnergyMLP(LayeredNetwork):
             pull = target * (eps * beta)
         clamp = self.cfg.clamp
         for _ in range(steps):
+            stopping.check()
             for i in range(n_layers):
                 slope = self._rho_and_slope_(state[i], r[i], d[i], buf)  # the same k for every layer
             for i in range(n_layers):

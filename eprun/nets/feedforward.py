@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eprun.limits import MAX_CHANNELS, MAX_UNITS, magnitude, within
 from eprun.nets.base import ModelConfig, Network
 from eprun.nets.conv_lists import ConvLayerLists
 from eprun.nets.parameters import per_layer, uniform_parameter
@@ -55,11 +56,11 @@ class FFMLPConfig(ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
+        yield from magnitude("weight_scale", self.weight_scale)
         if not self.hidden:
             yield "hidden", "needs at least one hidden layer size, e.g. [256]"
         for size in self.hidden:
-            if size <= 0:
-                yield "hidden", f"layer sizes must be positive, got {size}"
+            yield from within("hidden", size, 1, MAX_UNITS)
         n = len(self.hidden) + 1
         if isinstance(self.weight_scale, list) and len(self.weight_scale) != n:
             yield "weight_scale", f"a list needs one entry per weight layer ({n}), got {len(self.weight_scale)}"
@@ -79,12 +80,12 @@ class FFConvConfig(ConvLayerLists, ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
+        yield from magnitude("weight_scale", self.weight_scale)
         if not self.channels:
             yield "channels", "needs at least one conv layer, e.g. [32, 64] (use kind: ff_mlp for none)"
-        for name, values in (("channels", self.channels), ("fc", self.fc)):
+        for name, values, high in (("channels", self.channels, MAX_CHANNELS), ("fc", self.fc, MAX_UNITS)):
             for size in values:
-                if size <= 0:
-                    yield name, f"sizes must be positive, got {size}"
+                yield from within(name, size, 1, high)
         yield from self.check_conv_lists({"kernels": (self.kernels, 1), "paddings": (self.paddings, 0)}, self.pools)
         n = len(self.channels) + len(self.fc) + 1
         if isinstance(self.weight_scale, list) and len(self.weight_scale) != n:

@@ -28,6 +28,7 @@ from typing import Literal, Union
 import torch
 
 from eprun.native import dense as native_dense
+from eprun.limits import MAX_UNITS, magnitude, within
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig
 from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
@@ -48,11 +49,11 @@ class MLPConfig(ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
+        yield from magnitude("weight_scale", self.weight_scale)
         if not self.hidden:
             yield "hidden", "needs at least one hidden layer size, e.g. [512]"
         for size in self.hidden:
-            if size <= 0:
-                yield "hidden", f"layer sizes must be positive, got {size}"
+            yield from within("hidden", size, 1, MAX_UNITS)
         n_layers = len(self.hidden) + 1
         if isinstance(self.weight_scale, list) and len(self.weight_scale) != n_layers:
             yield "weight_scale", (

@@ -59,6 +59,11 @@ class RuleConfig(Section):
         """A second rule to train from the same initial weights after this one (``pair_with``), or None."""
         return None
 
+    def states_held(self) -> int:
+        """How many copies of the network's state a training step holds at once, per example (for
+        the memory estimate of :mod:`eprun.memory_check`)."""
+        return 8
+
 
 class Rule(ABC):
     """A learning rule, keyed by its recipe's ``rule.kind``; built as ``cls(cfg, net, generator)``

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eprun import stopping
+from eprun.limits import MAX_STEPS, within
 from eprun.rules.base import Relaxation, Rule, RuleConfig
 
 
@@ -27,11 +29,14 @@ class BPTTConfig(RuleConfig):
     T: int = 30
 
     def check(self):
-        if self.T < 1:
-            yield "T", f"needs at least 1 step, got {self.T}"
+        yield from within("T", self.T, 1, MAX_STEPS)
 
     def relaxation(self) -> Relaxation:
         return Relaxation(self.T)
+
+    def states_held(self) -> int:
+        """Autograd keeps every step's states and their pre-activations for the backward pass."""
+        return 3 * self.T + 8
 
 
 class BPTT(Rule):
@@ -48,6 +53,7 @@ class BPTT(Rule):
         state = net.init_state(x.shape[0], like=x)
         term = net.input_term(x)
         for _ in range(self.cfg.T):
+            stopping.check()
             state = net.step(x, state, input_term=term)
         return state
 

@@ -59,6 +59,8 @@ from typing import Literal
 
 import torch
 
+from eprun import stopping
+from eprun.limits import MAX_STEPS, magnitude, within
 from eprun.rules.base import Relaxation, RuleConfig
 from eprun.rules.ep import EP
 
@@ -77,12 +79,11 @@ class CEPConfig(RuleConfig):
     sign_probability: float = 0.5
 
     def check(self):
-        if self.T < 1:
-            yield "T", f"the free phase needs at least 1 step, got {self.T}"
-        if self.K < 1:
-            yield "K", f"the nudged phase needs at least 1 step, got {self.K}"
+        yield from within("T", self.T, 1, MAX_STEPS)  # the free phase's steps
+        yield from within("K", self.K, 1, MAX_STEPS)  # the nudged phase's
         if self.beta == 0.0:
             yield "beta", "must be non-zero: C-EP divides by β"
+        yield from magnitude("beta", self.beta)
         if not 0.0 <= self.sign_probability <= 1.0:
             yield "sign_probability", f"a probability in [0, 1], got {self.sign_probability}"
 
@@ -135,6 +136,7 @@ class CEP(EP):
         beta = self._beta()
         cur, nxt = free, [s.clone() for s in free]  # s_k and s_{k+1}, swapped each step
         for k in range(cfg.K):
+            stopping.check()
             opt.zero_grad(set_to_none=False)
             if k == 0:
                 net.accumulate_readout_grad_(free, y)  # read-out outside Φ: exact gradient at s*, once

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from eprun.nets.parameters import per_layer
+from eprun import stopping
+from eprun.limits import MAX_STEPS, each_within, magnitude, within
 from eprun.rules.base import Rule, RuleConfig
 
 
@@ -80,18 +82,20 @@ class DTPConfig(RuleConfig):
         for sigma in self.noise if isinstance(self.noise, list) else [self.noise]:
             if sigma <= 0.0:
                 yield "noise", f"noise scales must be > 0, got {sigma}"
-        iterations = self.feedback_iterations if isinstance(self.feedback_iterations, list) else [self.feedback_iterations]
-        for k in iterations:
-            if k < 0:
-                yield "feedback_iterations", f"must be ≥ 0, got {k}"
+        yield from each_within("feedback_iterations", self.feedback_iterations, 0, MAX_STEPS)
+        for name, values in (("beta", self.beta), ("noise", self.noise), ("feedback_lr", self.feedback_lr),
+                             ("feedback_weight_decay", self.feedback_weight_decay)):
+            yield from magnitude(name, values)
         lrs = self.feedback_lr if isinstance(self.feedback_lr, list) else [self.feedback_lr]
         for lr in lrs:
             if lr < 0.0:
                 yield "feedback_lr", f"must be ≥ 0, got {lr}"
-        if self.feedback_warmup_iterations < 0:
-            yield "feedback_warmup_iterations", f"must be ≥ 0, got {self.feedback_warmup_iterations}"
-        if self.feedback_samples < 1:
-            yield "feedback_samples", f"must be ≥ 1, got {self.feedback_samples}"
+        yield from within("feedback_warmup_iterations", self.feedback_warmup_iterations, 0, MAX_STEPS)
+        yield from within("feedback_samples", self.feedback_samples, 1, MAX_STEPS)
+        if not 0.0 <= self.feedback_momentum < 1.0:
+            yield "feedback_momentum", f"must be in [0, 1), got {self.feedback_momentum}"
+        if self.feedback_weight_decay < 0.0:
+            yield "feedback_weight_decay", f"must be ≥ 0, got {self.feedback_weight_decay}"
 
     def check_model(self, model, n_layers: int):
         """Cross-checks against the network: a feedback path, and one entry per feedback layer."""
@@ -240,6 +244,7 @@ class DTP(Rule):
         with torch.enable_grad():
             for l in range(net.depth, 1, -1):
                 for _ in range(warmup + self.iterations[l - 2]):
+                    stopping.check()
                     self.last_feedback_loss[l] = self._feedback_step(l, hs, indices)
         self.warmed_up = True
         t = self.targets(hs, indices, y)

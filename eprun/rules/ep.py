@@ -25,6 +25,7 @@ from typing import Literal, Optional
 
 import torch
 
+from eprun.limits import MAX_STEPS, magnitude, within
 from eprun.rules.base import Relaxation, Rule, RuleConfig
 
 Estimator = Literal["one-sided", "positive", "negative", "random-sign", "symmetric", "centered"]
@@ -49,18 +50,17 @@ class EPConfig(RuleConfig):
     tol_scope: Literal["batch", "example"] = "batch"
 
     def check(self):
-        if self.T < 1:
-            yield "T", f"the free phase needs at least 1 step, got {self.T}"
-        if self.K < 1:
-            yield "K", f"the nudged phase needs at least 1 step, got {self.K}"
+        yield from within("T", self.T, 1, MAX_STEPS)  # the free phase's steps
+        yield from within("K", self.K, 1, MAX_STEPS)  # the nudged phase's
         if self.beta == 0.0:
             yield "beta", "must be non-zero: EP divides by β"
+        yield from magnitude("beta", self.beta)
+        yield from magnitude("tol", self.tol)
         if not 0.0 <= self.sign_probability <= 1.0:
             yield "sign_probability", f"a probability in [0, 1], got {self.sign_probability}"
         if self.tol < 0.0:
             yield "tol", f"must be ≥ 0 (0: always T and K steps), got {self.tol}"
-        if self.check_every < 1:
-            yield "check_every", f"must be ≥ 1, got {self.check_every}"
+        yield from within("check_every", self.check_every, 1, MAX_STEPS)
 
     def check_model(self, model, n_layers: int):
         """The asynchronous schedule and early stopping exist for nets whose ``relax`` takes them

@@ -44,6 +44,12 @@ class RunLock:
         self.path.unlink(missing_ok=True)
 
 
+def writer_alive(run_dir: Path) -> bool:
+    """True when a live process holds the run's lock (the run is being written now)."""
+    lock = RunLock(run_dir)
+    return lock.path.exists() and _pid_alive(lock._owner())
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0 or pid == os.getpid():
         return False

@@ -21,6 +21,7 @@ import yaml
 from eprun.errors import RunDirError
 from eprun.runs.atomic import atomic_write_json
 from eprun.runs.layout import METRICS_FILE, RECIPE_FILE, SUBDIRS, SUMMARY_FILE
+from eprun.runs.lock import writer_alive
 from eprun.runs.metrics import read_metrics
 
 _MAX_SUFFIX = 10_000
@@ -146,12 +147,17 @@ class RunInfo:
         return str(self.summary.get("status", "running"))
 
 
-def _summary_or_running(run_dir: Path) -> dict[str, Any]:
-    """summary.json, or ``{"status": "running"}`` while it is missing or unreadable."""
+def _summary_or_status(run_dir: Path, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json; where it is missing or unreadable, the status the run's other files show:
+    ``running`` while a live process holds its lock, ``finished`` when its metrics hold the final
+    test score, else ``unknown`` (``summary_missing`` is then set)."""
     try:
         summary = read_summary(run_dir)
     except RunDirError:
-        return {"status": "running"}
+        if writer_alive(run_dir):
+            return {"status": "running"}
+        tested = any(m.get("event") == "eval" and m.get("split") == "test" for m in metrics)
+        return {"status": "finished" if tested else "unknown", "summary_missing": True}
     summary.setdefault("status", "running")
     return summary
 
@@ -159,15 +165,16 @@ def _summary_or_running(run_dir: Path) -> dict[str, Any]:
 def open_run(path: Path) -> RunInfo:
     """Read a run: its recipe, summary and metrics. ``path`` may be anywhere inside the run.
 
-    A run still being written is fine: a missing or partial summary.json gives
-    ``{"status": "running"}`` and a missing metrics.jsonl an empty list.
+    A run still being written is fine: a missing or partial summary.json gives the status its
+    lock and metrics show (:func:`_summary_or_status`), and a missing metrics.jsonl an empty list.
     """
     run_dir = run_dir_of(path)
     metrics_path = run_dir / METRICS_FILE
+    metrics = read_metrics(metrics_path) if metrics_path.exists() else []
     return RunInfo(
         path=run_dir,
         name=run_dir.name,
         recipe=read_recipe(run_dir),
-        summary=_summary_or_running(run_dir),
-        metrics=read_metrics(metrics_path) if metrics_path.exists() else [],
+        summary=_summary_or_status(run_dir, metrics),
+        metrics=metrics,
     )
