@@ -106,7 +106,24 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="With --resume: accept a recipe edited since the start."),
 ):
-    """Train a recipe (or --resume a run); prints the run directory on the last line."""
+    """Train a recipe (or --resume a run); prints the run directory on the last line. Under
+    torchrun (``torchrun --nproc_per_node=N -m eprun train R.yaml``) the ranks train one run together."""
+    try:
+        _train(recipe, set_, out_dir, quiet, fast_dev_run, resume, force)
+    finally:
+        from eprun import distributed
+
+        if distributed.launched():
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _train(recipe, set_, out_dir, quiet, fast_dev_run, resume, force) -> None:
+    import os
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # the rank that prints (all train)
     if resume is not None:
         if recipe is not None or fast_dev_run:
             raise EprunError("--resume takes the run directory only: no RECIPE argument and no --fast-dev-run")
@@ -130,11 +147,13 @@ def train(
         run_dir = runner.train(resolved, out_dir, quiet=quiet, argv=sys.argv)
         twin = runner.paired_recipe(resolved)
         if twin is not None:  # rule.pair_with: the same initial weights trained by BPTT
-            _report(run_dir)
-            print(run_dir)
+            if main_rank:
+                _report(run_dir)
+                print(run_dir)
             run_dir = runner.train(twin, out_dir, quiet=quiet, argv=sys.argv)
-    _report(run_dir)
-    print(run_dir)
+    if main_rank:
+        _report(run_dir)
+        print(run_dir)
 
 
 def _read_first(path: Path) -> Path:

@@ -12,8 +12,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total_batches: int, quiet: bool, console: Console | None = None):
-        self.console = console or Console(stderr=True)
+    """``quiet``: log lines instead of the bar; ``silent``: nothing (the ranks of a data-parallel
+    run other than rank 0)."""
+
+    def __init__(self, total_batches: int, quiet: bool, console: Console | None = None, silent: bool = False):
+        self.console = console or Console(stderr=True, quiet=silent)
+        quiet = quiet or silent
         self.quiet = quiet
         self._progress = None
         if not quiet:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from eprun import catalog, plots, runs, schema, stopping
+from eprun import catalog, distributed, plots, runs, schema, stopping
 from eprun.assemble import build_network, build_rule, generator, resolve_device
 from eprun.data import Split, Splits, load_splits, synthetic_like
 from eprun.data.augment import augment
+from eprun.distributed import SINGLE, World
 from eprun.errors import CheckpointError, EprunError, RecipeError, RunDirError, StorageError
 from eprun.memory_check import check_memory
 from eprun.nets import NETWORKS
@@ -63,6 +64,7 @@ class Experiment:
     scheduler: object
     shuffle: torch.Generator
     augment: torch.Generator
+    world: World = field(default_factory=World)
 
 
 def load_data(recipe: Recipe, device: torch.device) -> Splits:
@@ -82,7 +84,7 @@ def check_fits(recipe: Recipe, info) -> None:
                           f"{tuple(info.input_shape)} and {info.num_classes} classes)")
 
 
-def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment:
+def assemble(recipe: Recipe, splits: Splits, device: torch.device, world: World = SINGLE) -> Experiment:
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     info = splits.info
@@ -92,29 +94,34 @@ def assemble(recipe: Recipe, splits: Splits, device: torch.device) -> Experiment
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
     optimizer = build_optimizer(recipe.optim, net.layer_groups())
-    rule.attach_optimizer(optimizer)  # kept by rules that step it themselves (C-EP, during the nudged phase)
     scheduler = build_scheduler(recipe.schedule, optimizer, recipe.train.epochs)
+    if world.parallel:  # every step combines the ranks' updates first
+        optimizer = distributed.ReducedOptimizer(optimizer, world)
+        rule.distribute(world)
+    rule.attach_optimizer(optimizer)  # kept by rules that step it themselves (C-EP, during the nudged phase)
     return Experiment(recipe, device, splits, net, rule, optimizer, scheduler,
-                      generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"))
+                      generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"), world)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(rule, split: Split, batch_size: int, max_batches: int | None = None) -> dict:
-    """Accuracy (a fraction) and mean loss of ``rule``'s prediction on ``split``."""
-    correct = torch.zeros((), dtype=torch.long, device=split.x.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=split.x.device)
-    n = 0
-    for b, start in enumerate(range(0, len(split), batch_size)):
+def evaluate(rule, split: Split, batch_size: int, max_batches: int | None = None, world: World = SINGLE) -> dict:
+    """Accuracy (a fraction) and mean loss of ``rule``'s prediction on ``split`` (with several
+    ranks, each scores its share of the split and the sums are combined)."""
+    rows = distributed.shard(len(split), world) if world.parallel else slice(0, len(split))
+    sums = torch.zeros(3, dtype=torch.float64, device=split.x.device)  # correct, loss, examples
+    for b, start in enumerate(range(rows.start, rows.stop, batch_size)):
         if max_batches is not None and b >= max_batches:
             break
-        x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
+        stop = min(start + batch_size, rows.stop)
+        x, y = split.x[start:stop], split.y[start:stop]
         logits, loss = rule.evaluate(x, y)
-        correct += (logits.argmax(dim=1) == y).sum()
-        loss_sum += loss.sum().double()
-        n += len(y)
-    return {"accuracy": int(correct) / max(n, 1), "loss": float(loss_sum) / max(n, 1), "n": n}
+        sums[0] += (logits.argmax(dim=1) == y).sum()
+        sums[1] += loss.sum().double()
+        sums[2] += len(y)
+    correct, loss_sum, n = distributed.all_sum_(sums, world).tolist()
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": int(n)}
 
 
 # --------------------------------------------------------------------------- training state
@@ -136,6 +143,12 @@ class Window:
         self.loss += loss.sum().double()
         self.correct += (logits.argmax(dim=1) == y).sum()
         self.n += len(y)
+
+    def add_sums(self, loss_sum: float, correct: int, n: int) -> None:
+        """A batch's sums as already combined over the ranks."""
+        self.loss += loss_sum
+        self.correct += correct
+        self.n += n
 
     def flush(self) -> dict:
         out = {"loss": float(self.loss) / max(self.n, 1), "accuracy": int(self.correct) / max(self.n, 1),
@@ -182,7 +195,7 @@ def checkpoint_state(exp: Experiment, pos: Position, window: Window, epoch_windo
         "epoch": pos.epoch, "batch": pos.batch, "step": pos.step,
         "epoch_shuffle_state": pos.epoch_shuffle_state,
         "train_time_s": pos.train_time_s, "samples": pos.samples,
-        "metrics_records": pos.metrics_records,
+        "metrics_records": pos.metrics_records, "world_size": exp.world.size,
         "window": window.state_dict(), "epoch_window": epoch_window.state_dict(),
         "summary": dict(pos.summary),
     }
@@ -234,8 +247,9 @@ class _StopFlag:
     """SIGINT / SIGTERM request a stop (:mod:`eprun.stopping`): the loop stops at the next batch
     boundary, or sooner where a long computation checks the request. A second signal stops at once."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, world: World = SINGLE):
         self.run_dir = run_dir
+        self.world = world
         self.signum = None
         self._previous = {}
 
@@ -251,7 +265,8 @@ class _StopFlag:
             raise Interrupted(f"{signal.Signals(signum).name} again: stopped at once; resume from the last "
                               f"checkpoint with: eprun train --resume {self.run_dir}", signum)
         self.signum = signum
-        stopping.request(signum)
+        if not self.world.parallel:  # ranks stop together, at a batch boundary they agree on
+            stopping.request(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -297,13 +312,17 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
     n_batches = batches_per_epoch(recipe, len(train))
     every = recipe.train.checkpoint_every
     summary = pos.summary
+    world = exp.world
 
     def save_last():
-        runs.save_checkpoint(run_dir / runs.LAST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
+        if world.main:
+            runs.save_checkpoint(run_dir / runs.LAST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
 
-    progress = TrainProgress(recipe.train.epochs * n_batches, quiet)
+    progress = TrainProgress(recipe.train.epochs * n_batches, quiet, silent=not world.main)
     progress.advance(pos.epoch * n_batches + pos.batch)
-    with runs.MetricsWriter(run_dir / runs.METRICS_FILE) as metrics, progress, _StopFlag(run_dir) as stop:
+    writer = runs.MetricsWriter(run_dir / runs.METRICS_FILE) if world.main else runs.NoMetrics()
+    with writer as metrics, progress, _StopFlag(run_dir, world) as stop:
+        stop_agreed = False
 
         def log(record):
             metrics.log(record)
@@ -319,19 +338,36 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
             while pos.batch < n_batches:
                 idx = order[pos.batch * bs:(pos.batch + 1) * bs]
                 x, y = augment(train.x[idx], recipe.data.augment, exp.augment), train.y[idx]
+                if world.parallel:  # this rank's shard of the batch, augmented as a whole on every rank
+                    world.rows, world.batch = distributed.shard(len(idx), world), len(idx)
+                    x, y = x[world.rows], y[world.rows]
+                    world.batch_weight = len(y) / len(idx)
                 exp.optimizer.zero_grad(set_to_none=False)
                 logits, loss = exp.rule.train_step(x, y)
                 where = _first_non_finite(exp, loss)
+                if world.parallel:  # scores, divergence and stop requests, combined over the ranks
+                    sums = distributed.all_sum_(torch.tensor(
+                        [float(loss.sum()), float((logits.argmax(dim=1) == y).sum()), float(len(y)),
+                         float(where is not None), float(stop.signum is not None)], dtype=torch.float64), world)
+                    if sums[3] > 0 and where is None:
+                        where = "another rank's batch shard"
+                    stop_agreed = bool(sums[4] > 0)
                 if where is not None:
                     message = (f"diverged at epoch {pos.epoch + 1}, batch {pos.batch + 1} (step {pos.step + 1}): "
                                f"NaN/Inf in {where}; the last good checkpoint is {run_dir / runs.LAST_CHECKPOINT}")
                     summary.update(status="diverged", error=message)
                     raise Diverged(message)
-                _monitor(exp, x, y, pos, n_batches, log, progress)
+                if world.main:
+                    _monitor(exp, x, y, pos, n_batches, log, progress)
                 if not exp.rule.steps_optimizer:
                     exp.optimizer.step()
-                window.add(logits, loss, y)
-                epoch_window.add(logits, loss, y)
+                if world.parallel:
+                    window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
+                    epoch_window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
+                else:
+                    window.add(logits, loss, y)
+                    epoch_window.add(logits, loss, y)
+                    stop_agreed = stop.signum is not None
                 pos.batch += 1
                 pos.step += 1
                 progress.advance()
@@ -345,13 +381,13 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     stats.update(exp.rule.log_stats())  # e.g. EP with tol: steps the phases took
                     log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})
                 mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
-                stopping = stop.signum is not None and mid_epoch
+                stopping = stop_agreed and mid_epoch
                 if mid_epoch and (stopping or (every and pos.step % every == 0)):
                     pos.train_time_s += time.perf_counter() - start
                     start = time.perf_counter()
                     save_last()
                 if stopping:
-                    name = signal.Signals(stop.signum).name
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
                     summary.update(status="interrupted", interrupted_by=name)
                     raise Interrupted(f"{name}: stopped at epoch {pos.epoch + 1}, batch {pos.batch}; "
                                       f"resume with: eprun train --resume {run_dir}", stop.signum)
@@ -363,24 +399,27 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
             pos.epoch, pos.batch = pos.epoch + 1, 0
             record = {"epoch": pos.epoch, "step": pos.step}
             if splits.val is not None:
-                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size)
+                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size, world=world)
                 log({"event": "eval", "split": "val", **record, **_scores(val)})
                 summary["val_accuracy"] = val["accuracy"]
                 if summary.get("best_val_accuracy") is None or val["accuracy"] > summary["best_val_accuracy"]:
                     summary.update(best_val_accuracy=val["accuracy"], best_epoch=pos.epoch)
-                    runs.save_checkpoint(run_dir / runs.BEST_CHECKPOINT, checkpoint_state(exp, pos, window, epoch_window))
+                    if world.main:
+                        runs.save_checkpoint(run_dir / runs.BEST_CHECKPOINT,
+                                             checkpoint_state(exp, pos, window, epoch_window))
             summary.update(epochs_completed=pos.epoch, train_accuracy=stats["accuracy"], train_loss=stats["loss"],
                            train_time_s=pos.train_time_s,
                            samples_per_s=pos.samples / pos.train_time_s if pos.train_time_s > 0 else 0.0)
             save_last()
-            runs.write_summary(run_dir, summary)
+            if world.main:
+                runs.write_summary(run_dir, summary)
             progress.log(_epoch_line(pos.epoch, recipe.train.epochs, stats, summary.get("val_accuracy")))
-            if stop.signum is not None:
-                name = signal.Signals(stop.signum).name
+            if stop_agreed:
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
                 summary.update(status="interrupted", interrupted_by=name)
                 raise Interrupted(f"{name}: stopped after epoch {pos.epoch}; resume with: "
                                   f"eprun train --resume {run_dir}", stop.signum)
-        test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size)
+        test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, world=world)
         log({"event": "eval", "split": "test", "epoch": pos.epoch, "step": pos.step, **_scores(test)})
         summary.update(status="finished", test_accuracy=test["accuracy"], test_loss=test["loss"])
 
@@ -444,7 +483,8 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
     final summary and the plots."""
     wall_start = time.perf_counter()
     pos.summary["status"] = "running"
-    runs.write_summary(run_dir, pos.summary)
+    if exp.world.main:
+        runs.write_summary(run_dir, pos.summary)
     try:
         run_loop(exp, run_dir, pos, window, epoch_window, quiet)
     except stopping.StopRequested as exc:  # inside a batch or an evaluation: that work is dropped
@@ -463,7 +503,8 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
             pos.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise
     finally:
-        _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
+        if exp.world.main:
+            _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
     return run_dir
 
 
@@ -478,15 +519,33 @@ def _storage_failure(run_dir: Path, summary: dict, exc: OSError) -> StorageError
     return StorageError(f"{reason}; the run stopped (status failed); {after}")
 
 
-def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
-    """Train a recipe into a new run directory and return its path."""
+def _join(recipe: Recipe) -> tuple[World, torch.device]:
+    """This process's rank (a single process outside torchrun) and its device: with several
+    ranks on CUDA, the GPU of the rank's local index."""
     device = resolve_device(recipe.device)
+    world = distributed.join(device.type)
+    if world.parallel and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return world, device
+
+
+def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[str] | None = None) -> Path:
+    """Train a recipe into a new run directory and return its path. Launched by torchrun, every
+    rank trains its shard of each batch (:mod:`eprun.distributed`) and rank 0 writes the run."""
+    world, device = _join(recipe)
     splits = load_data(recipe, device)  # data errors surface before anything is written
-    exp = assemble(recipe, splits, device)
+    exp = assemble(recipe, splits, device, world)
+    if not world.main:
+        run_dir = Path(distributed.broadcast_text(None, world))
+        pos, window, epoch_window = Position(summary={}), Window(device), Window(device)
+        return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before=0.0)
     run_dir = runs.create_run_dir(Path(out_parent), recipe.name)
+    distributed.broadcast_text(str(run_dir), world)
     with runs.RunLock(run_dir):
         runs.atomic_write_text(run_dir / runs.RECIPE_FILE, to_yaml(recipe))
-        runs.write_env(run_dir, device=str(device), argv=list(argv if argv is not None else sys.argv))
+        runs.write_env(run_dir, device=str(device), argv=list(argv if argv is not None else sys.argv),
+                       extra=world.describe())
         summary = {"status": "running", "name": recipe.name, "model": recipe.model.kind,
                    "rule": recipe.rule.label(), "dataset": recipe.data.dataset, "seed": recipe.seed,
                    "device": str(device), "epochs": recipe.train.epochs, "epochs_completed": 0,
@@ -523,11 +582,29 @@ def resume(run_path: Path, *, force: bool = False, overrides: list[str] = (), qu
     unless ``force``; with ``force`` the edit is recorded in ``summary.json``.
     """
     run_dir = runs.run_dir_of(Path(run_path))
-    with runs.RunLock(run_dir):  # before anything in the run is read or touched: a second resumer changes nothing
-        return _resume_locked(run_dir, force, list(overrides), quiet)
+    if not distributed.launched():
+        with runs.RunLock(run_dir):  # before anything in the run is read or touched: a second resumer changes nothing
+            return _resume_locked(run_dir, force, list(overrides), quiet, SINGLE)
+    world, _ = _join(load_recipe(run_dir / runs.RECIPE_FILE, list(overrides)))
+    if not world.main:  # rank 0 holds the lock and checks the run; the others follow its verdict
+        verdict = distributed.broadcast_text(None, world)
+        if verdict != "ok":
+            raise RunDirError(verdict)
+        return _resume_locked(run_dir, force, list(overrides), quiet, world)
+    with runs.RunLock(run_dir):
+        try:
+            _check_resumable(run_dir, force, list(overrides), world)
+        except EprunError as error:
+            distributed.broadcast_text(f"rank 0 refused the resume: {error}", world)
+            raise
+        distributed.broadcast_text("ok", world)
+        return _resume_locked(run_dir, force, list(overrides), quiet, world)
 
 
-def _resume_locked(run_dir: Path, force: bool, overrides: list[str], quiet: bool) -> Path:
+def _check_resumable(run_dir: Path, force: bool, overrides: list[str], world: World):
+    """The run's summary, last checkpoint, recipe and whether it was edited, once checked:
+    not finished, a checkpoint to resume from, the recipe unedited (or ``force``), the same
+    number of ranks as it was trained on (or ``force``)."""
     summary_now = runs.read_summary(run_dir) if (run_dir / runs.SUMMARY_FILE).exists() else {}
     if summary_now.get("status") == "finished":
         raise RunDirError(f"{run_dir}: the run has finished; there is nothing to resume")
@@ -543,18 +620,30 @@ def _resume_locked(run_dir: Path, force: bool, overrides: list[str], quiet: bool
         raise RecipeError(f"{run_dir / runs.RECIPE_FILE}: the recipe differs from the one the run was started "
                           f"with ({_first_difference(schema.to_plain(original), schema.to_plain(recipe))}); "
                           f"resume with --force to continue with the edited recipe")
-    device = resolve_device(recipe.device)
+    trained_on = int(state.get("world_size", 1))
+    if trained_on != world.size and not force:
+        raise RunDirError(f"{run_dir}: the run was trained by {trained_on} process(es), this launch has "
+                          f"{world.size}; resume it with the same number (torchrun --nproc_per_node={trained_on}), "
+                          f"or --force to continue with {world.size} (the same maths, other rounding)")
+    return summary_now, state, recipe, edited
+
+
+def _resume_locked(run_dir: Path, force: bool, overrides: list[str], quiet: bool, world: World) -> Path:
+    summary_now, state, recipe, edited = _check_resumable(run_dir, force, overrides, world)
+    last = run_dir / runs.LAST_CHECKPOINT
+    device = _join(recipe)[1] if world.parallel else resolve_device(recipe.device)
     splits = load_data(recipe, device)
-    exp = assemble(recipe, splits, device)
+    exp = assemble(recipe, splits, device, world)
     window, epoch_window = Window(device), Window(device)
     pos = restore(exp, state, window, epoch_window, str(last))
-    runs.truncate_metrics(run_dir / runs.METRICS_FILE, pos.metrics_records)
-    resumes = list(pos.summary.get("resumes", []))
-    resumes.append({"from_step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
-                    "edited_recipe": edited, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    pos.summary["resumes"] = resumes
-    if edited:
-        runs.atomic_write_text(run_dir / runs.RECIPE_FILE, to_yaml(recipe))
+    if world.main:
+        runs.truncate_metrics(run_dir / runs.METRICS_FILE, pos.metrics_records)
+        resumes = list(pos.summary.get("resumes", []))
+        resumes.append({"from_step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
+                        "edited_recipe": edited, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        pos.summary["resumes"] = resumes
+        if edited:
+            runs.atomic_write_text(run_dir / runs.RECIPE_FILE, to_yaml(recipe))
     wall_before = float(summary_now.get("wall_time_s") or 0.0)
     return _drive(exp, run_dir, pos, window, epoch_window, quiet, wall_before)
 

@@ -215,7 +215,8 @@ def test_conv_step_script_times_both_paths_and_the_parts(monkeypatch):
     assert set(result["relax_ms_per_step"]) == {"compiled", "torch"}
     assert all(ms > 0 for ms in result["relax_ms_per_step"].values()) and result["ratio"] > 0
     parts = result["parts_ms"]
-    assert len(parts) >= 4 and all(ms >= 0 for ms in parts.values())
+    derived = "max pool with indices (channels-last z)"  # a difference of two timings: either sign under load
+    assert len(parts) >= 4 and derived in parts and all(ms > 0 for name, ms in parts.items() if name != derived)
     assert ("z and its max pool, compiled Winograd" in parts) == native.conv.winograd_conv_pool_available(
         5, 1, 2, (8, 8), 32, 64)
     assert "EPRUN_NATIVE" not in __import__("os").environ

@@ -46,19 +46,16 @@ def billion_laughs(levels: int = 9) -> str:
     return text
 
 
-def test_an_alias_bomb_is_refused_in_under_a_second_within_2_gb(tmp_path):
+def test_an_alias_bomb_is_refused_within_2_gb(tmp_path):
     """Nine levels of nine aliases, at the top and inside model.hidden, under ``ulimit -v`` 2 GB:
-    refused before torch is even imported."""
+    refused before torch is even imported (how fast: docs/reliability.md)."""
     for name, text in (("top", billion_laughs()), ("hidden", billion_laughs().replace("a8:", "model:\n  hidden:"))):
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
-        start = time.perf_counter()
         run = subprocess.run(["bash", "-c", f"ulimit -v 2000000; exec {sys.executable} -m eprun train {path}"],
                              capture_output=True, text=True, env=ENV, timeout=60)
-        elapsed = time.perf_counter() - start
         assert run.returncode == 2, run.stderr
         assert "expands to more than 10,000 values" in run.stderr and "Traceback" not in run.stderr
-        assert elapsed < 1.0 + 1.5  # a second of work, and the interpreter's own start on a busy machine
 
 
 def test_a_small_alias_is_allowed(tiny_recipe, tmp_path):

@@ -94,6 +94,13 @@ class Rule(ABC):
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the recipe's optimiser; only rules with ``steps_optimizer`` keep it."""
 
+    def distribute(self, world) -> None:
+        """Called once when training is data-parallel (:mod:`eprun.distributed`), with this rank's
+        :class:`~eprun.distributed.World`. A rule that steps optimisers of its own wraps them in
+        :class:`~eprun.distributed.ReducedOptimizer`; one that draws per-example noise draws it for
+        the whole batch and keeps its rows ``world.rows``, so that the ranks together make the
+        draws of one process."""
+
     def log_stats(self) -> dict[str, float]:
         """Figures of the steps since the last call, logged with the training record; then reset."""
         return {}

@@ -174,6 +174,7 @@ class DTP(Rule):
         self.noise_generator = torch.Generator(device=device)
         self.noise_generator.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=generator)))
         self.last_feedback_loss: dict[int, torch.Tensor] = {}
+        self.world = None  # set by distribute() in a data-parallel run
         self.warmed_up = cfg.feedback_warmup_iterations == 0
 
     def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
@@ -183,7 +184,19 @@ class DTP(Rule):
             return torch.optim.Adam(params, lr=lr, weight_decay=cfg.feedback_weight_decay)
         return torch.optim.SGD(params, lr=lr, momentum=cfg.feedback_momentum, weight_decay=cfg.feedback_weight_decay)
 
+    def distribute(self, world) -> None:
+        """Each feedback layer's optimiser combines the ranks' gradients; noise is drawn for the
+        whole batch and this rank keeps its rows (:meth:`_randn_like`)."""
+        from eprun.distributed import ReducedOptimizer
+
+        self.world = world
+        self.feedback_optimizers = [ReducedOptimizer(opt, world) for opt in self.feedback_optimizers]
+
     def _randn_like(self, t: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.world is not None and self.world.rows is not None:  # the batch's draw, this rank's rows
+            full = torch.randn((self.world.batch, *t.shape[1:]), generator=self.noise_generator, device=t.device,
+                               dtype=t.dtype)
+            return full[self.world.rows] * sigma
         return torch.randn(t.shape, generator=self.noise_generator, device=t.device, dtype=t.dtype) * sigma
 
     # ------------------------------------------------------------------ feedback losses

@@ -26,7 +26,7 @@ from eprun.runs.layout import (
     RUN_FILES,
     SUMMARY_FILE,
 )
-from eprun.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
+from eprun.runs.metrics import MetricsWriter, NoMetrics, read_metrics, truncate_metrics
 from eprun.runs.rundir import (
     RunInfo,
     create_run_dir,
@@ -50,6 +50,7 @@ __all__ = [
     "RUN_FILES",
     "SUMMARY_FILE",
     "MetricsWriter",
+    "NoMetrics",
     "RunInfo",
     "RunLock",
     "atomic_write_bytes",

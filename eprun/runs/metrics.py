@@ -74,6 +74,23 @@ class MetricsWriter:
         self.close()
 
 
+class NoMetrics:
+    """A :class:`MetricsWriter` that writes nothing: the ranks of a data-parallel run other than
+    rank 0, which alone writes the run directory."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "NoMetrics":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def _parse_line(raw: bytes) -> dict[str, Any]:
     """One metrics line as a dict; ``ValueError`` if it is not a JSON object."""
     obj = json.loads(raw.decode("utf-8"))
