@@ -21,6 +21,7 @@ from eprun.limits import MAX_BATCH, MAX_COUNT, MAX_EXAMPLES, MAX_SEED, magnitude
 from eprun.data.augment import AugmentConfig
 from eprun.nets import NETWORKS, network_configs
 from eprun.rules import RULES, rule_configs
+from eprun.runs.sinks import missing_modules
 
 PerLayer = Union[float, list[float]]
 
@@ -104,6 +105,7 @@ class TrainConfig(schema.Section):
     diagnostics_every: int = 0  # batches between relaxation diagnostics (0: never)
     alignment_every: int = 0  # batches between logs of target propagation's alignment with BP (0: never)
     convergence_tol: float = 1e-3  # free-phase residual above which a warning is logged
+    log_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)  # metric sinks besides metrics.jsonl
 
     def check(self):
         yield from within("epochs", self.epochs, 1, MAX_COUNT)
@@ -116,6 +118,19 @@ class TrainConfig(schema.Section):
         if self.convergence_tol <= 0.0:
             yield "convergence_tol", f"must be > 0, got {self.convergence_tol}"
         yield from magnitude("convergence_tol", self.convergence_tol)
+        yield from _check_sinks(self.log_to)
+
+
+def _check_sinks(log_to: list[str]):
+    """Each sink listed once, and its packages installed (looked up, not imported: they are slow
+    to import, and only a run that logs to them loads them)."""
+    for name in sorted({name for name in log_to if log_to.count(name) > 1}):
+        yield "log_to", f"{name} is listed {log_to.count(name)} times; list each sink once (allowed: tensorboard, mlflow)"
+    for name in dict.fromkeys(log_to):
+        missing = missing_modules(name)
+        if missing:
+            yield "log_to", (f"{name} needs the module{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+                             f"not installed: pip install -e \".[{name}]\"")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from eprun import catalog, distributed, plots, runs, schema, stopping
 from eprun.assemble import build_network, build_rule, generator, resolve_device
@@ -305,8 +306,9 @@ def _first_non_finite(exp: Experiment, loss: torch.Tensor) -> str | None:
 
 
 def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
-             quiet: bool) -> None:
-    """Train from ``pos`` to the end of the recipe, checkpointing and logging into ``run_dir``."""
+             quiet: bool, sinks: runs.MetricSinks) -> None:
+    """Train from ``pos`` to the end of the recipe, checkpointing and logging into ``run_dir``
+    (and into ``sinks``: ``train.log_to``)."""
     recipe, splits = exp.recipe, exp.splits
     train, bs = splits.train, recipe.data.batch_size
     n_batches = batches_per_epoch(recipe, len(train))
@@ -327,6 +329,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
         def log(record):
             metrics.log(record)
             pos.metrics_records += 1
+            sinks.log(record)
 
         while pos.epoch < recipe.train.epochs:
             if pos.batch == 0:
@@ -446,10 +449,28 @@ def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress
         if found["free_residual"] > cfg.convergence_tol:
             warning = (f"free phase not converged at step {step}: residual {found['free_residual']:.2e} > "
                        f"train.convergence_tol {cfg.convergence_tol:.0e} (raise rule.T?)")
-            pos.summary.setdefault("warnings", [])
-            if len(pos.summary["warnings"]) < 20:
-                pos.summary["warnings"].append(warning)
+            _add_warning(pos.summary, warning)
             progress.log(f"warning: {warning}")
+
+
+def _add_warning(summary: dict, warning: str) -> None:
+    """Keep ``warning`` in the summary (the first 20 of a run)."""
+    summary.setdefault("warnings", [])
+    if len(summary["warnings"]) < 20:
+        summary["warnings"].append(warning)
+
+
+def _open_sinks(exp: Experiment, run_dir: Path, summary: dict) -> runs.MetricSinks:
+    """``train.log_to``'s sinks; a sink's failure is one warning line on stderr (printed through
+    the progress display while it runs) and one in the summary, and the run goes on."""
+    console = Console(stderr=True)
+
+    def warn(text: str) -> None:
+        _add_warning(summary, text)
+        console.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+
+    wanted = exp.recipe.train.log_to if exp.world.main else []  # rank 0 alone writes
+    return runs.open_sinks(wanted, run_dir, schema.to_plain(exp.recipe), warn)
 
 
 def _finish(run_dir: Path, recipe: Recipe, summary: dict, wall_start: float, wall_before: float) -> None:
@@ -482,11 +503,12 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
     """Run the loop with the run's lock held by the caller; whatever the outcome, write the
     final summary and the plots."""
     wall_start = time.perf_counter()
+    sinks = _open_sinks(exp, run_dir, pos.summary)
     pos.summary["status"] = "running"
     if exp.world.main:
         runs.write_summary(run_dir, pos.summary)
     try:
-        run_loop(exp, run_dir, pos, window, epoch_window, quiet)
+        run_loop(exp, run_dir, pos, window, epoch_window, quiet, sinks)
     except stopping.StopRequested as exc:  # inside a batch or an evaluation: that work is dropped
         name = signal.Signals(exc.signum).name
         pos.summary.update(status="interrupted", interrupted_by=name)
@@ -503,8 +525,11 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
             pos.summary.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         raise
     finally:
-        if exp.world.main:
-            _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
+        try:
+            if exp.world.main:
+                _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
+        finally:
+            sinks.close(pos.summary["status"])  # after _finish, which may still turn "finished" to "failed"
     return run_dir
 
 

@@ -5,10 +5,12 @@ One run directory per run, never overwritten::
     runs/<recipe-name>-<YYYYmmdd-HHMMSS>[-n]/
       recipe.yaml  env.json  metrics.jsonl  summary.json
       checkpoints/last.pt  checkpoints/best.pt  plots/*.png
+      tensorboard/  mlflow_run.json        (with train.log_to: tensorboard / mlflow)
 
 Submodules, one job each: ``layout`` (file names), ``atomic`` (temp file + rename writes),
 ``metrics`` (JSON lines), ``env`` (env.json), ``checkpoint`` (weights-only checkpoints),
-``rundir`` (create / find / open a run, summary), ``lock`` (one writer per run).
+``rundir`` (create / find / open a run, summary), ``lock`` (one writer per run), ``sinks``
+(copies of the metrics in TensorBoard or MLflow).
 """
 
 from eprun.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -21,10 +23,12 @@ from eprun.runs.layout import (
     ENV_FILE,
     LAST_CHECKPOINT,
     METRICS_FILE,
+    MLFLOW_RUN_FILE,
     PLOTS_DIR,
     RECIPE_FILE,
     RUN_FILES,
     SUMMARY_FILE,
+    TENSORBOARD_DIR,
 )
 from eprun.runs.metrics import MetricsWriter, NoMetrics, read_metrics, truncate_metrics
 from eprun.runs.rundir import (
@@ -37,6 +41,7 @@ from eprun.runs.rundir import (
     sanitize_name,
     write_summary,
 )
+from eprun.runs.sinks import MetricSinks, Sink, open_sinks
 
 __all__ = [
     "BEST_CHECKPOINT",
@@ -45,20 +50,25 @@ __all__ = [
     "ENV_FILE",
     "LAST_CHECKPOINT",
     "METRICS_FILE",
+    "MLFLOW_RUN_FILE",
     "PLOTS_DIR",
     "RECIPE_FILE",
     "RUN_FILES",
     "SUMMARY_FILE",
+    "TENSORBOARD_DIR",
+    "MetricSinks",
     "MetricsWriter",
     "NoMetrics",
     "RunInfo",
     "RunLock",
+    "Sink",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "create_run_dir",
     "load_checkpoint",
     "open_run",
+    "open_sinks",
     "read_metrics",
     "read_recipe",
     "read_summary",

@@ -8,6 +8,8 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "checkpoints/last.pt"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 PLOTS_DIR = "plots"
+TENSORBOARD_DIR = "tensorboard"  # event files of the TensorBoard sink (train.log_to)
+MLFLOW_RUN_FILE = "mlflow_run.json"  # the MLflow run the MLflow sink logs into, continued on resume
 LOCK_FILE = ".lock"
 
 #: Everything a run directory may hold, relative to it (directories end with "/").
@@ -19,6 +21,8 @@ RUN_FILES = (
     LAST_CHECKPOINT,
     BEST_CHECKPOINT,
     PLOTS_DIR + "/",
+    TENSORBOARD_DIR + "/",
+    MLFLOW_RUN_FILE,
 )
 
 #: Subfolders a run directory is created with; a path inside one belongs to its parent run.
