@@ -30,6 +30,7 @@ from eprun.runs.metrics import MetricsWriter, read_metrics, truncate_metrics
 from eprun.runs.rundir import (
     RunInfo,
     create_run_dir,
+    create_stamped_dir,
     open_run,
     read_recipe,
     read_summary,
@@ -56,6 +57,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "create_run_dir",
+    "create_stamped_dir",
     "load_checkpoint",
     "open_run",
     "read_metrics",
