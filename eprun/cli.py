@@ -57,6 +57,8 @@ def user_errors(fn):
         except EprunError as exc:
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code)
+        except typer.Exit:  # a command's own exit code
+            raise
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
@@ -151,6 +153,56 @@ def _report(run_dir: Path) -> None:
     err.print(f"{summary['name']}: test accuracy {summary['test_accuracy']:.4f}, best val accuracy "
               f"{_fmt(summary.get('best_val_accuracy'))}, {summary['samples_per_s']:,.0f} samples/s, "
               f"{summary['wall_time_s']:.1f} s", highlight=False)
+
+
+@app.command()
+@user_errors
+def sweep(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe file, or the name of a bundled recipe."),
+    set_: List[str] = typer.Option([], "--set", "-s",
+                                   help="KEY=V1,V2,… sweeps KEY over the values; KEY=V sets it for every point. "
+                                        "A comma inside [...], {...} or quotes does not split (repeatable)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j",
+                                       help="Points run at once (local: default 1; slurm: the job array's limit)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="local (default) or slurm (through submitit)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Parent folder of the sweep directory."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Run this sweep's unfinished points again."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per point: minutes or H:MM:SS."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Slurm GPUs per point."),
+    cpus: Optional[int] = typer.Option(None, "--cpus", help="Slurm CPUs per point (also its torch threads)."),
+    mem: Optional[str] = typer.Option(None, "--mem", help="Slurm memory per point: GB, or e.g. 32G, 500M."),
+    slurm_config: Optional[Path] = typer.Option(None, "--slurm-config",
+                                                help="YAML of Slurm settings (partition, time, gpus, cpus, mem, "
+                                                     "account, qos, constraint, setup); flags win."),
+    cluster: Optional[str] = typer.Option(None, "--cluster",
+                                          help="With --backend slurm: slurm (default), or local to run the jobs "
+                                               "through submitit's local executor on this machine."),
+):
+    """Train a recipe over a grid of values; prints the sweep directory on the last line."""
+    from eprun.sweep import session
+
+    options = session.BackendOptions(
+        kind=backend, jobs=jobs, cluster=cluster, slurm_config=slurm_config,
+        slurm_flags={"partition": partition, "time": time_limit, "gpus": gpus, "cpus": cpus, "mem": mem})
+    log = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    if resume is not None:
+        if recipe is not None or set_:
+            raise EprunError("--resume takes the sweep directory only: no RECIPE argument and no -s")
+        result, ending = session.resume(resume, options, log)
+    else:
+        if recipe is None:
+            raise EprunError("sweep: give a RECIPE (file or bundled name) and -s KEY=V1,V2,…, or --resume SWEEP_DIR")
+        result, ending = session.start(recipe, set_, out_dir, options, log)
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts().items())
+    unfinished = any(p.status not in ("finished", "diverged") for p in result.points)
+    hint = f"resume with: eprun sweep --resume {result.path}" if unfinished else f"compare with: eprun compare {result.path}"
+    log(f"{len(result.points)} point(s): {counts}; {hint}")
+    print(result.path)
+    if ending.signum is not None:
+        raise typer.Exit(128 + ending.signum)
+    if any(p.status != "finished" for p in result.points):
+        raise typer.Exit(1)
 
 
 @app.command("eval")
