@@ -232,42 +232,119 @@ def eval_(
 @app.command()
 @user_errors
 def compare(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories, or sweep directories (their runs)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write overlaid learning curves to this PNG."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: a list of runs, or {varying_keys, groups}."),
+    group: Optional[bool] = typer.Option(
+        None, "--group/--no-group",
+        help="Group runs whose recipes differ only in the seed (mean ± std, n). Default: when given a sweep "
+             "directory or such runs."),
 ):
-    """Put runs side by side."""
+    """Put runs side by side; runs of one recipe over several seeds as mean ± std."""
     from eprun import plots, runs
+    from eprun.runs import groups as grouping
+    from eprun.sweep import record
 
     if plot is not None:  # refused before anything is read or printed
         if plot.is_dir():
             raise EprunError(f"--plot: {plot} is a folder; give a file name, e.g. {plot / 'compare.png'}")
         if not plot.parent.is_dir():
             raise EprunError(f"--plot: the folder {plot.parent} does not exist; create it or give another path")
-    infos = [runs.open_run(p) for p in run_dirs]
+    paths, sweeps = [], 0
+    for given in run_dirs:
+        if record.is_sweep_dir(given):
+            found = record.sweep_runs(given)
+            if not found:
+                raise EprunError(f"{given}: no point of this sweep has a run yet")
+            paths += found
+            sweeps += 1
+        else:
+            paths.append(given)
+    infos = [runs.open_run(p) for p in paths]
     rows = [_compare_row(i) for i in infos]
-    if as_json:
+    if group is None:
+        group = sweeps > 0 or grouping.shares_a_recipe([i.recipe for i in infos])
+    if group:
+        found = grouping.group_runs([i.recipe for i in infos], rows)
+        labels = [g.label(str(infos[g.members[0]].recipe.get("name") or infos[g.members[0]].name)) for g in found]
+        if as_json:
+            print(json.dumps(_groups_json(found, labels, infos, rows), indent=2))
+        else:
+            _out().print(_groups_table(found, labels, rows))
+    elif as_json:
         print(json.dumps(rows, indent=2))
     else:
-        table = Table(show_header=True, header_style="bold")
-        with_angle = any(r["angle_to_bptt_deg"] is not None for r in rows)
-        with_bp_angle = any(r["angle_to_bp_deg"] is not None for r in rows)
-        columns = ["name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"]
-        extra = (["angle to BPTT"] if with_angle else []) + (["angle to BP (per layer)"] if with_bp_angle else [])
-        for col in columns + extra:
-            table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
-        for r in rows:
-            cells = [r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
-                     _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"), _fmt(r["samples_per_s"], ",.0f")]
-            if with_angle:
-                cells.append(_fmt(r["angle_to_bptt_deg"], ".1f", "°"))
-            if with_bp_angle:
-                cells.append(_bp_angles(r))
-            table.add_row(*cells)
-        _out().print(table)
+        _out().print(_runs_table(rows))
     if plot is not None:
-        plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
+        if group:
+            plots.plot_groups([(label, [infos[i].metrics for i in g.members]) for g, label in zip(found, labels)], plot)
+        else:
+            plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
         err.print(f"plot written to {plot}")
+
+
+def _runs_table(rows: list[dict]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    with_angle = any(r["angle_to_bptt_deg"] is not None for r in rows)
+    with_bp_angle = any(r["angle_to_bp_deg"] is not None for r in rows)
+    columns = ["name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"]
+    extra = (["angle to BPTT"] if with_angle else []) + (["angle to BP (per layer)"] if with_bp_angle else [])
+    for col in columns + extra:
+        table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
+    for r in rows:
+        cells = [r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
+                 _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"), _fmt(r["samples_per_s"], ",.0f")]
+        if with_angle:
+            cells.append(_fmt(r["angle_to_bptt_deg"], ".1f", "°"))
+        if with_bp_angle:
+            cells.append(_bp_angles(r))
+        table.add_row(*cells)
+    return table
+
+
+#: a group table's score columns: (compare row key, header, format, suffix)
+_GROUP_SCORES = (("epochs", "epochs", ".1f", ""), ("best_val_accuracy", "best val", ".4f", ""),
+                 ("test_accuracy", "test", ".4f", ""), ("wall_time_s", "wall time", ".1f", " s"),
+                 ("samples_per_s", "samples/s", ",.0f", ""), ("angle_to_bptt_deg", "angle to BPTT", ".1f", "°"),
+                 ("angle_to_bp_deg", "angle to BP", ".1f", "°"))
+
+
+def _groups_table(found, labels: list[str], rows: list[dict]) -> Table:
+    """One row per group: its label, rule, n, statuses and each score as mean ± std."""
+    n_runs = sum(g.n for g in found)
+    table = Table(show_header=True, header_style="bold",
+                  title=f"{n_runs} runs in {len(found)} group(s) of one recipe but the seed: mean ± std (n − 1)",
+                  title_justify="left")
+    shown = [s for s in _GROUP_SCORES if s[0] not in ("angle_to_bptt_deg", "angle_to_bp_deg")
+             or any(g.scores[s[0]]["n"] for g in found)]
+    for col in ["group", "rule", "n", "status"] + [s[1] for s in shown]:
+        table.add_column(col, justify="left" if col in ("group", "rule", "status") else "right")
+    for g, label in zip(found, labels):
+        statuses: dict[str, int] = {}
+        for i in g.members:
+            statuses[rows[i]["status"]] = statuses.get(rows[i]["status"], 0) + 1
+        cells = [label, rows[g.members[0]]["rule"], str(g.n), ", ".join(f"{n} {s}" for s, n in statuses.items())]
+        cells += [_mean_std(g.scores[key], spec, suffix, g.n) for key, _, spec, suffix in shown]
+        table.add_row(*cells)
+    return table
+
+
+def _mean_std(score: dict, spec: str, suffix: str, members: int) -> str:
+    """``0.9512 ± 0.0031``; ``0.9512 ± -`` for one value; ``(n=4)`` appended where fewer runs than
+    the group's have the score."""
+    if score["n"] == 0:
+        return "-"
+    text = f"{_fmt(score['mean'], spec, suffix)} ± {_fmt(score['std'], spec, suffix)}"
+    return text + (f" (n={score['n']})" if score["n"] != members else "")
+
+
+def _groups_json(found, labels: list[str], infos, rows: list[dict]) -> dict:
+    return {"varying_keys": list(found[0].varying) if found else [],
+            "groups": [{"label": label, "varying": g.varying, "n": g.n,
+                        "seeds": [infos[i].recipe.get("seed") for i in g.members],
+                        "scores": g.scores,
+                        "runs": [{**rows[i], "seed": infos[i].recipe.get("seed")} for i in g.members]}
+                       for g, label in zip(found, labels)]}
 
 
 def _compare_row(info) -> dict:
