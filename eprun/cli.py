@@ -253,9 +253,12 @@ def compare(
     paths, sweeps = [], 0
     for given in run_dirs:
         if record.is_sweep_dir(given):
-            found = record.sweep_runs(given)
+            found, total = record.sweep_runs(given), len(record.load_sweep(given).points)
             if not found:
-                raise EprunError(f"{given}: no point of this sweep has a run yet")
+                raise EprunError(f"{given}: no point of this sweep has a run yet (see its {record.SWEEP_FILE})")
+            if len(found) < total:
+                err.print(f"{given}: {total - len(found)} of {total} points have no run (see its {record.SWEEP_FILE})",
+                          highlight=False)
             paths += found
             sweeps += 1
         else:
