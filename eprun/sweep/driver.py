@@ -82,6 +82,10 @@ def drive(sweep: Sweep, backend: Backend, todo: list[Point], log: Callable[[str]
             for _, attempt in live:
                 attempt.stop(signal.SIGTERM)
             while live:
+                for signum in stops.signals[forwarded:]:  # a signal now: stop them at once
+                    for _, attempt in live:
+                        attempt.stop(signum)
+                forwarded = len(stops.signals)
                 _watch(sweep, live, log)
                 time.sleep(POLL_S)
             sweep.status = FAILED

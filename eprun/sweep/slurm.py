@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from eprun.sweep.slurm_settings import SlurmSettings
 from eprun.sweep.worker import Outcome, Task
 
 CLUSTERS = ("slurm", "local")
+#: seconds between two looks at a job's run
+POLL_S = 0.5
 #: seconds a run is given to reach a batch boundary and checkpoint after the early warning
 CHECKPOINT_GRACE_S = 60
 #: job states of a job that has not started yet
@@ -42,7 +45,8 @@ def _submitit():
     try:
         import submitit
     except ImportError:
-        raise SweepError("the slurm backend needs submitit: pip install 'eprun[slurm]' (or pip install submitit)") from None
+        raise SweepError("the slurm backend needs submitit: pip install 'eprun[slurm]' "
+                         "(or pip install submitit)") from None
     return submitit
 
 
@@ -70,8 +74,9 @@ class PointJob:
         previous = {}
         if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
             previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            code = self._process.wait()
+        try:  # polled, not waited on: the early-warning handler may wait for the child meanwhile
+            while (code := self._process.poll()) is None:
+                time.sleep(POLL_S)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
