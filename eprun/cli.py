@@ -196,7 +196,8 @@ def sweep(
         result, ending = session.start(recipe, set_, out_dir, options, log)
     counts = ", ".join(f"{n} {status}" for status, n in result.counts().items())
     unfinished = any(p.status not in ("finished", "diverged") for p in result.points)
-    hint = f"resume with: eprun sweep --resume {result.path}" if unfinished else f"compare with: eprun compare {result.path}"
+    hint = (f"resume with: eprun sweep --resume {result.path}" if unfinished
+            else f"compare with: eprun compare {result.path}")
     log(f"{len(result.points)} point(s): {counts}; {hint}")
     print(result.path)
     if ending.signum is not None:

@@ -166,7 +166,8 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], out: Path,
     return _save(fig, out)
 
 
-def mean_curve(runs: list[list[dict[str, Any]]], split: str, metric: str) -> tuple[list[float], list[float], list[float]]:
+def mean_curve(runs: list[list[dict[str, Any]]], split: str,
+               metric: str) -> tuple[list[float], list[float], list[float]]:
     """(epochs, mean, std) of ``metric`` for ``split`` over several runs, at every epoch any run
     logged: the mean of the runs' values there and their sample std (0 where one run has a value)."""
     values_at: dict[float, list[float]] = {}

@@ -345,7 +345,70 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_as_the_resume_of_its_
     assert requeued.function.task.args == slurm.resume_task(task).args
 
 
-# ----------------------------------------------------------------------------- the Slurm backend (submitit's local executor)
+class FakeAttempt:
+    """A worker that ends after ``polls`` looks with ``code``; records how many run at once."""
+
+    def __init__(self, task, code, polls, live):
+        self.task, self.code, self.polls, self.live = task, code, polls, live
+        live.append(self)
+
+    handle = "fake"
+
+    def started(self):
+        return True
+
+    def poll(self):
+        self.polls -= 1
+        if self.polls > 0:
+            return None
+        if self in self.live:
+            self.live.remove(self)
+        if self.code == 0:
+            fake_run(Path(self.task.stdout).parent, "tiny-20260101-000000", {"seed": 0}, "finished")
+        return worker.Outcome(self.code, None if self.code == 0 else "error: boom")
+
+    def stop(self, signum):
+        pass
+
+
+class FakeBackend:
+    queues = False
+
+    def __init__(self, slots, codes):
+        self.slots, self.codes, self.live, self.most = slots, codes, [], 0
+
+    def threads(self):
+        return None
+
+    def launch(self, tasks):
+        attempts = [FakeAttempt(t, self.codes[t.point_id], 3, self.live) for t in tasks]
+        self.most = max(self.most, len(self.live))
+        return attempts
+
+    def describe(self):
+        return {"kind": "fake", "jobs": self.slots}
+
+
+def test_the_driver_keeps_its_slots_full_and_a_failure_blocks_nothing(tmp_path, monkeypatch):
+    from eprun.sweep import driver
+
+    monkeypatch.setattr(driver, "POLL_S", 0.0)
+    sweep_dir = hand_made_sweep(tmp_path, ["pending"] * 5)
+    sweep = record.load_sweep(sweep_dir)
+    backend = FakeBackend(2, {"p000": 0, "p001": 2, "p002": 0, "p003": -9, "p004": 0})
+    lines = []
+    ending = driver.drive(sweep, backend, list(sweep.points), lines.append)
+    assert ending.signum is None and backend.most == 2
+    data = read_record(sweep_dir)
+    assert [p["status"] for p in data["points"]] == ["finished", "failed", "finished", "interrupted", "finished"]
+    assert [p["exit_code"] for p in data["points"]] == [0, 2, 0, -9, 0]
+    assert [p["run"] for p in data["points"]] == ["p000/tiny-20260101-000000", None, "p002/tiny-20260101-000000",
+                                                  None, "p004/tiny-20260101-000000"]
+    assert data["points"][1]["error"] == "error: boom" and data["status"] == "failed"
+    assert all(p["attempts"] == 1 and p["ended_at"] for p in data["points"])
+
+
+# ----------------------------------------------------------------------------- Slurm (submitit's local executor)
 
 
 def test_slurm_backend_through_submitits_local_executor(tiny_recipe, tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ class Group:
         return " ".join(f"{k}={_text(v)}" for k, v in self.varying.items()) or fallback
 
 
-def group_runs(recipes: list[dict[str, Any]], rows: list[dict[str, Any]], scores: tuple[str, ...] = SCORES) -> list[Group]:
+def group_runs(recipes: list[dict[str, Any]], rows: list[dict[str, Any]],
+               scores: tuple[str, ...] = SCORES) -> list[Group]:
     """Group runs (their recipes and compare rows, in the same order) by recipe without the seed,
     groups in order of their first run; each group's ``scores[name] = {"mean", "std", "n"}``."""
     by_key: dict[str, Group] = {}

@@ -89,7 +89,8 @@ def parse_grid(options: list[str]) -> Grid:
             raise SweepError(f"-s '{option}': expected KEY.PATH=VALUE or KEY.PATH=V1,V2,…, e.g. -s seed=0,1,2")
         key, raw = (part.strip() for part in option.split("=", 1))
         if not key or not all(part.strip() for part in key.split(".")):
-            raise SweepError(f"-s '{option}': empty key in '{key}'; expected KEY.PATH=V1,V2,…, e.g. -s rule.beta=0.1,0.2")
+            raise SweepError(f"-s '{option}': empty key in '{key}'; expected KEY.PATH=V1,V2,…, "
+                             f"e.g. -s rule.beta=0.1,0.2")
         if key in seen:
             raise SweepError(f"-s {key} is given twice; list all its values in one option, e.g. -s {key}=V1,V2")
         seen.add(key)

@@ -109,7 +109,8 @@ class Sweep:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.format, "name": self.name, "status": self.status, "recipe": self.recipe,
-                "recipe_copy": self.recipe_copy, "cwd": self.cwd, "fixed": self.fixed, "grid": self.grid, "backend": self.backend,
+                "recipe_copy": self.recipe_copy, "cwd": self.cwd, "fixed": self.fixed, "grid": self.grid,
+                "backend": self.backend,
                 "created_at": self.created_at, "updated_at": self.updated_at, "counts": self.counts(),
                 "points": [asdict(p) for p in self.points]}
 
