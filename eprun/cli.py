@@ -58,6 +58,8 @@ def user_errors(fn):
         except EprunError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)  # e.g. ".[mlflow]" kept
             raise typer.Exit(exc.exit_code)
+        except typer.Exit:  # a command's own exit code
+            raise
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
@@ -173,6 +175,57 @@ def _report(run_dir: Path) -> None:
               f"{summary['wall_time_s']:.1f} s", highlight=False)
 
 
+@app.command()
+@user_errors
+def sweep(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe file, or the name of a bundled recipe."),
+    set_: List[str] = typer.Option([], "--set", "-s",
+                                   help="KEY=V1,V2,… sweeps KEY over the values; KEY=V sets it for every point. "
+                                        "A comma inside [...], {...} or quotes does not split (repeatable)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j",
+                                       help="Points run at once (local: default 1; slurm: the job array's limit)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="local (default) or slurm (through submitit)."),
+    out_dir: Path = typer.Option(Path("runs"), "--out", help="Parent folder of the sweep directory."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Run this sweep's unfinished points again."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit per point: minutes or H:MM:SS."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Slurm GPUs per point."),
+    cpus: Optional[int] = typer.Option(None, "--cpus", help="Slurm CPUs per point (also its torch threads)."),
+    mem: Optional[str] = typer.Option(None, "--mem", help="Slurm memory per point: GB, or e.g. 32G, 500M."),
+    slurm_config: Optional[Path] = typer.Option(None, "--slurm-config",
+                                                help="YAML of Slurm settings (partition, time, gpus, cpus, mem, "
+                                                     "account, qos, constraint, setup); flags win."),
+    cluster: Optional[str] = typer.Option(None, "--cluster",
+                                          help="With --backend slurm: slurm (default), or local to run the jobs "
+                                               "through submitit's local executor on this machine."),
+):
+    """Train a recipe over a grid of values; prints the sweep directory on the last line."""
+    from eprun.sweep import session
+
+    options = session.BackendOptions(
+        kind=backend, jobs=jobs, cluster=cluster, slurm_config=slurm_config,
+        slurm_flags={"partition": partition, "time": time_limit, "gpus": gpus, "cpus": cpus, "mem": mem})
+    log = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    if resume is not None:
+        if recipe is not None or set_:
+            raise EprunError("--resume takes the sweep directory only: no RECIPE argument and no -s")
+        result, ending = session.resume(resume, options, log)
+    else:
+        if recipe is None:
+            raise EprunError("sweep: give a RECIPE (file or bundled name) and -s KEY=V1,V2,…, or --resume SWEEP_DIR")
+        result, ending = session.start(recipe, set_, out_dir, options, log)
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts().items())
+    unfinished = any(p.status not in ("finished", "diverged") for p in result.points)
+    hint = (f"resume with: eprun sweep --resume {result.path}" if unfinished
+            else f"compare with: eprun compare {result.path}")
+    log(f"{len(result.points)} point(s): {counts}; {hint}")
+    print(result.path)
+    if ending.signum is not None:
+        raise typer.Exit(128 + ending.signum)
+    if any(p.status != "finished" for p in result.points):
+        raise typer.Exit(1)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -200,42 +253,122 @@ def eval_(
 @app.command()
 @user_errors
 def compare(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories, or sweep directories (their runs)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write overlaid learning curves to this PNG."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: a list of runs, or {varying_keys, groups}."),
+    group: Optional[bool] = typer.Option(
+        None, "--group/--no-group",
+        help="Group runs whose recipes differ only in the seed (mean ± std, n). Default: when given a sweep "
+             "directory or such runs."),
 ):
-    """Put runs side by side."""
+    """Put runs side by side; runs of one recipe over several seeds as mean ± std."""
     from eprun import plots, runs
+    from eprun.runs import groups as grouping
+    from eprun.sweep import record
 
     if plot is not None:  # refused before anything is read or printed
         if plot.is_dir():
             raise EprunError(f"--plot: {plot} is a folder; give a file name, e.g. {plot / 'compare.png'}")
         if not plot.parent.is_dir():
             raise EprunError(f"--plot: the folder {plot.parent} does not exist; create it or give another path")
-    infos = [runs.open_run(p) for p in run_dirs]
+    paths, sweeps = [], 0
+    for given in run_dirs:
+        if record.is_sweep_dir(given):
+            found, total = record.sweep_runs(given), len(record.load_sweep(given).points)
+            if not found:
+                raise EprunError(f"{given}: no point of this sweep has a run yet (see its {record.SWEEP_FILE})")
+            if len(found) < total:
+                err.print(f"{given}: {total - len(found)} of {total} points have no run (see its {record.SWEEP_FILE})",
+                          highlight=False)
+            paths += found
+            sweeps += 1
+        else:
+            paths.append(given)
+    infos = [runs.open_run(p) for p in paths]
     rows = [_compare_row(i) for i in infos]
-    if as_json:
+    if group is None:
+        group = sweeps > 0 or grouping.shares_a_recipe([i.recipe for i in infos])
+    if group:
+        found = grouping.group_runs([i.recipe for i in infos], rows)
+        labels = [g.label(str(infos[g.members[0]].recipe.get("name") or infos[g.members[0]].name)) for g in found]
+        if as_json:
+            print(json.dumps(_groups_json(found, labels, infos, rows), indent=2))
+        else:
+            _out().print(_groups_table(found, labels, rows))
+    elif as_json:
         print(json.dumps(rows, indent=2))
     else:
-        table = Table(show_header=True, header_style="bold")
-        with_angle = any(r["angle_to_bptt_deg"] is not None for r in rows)
-        with_bp_angle = any(r["angle_to_bp_deg"] is not None for r in rows)
-        columns = ["name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"]
-        extra = (["angle to BPTT"] if with_angle else []) + (["angle to BP (per layer)"] if with_bp_angle else [])
-        for col in columns + extra:
-            table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
-        for r in rows:
-            cells = [r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
-                     _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"), _fmt(r["samples_per_s"], ",.0f")]
-            if with_angle:
-                cells.append(_fmt(r["angle_to_bptt_deg"], ".1f", "°"))
-            if with_bp_angle:
-                cells.append(_bp_angles(r))
-            table.add_row(*cells)
-        _out().print(table)
+        _out().print(_runs_table(rows))
     if plot is not None:
-        plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
+        if group:
+            plots.plot_groups([(label, [infos[i].metrics for i in g.members]) for g, label in zip(found, labels)], plot)
+        else:
+            plots.plot_compare([(i.name, i.metrics) for i in infos], plot)
         err.print(f"plot written to {plot}")
+
+
+def _runs_table(rows: list[dict]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    with_angle = any(r["angle_to_bptt_deg"] is not None for r in rows)
+    with_bp_angle = any(r["angle_to_bp_deg"] is not None for r in rows)
+    columns = ["name", "status", "rule", "epochs", "best val", "test", "wall time", "samples/s"]
+    extra = (["angle to BPTT"] if with_angle else []) + (["angle to BP (per layer)"] if with_bp_angle else [])
+    for col in columns + extra:
+        table.add_column(col, justify="left" if col in ("name", "status", "rule") else "right")
+    for r in rows:
+        cells = [r["name"], r["status"], r["rule"], str(r["epochs"]), _fmt(r["best_val_accuracy"]),
+                 _fmt(r["test_accuracy"]), _fmt(r["wall_time_s"], ".1f", " s"), _fmt(r["samples_per_s"], ",.0f")]
+        if with_angle:
+            cells.append(_fmt(r["angle_to_bptt_deg"], ".1f", "°"))
+        if with_bp_angle:
+            cells.append(_bp_angles(r))
+        table.add_row(*cells)
+    return table
+
+
+#: a group table's score columns: (compare row key, header, format, suffix)
+_GROUP_SCORES = (("epochs", "epochs", ".1f", ""), ("best_val_accuracy", "best val", ".4f", ""),
+                 ("test_accuracy", "test", ".4f", ""), ("wall_time_s", "wall time", ".1f", " s"),
+                 ("samples_per_s", "samples/s", ",.0f", ""), ("angle_to_bptt_deg", "angle to BPTT", ".1f", "°"),
+                 ("angle_to_bp_deg", "angle to BP", ".1f", "°"))
+
+
+def _groups_table(found, labels: list[str], rows: list[dict]) -> Table:
+    """One row per group: its label, rule, n, statuses and each score as mean ± std."""
+    n_runs = sum(g.n for g in found)
+    table = Table(show_header=True, header_style="bold",
+                  title=f"{n_runs} runs in {len(found)} group(s) of one recipe but the seed: mean ± std (n − 1)",
+                  title_justify="left")
+    shown = [s for s in _GROUP_SCORES if s[0] not in ("angle_to_bptt_deg", "angle_to_bp_deg")
+             or any(g.scores[s[0]]["n"] for g in found)]
+    for col in ["group", "rule", "n", "status"] + [s[1] for s in shown]:
+        table.add_column(col, justify="left" if col in ("group", "rule", "status") else "right")
+    for g, label in zip(found, labels):
+        statuses: dict[str, int] = {}
+        for i in g.members:
+            statuses[rows[i]["status"]] = statuses.get(rows[i]["status"], 0) + 1
+        cells = [label, rows[g.members[0]]["rule"], str(g.n), ", ".join(f"{n} {s}" for s, n in statuses.items())]
+        cells += [_mean_std(g.scores[key], spec, suffix, g.n) for key, _, spec, suffix in shown]
+        table.add_row(*cells)
+    return table
+
+
+def _mean_std(score: dict, spec: str, suffix: str, members: int) -> str:
+    """``0.9512 ± 0.0031``; ``0.9512 ± -`` for one value; ``(n=4)`` appended where fewer runs than
+    the group's have the score."""
+    if score["n"] == 0:
+        return "-"
+    text = f"{_fmt(score['mean'], spec, suffix)} ± {_fmt(score['std'], spec, suffix)}"
+    return text + (f" (n={score['n']})" if score["n"] != members else "")
+
+
+def _groups_json(found, labels: list[str], infos, rows: list[dict]) -> dict:
+    return {"varying_keys": list(found[0].varying) if found else [],
+            "groups": [{"label": label, "varying": g.varying, "n": g.n,
+                        "seeds": [infos[i].recipe.get("seed") for i in g.members],
+                        "scores": g.scores,
+                        "runs": [{**rows[i], "seed": infos[i].recipe.get("seed")} for i in g.members]}
+                       for g, label in zip(found, labels)]}
 
 
 def _compare_row(info) -> dict:

@@ -33,3 +33,7 @@ class StorageError(EprunError):
     before stays whole."""
 
     exit_code = 1
+
+
+class SweepError(EprunError):
+    """A sweep that cannot be planned (a bad grid or Slurm setting), read or resumed."""

@@ -1,4 +1,5 @@
-"""Plots of a run's metrics: learning curves of one run, and several runs side by side.
+"""Plots of a run's metrics: learning curves of one run, several runs side by side, and groups of
+runs (one recipe over several seeds) as mean curves with a band of ± one standard deviation.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (``Figure`` +
 ``FigureCanvasAgg``), never through pyplot: no GUI backend, no global figure registry to leak
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -156,6 +158,53 @@ def plot_compare(runs: list[tuple[str, list[dict[str, Any]]]], out: Path,
         drawn = drawn or bool(val_x or train_x)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if names:
+        _compare_legend(ax, names, metric)
+    if not drawn:
+        _no_data(ax)
+    return _save(fig, out)
+
+
+def mean_curve(runs: list[list[dict[str, Any]]], split: str,
+               metric: str) -> tuple[list[float], list[float], list[float]]:
+    """(epochs, mean, std) of ``metric`` for ``split`` over several runs, at every epoch any run
+    logged: the mean of the runs' values there and their sample std (0 where one run has a value)."""
+    values_at: dict[float, list[float]] = {}
+    for metrics in runs:
+        for x, y in zip(*series(metrics or [], split, metric)):
+            values_at.setdefault(x, []).append(y)
+    xs = sorted(values_at)
+    means = [statistics.fmean(values_at[x]) for x in xs]
+    stds = [statistics.stdev(values_at[x]) if len(values_at[x]) > 1 else 0.0 for x in xs]
+    return xs, means, stds
+
+
+def plot_groups(groups: list[tuple[str, list[list[dict[str, Any]]]]], out: Path,
+                metric: str = "accuracy") -> Path:
+    """Each group of runs (label, the runs' metrics) as its mean curve with a band of ± one std:
+    val ``metric`` solid with markers, train ``metric`` dashed, one colour per group. With no
+    data at all the figure says "no data"."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    names, drawn = [], False
+    for i, (label, runs) in enumerate(groups or []):
+        color = f"C{i % 10}"
+        names.append((f"{label} (n={len(runs)})", color))
+        for split, style, band in (("val", dict(linestyle="-", marker="o", markersize=3), 0.25),
+                                   ("train", dict(linestyle="--", linewidth=1.0, alpha=0.7), 0.1)):
+            xs, means, stds = mean_curve(runs, split, metric)
+            if not xs:
+                continue
+            if split == "val":  # error bars too: a band needs two epochs to show
+                ax.errorbar(xs, means, yerr=stds, color=color, capsize=3, **style)
+            else:
+                ax.plot(xs, means, color=color, **style)
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=color, alpha=band, linewidth=0)
+            drawn = True
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
     ax.grid(True, alpha=0.3)
     if names:
         _compare_legend(ax, names, metric)

@@ -148,6 +148,20 @@ def test_compare_table_json_and_plot(trained, tiny_recipe, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_groups_runs_that_differ_only_in_their_seed(trained, tiny_recipe, tmp_path):
+    other = invoke("train", tiny_recipe, "--out", tmp_path / "runs", "-q", "-s", "seed=2")
+    other_run = Path(other.stdout.strip().splitlines()[-1])
+    data = json.loads(invoke("compare", trained, other_run, "--json").stdout)
+    assert data["varying_keys"] == [] and len(data["groups"]) == 1
+    group = data["groups"][0]
+    assert group["n"] == 2 and group["seeds"] == [1, 2]
+    tests = [json.loads((r / "summary.json").read_text())["test_accuracy"] for r in (trained, other_run)]
+    assert group["scores"]["test_accuracy"]["mean"] == pytest.approx(sum(tests) / 2)
+    assert group["scores"]["test_accuracy"]["std"] == pytest.approx(abs(tests[0] - tests[1]) / 2 ** 0.5)
+    rows = json.loads(invoke("compare", trained, other_run, "--json", "--no-group").stdout)
+    assert [r["name"] for r in rows] == [trained.name, other_run.name]
+
+
 def test_compare_and_eval_refuse_non_runs(tmp_path):
     result = invoke("compare", tmp_path)
     assert result.exit_code == 2 and "not an eprun run directory" in result.output

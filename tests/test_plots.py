@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from eprun.plots import plot_compare, plot_curves, series
+from pytest import approx
+
+from eprun.plots import mean_curve, plot_compare, plot_curves, plot_groups, series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -86,3 +88,21 @@ def test_plot_compare_no_data(tmp_path):
     assert_png(plot_compare([], tmp_path / "none.png"))
     assert_png(plot_compare([("a", [{"event": "gdu"}])], tmp_path / "gdu_only.png"))
 
+
+
+def test_mean_curve_averages_the_runs_at_each_epoch():
+    runs = [fake_metrics(2, acc0=0.5), fake_metrics(2, acc0=0.6), fake_metrics(1, acc0=0.7)]
+    xs, means, stds = mean_curve(runs, "val", "accuracy")
+    assert xs == [1.0, 2.0]
+    assert means[0] == approx((0.6 + 0.7 + 0.8) / 3) and stds[0] == approx(0.1)
+    assert means[1] == approx((0.7 + 0.8) / 2) and stds[1] == approx(0.1 / math.sqrt(2))
+    assert mean_curve([fake_metrics(1)], "val", "accuracy")[2] == [0.0]  # one run: no spread
+    assert mean_curve([], "val", "accuracy") == ([], [], [])
+
+
+def test_plot_groups(tmp_path):
+    groups = [("rule.beta=0.1", [fake_metrics(3, acc0=0.5), fake_metrics(3, acc0=0.55)]),
+              ("rule.beta=0.2", [fake_metrics(3, acc0=0.6)]), ("empty", [[]])]
+    assert_png(plot_groups(groups, tmp_path / "groups.png"))
+    assert_png(plot_groups(groups, tmp_path / "groups_loss.png", metric="loss"))
+    assert_png(plot_groups([], tmp_path / "none.png"))

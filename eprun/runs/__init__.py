@@ -34,6 +34,7 @@ from eprun.runs.metrics import MetricsWriter, NoMetrics, read_metrics, truncate_
 from eprun.runs.rundir import (
     RunInfo,
     create_run_dir,
+    create_stamped_dir,
     open_run,
     read_recipe,
     read_summary,
@@ -66,6 +67,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "create_run_dir",
+    "create_stamped_dir",
     "load_checkpoint",
     "open_run",
     "open_sinks",

@@ -14,10 +14,13 @@ from eprun.runs.layout import LOCK_FILE
 
 
 class RunLock:
-    """``with RunLock(run_dir):`` holds the run's lock; a second writer gets a RunDirError."""
+    """``with RunLock(run_dir):`` holds the run's lock; a second writer gets a RunDirError.
 
-    def __init__(self, run_dir: Path):
+    ``what`` names the folder in that error ("run", or "sweep" for a sweep directory)."""
+
+    def __init__(self, run_dir: Path, what: str = "run"):
         self.path = Path(run_dir) / LOCK_FILE
+        self.what = what
 
     def __enter__(self) -> "RunLock":
         for _ in range(2):
@@ -26,13 +29,13 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if _pid_alive(owner):
-                    raise RunDirError(f"{self.path.parent}: another process (pid {owner}) is writing this run")
+                    raise RunDirError(f"{self.path.parent}: another process (pid {owner}) is writing this {self.what}")
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self
-        raise RunDirError(f"{self.path}: cannot take the run's lock")
+        raise RunDirError(f"{self.path}: cannot take the {self.what}'s lock")
 
     def _owner(self) -> int:
         try:

@@ -37,19 +37,27 @@ def sanitize_name(name: str) -> str:
     return cleaned or "run"
 
 
-def create_run_dir(parent: Path, name: str, now: _dt.datetime | None = None) -> Path:
-    """Create and return a fresh ``parent/<name>-<YYYYmmdd-HHMMSS>[-n]`` with its subfolders.
+def create_stamped_dir(parent: Path, name: str, now: _dt.datetime | None = None) -> Path:
+    """Create and return a fresh, empty ``parent/<name>-<YYYYmmdd-HHMMSS>[-n]``.
 
-    The directory is made with :func:`os.mkdir`, which fails if it exists, so concurrent runs
-    of one recipe in the same second get distinct directories (``-1``, ``-2`` …) and an
-    existing directory is never reused. ``parent`` is created if needed.
+    The directory is made with :func:`os.mkdir`, which fails if it exists, so two directories
+    of one name made in the same second are distinct (``-1``, ``-2`` …) and an existing
+    directory is never reused. ``parent`` is created if needed; ``OSError`` passes through.
     """
     parent = Path(parent)
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = f"{sanitize_name(name)}-{stamp}"
+    parent.mkdir(parents=True, exist_ok=True)
+    return _mkdir_unique(parent, f"{sanitize_name(name)}-{stamp}")
+
+
+def create_run_dir(parent: Path, name: str, now: _dt.datetime | None = None) -> Path:
+    """Create and return a fresh ``parent/<name>-<YYYYmmdd-HHMMSS>[-n]`` with its subfolders
+    (see :func:`create_stamped_dir`): concurrent runs of one recipe in the same second get
+    distinct directories, and an existing directory is never reused.
+    """
+    parent = Path(parent)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        run_dir = _mkdir_unique(parent, base)
+        run_dir = create_stamped_dir(parent, name, now)
         for sub in SUBDIRS:
             (run_dir / sub).mkdir()
     except OSError as e:
