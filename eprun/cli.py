@@ -83,7 +83,7 @@ def _write_trace() -> str:
     import time
     import traceback
 
-    from eprun.native.build import cache_dir
+    from eprun.cache import cache_dir
 
     text = f"eprun {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
     name = f"eprun-trace-{time.strftime('%Y%m%d-%H%M%S')}-{__import__('os').getpid()}.txt"
@@ -114,13 +114,9 @@ def train(
     try:
         _train(recipe, set_, out_dir, quiet, fast_dev_run, resume, force)
     finally:
-        from eprun import distributed
-
-        if distributed.launched():
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        dist = sys.modules.get("torch.distributed")  # loaded only if training began; never import torch here
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _train(recipe, set_, out_dir, quiet, fast_dev_run, resume, force) -> None:

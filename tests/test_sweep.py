@@ -234,11 +234,17 @@ def test_compare_of_a_sweep_gives_mean_std_and_n_over_the_seeds(local_sweep, tmp
 # ----------------------------------------------------------------------------- Ctrl-C and resume
 
 
-def test_ctrl_c_stops_the_workers_cleanly_and_resume_runs_only_the_unfinished_points(tiny_recipe, tmp_path):
+def test_ctrl_c_stops_the_workers_cleanly_and_resume_runs_only_the_unfinished_points(tiny_recipe, tmp_path,
+                                                                                     monkeypatch):
     """One point at a time; SIGINT while the second trains: it checkpoints and ends interrupted, the
-    first stays finished. Resuming continues the second from its checkpoint and leaves the first alone."""
+    first stays finished. Resuming continues the second from its checkpoint and leaves the first alone.
+
+    The second point must still be training when the signal lands: on the torch engine (the native
+    kernels stop an example at a bitwise fixed point, so a long T alone would not slow them) its
+    2,000 steps a phase make it last seconds, far longer than the poll below."""
+    monkeypatch.setenv("EPRUN_NATIVE", "0")
     out = tmp_path / "runs"
-    second_slow = ["-s", "rule.T=12,400", "-s", "train.max_batches=60", "-s", "train.checkpoint_every=2",
+    second_slow = ["-s", "rule.T=12,2000", "-s", "train.max_batches=60", "-s", "train.checkpoint_every=2",
                    "-s", "train.log_every=2", "-s", "train.epochs=1", "-s", "data.val_size=100"]
     env = {**os.environ, "EPRUN_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "eprun", "sweep", str(tiny_recipe), *second_slow,

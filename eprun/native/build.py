@@ -42,6 +42,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from eprun.cache import cache_dir
+
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("dense_relax.c", "outer_product.c", "unpool_conv_t.c", "winograd_conv_pool.c"))
 VECTOR_FLAGS = ("avx2", "fma")
@@ -91,11 +93,6 @@ def mode() -> str:
 def arch() -> str:
     """``EPRUN_NATIVE_ARCH``: "native", "avx2", "avx512" or "generic"."""
     return _read_settings()[1]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("EPRUN_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "eprun"
 
 
 def compiler() -> str | None:
