@@ -513,3 +513,23 @@ def test_a_run_without_a_score_is_left_out_of_that_score_only(hand_made_runs):
     assert group["scores"]["best_val_accuracy"]["n"] == 4
     table = invoke("compare", *runs).stdout
     assert "0.9200 ± 0.0200 (n=3)" in table and "3 finished, 1 interrupted" in table
+
+
+def test_a_run_written_before_a_key_existed_groups_with_one_written_after():
+    """A stored recipe lacking a key that today's schema defaults (here ``train.log_to``, added
+    after some runs were written) is the same experiment as one that spells the default out;
+    a real difference (β) still parts them."""
+    from eprun import recipe as recipes, schema
+    from eprun.runs.groups import group_runs
+
+    full = schema.to_plain(recipes.from_plain(yaml.safe_load(TINY_RECIPE)))
+    older = json.loads(json.dumps(full))
+    del older["train"]["log_to"]
+    other_beta = json.loads(json.dumps(full))
+    other_beta["rule"]["beta"] = 0.3
+    for i, r in enumerate((full, older, other_beta)):
+        r["seed"] = i
+    rows = [{"test_accuracy": a} for a in (0.9, 0.8, 0.5)]
+    groups = group_runs([full, older, other_beta], rows)
+    assert [g.members for g in groups] == [[0, 1], [2]]
+    assert groups[0].varying == {"rule.beta": 0.2} and groups[0].scores["test_accuracy"]["n"] == 2

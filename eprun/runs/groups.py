@@ -1,6 +1,7 @@
 """Runs grouped by their recipe without the seed, and each group's scores over its runs.
 
-Two runs belong to one group when their resolved recipes (each run's ``recipe.yaml``) are equal
+Two runs belong to one group when their resolved recipes (each run's ``recipe.yaml``, read again
+through today's schema so that a key added since the run was written takes its default) are equal
 once ``seed`` and ``name`` are removed: the same experiment, started from other random numbers.
 A group's score is the mean and the sample standard deviation
 
@@ -30,8 +31,21 @@ def without_seed(recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if k not in IGNORED_KEYS}
 
 
+def resolved(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with every default of today's schema filled in: a run written before a key
+    existed (``train.log_to``, say) groups with one written after. A recipe today's schema no
+    longer accepts is kept as stored."""
+    from eprun import recipe as recipes, schema
+    from eprun.errors import EprunError
+
+    try:
+        return schema.to_plain(recipes.from_plain(recipe))
+    except (EprunError, TypeError, ValueError):
+        return recipe
+
+
 def _key(recipe: dict[str, Any]) -> str:
-    return json.dumps(without_seed(recipe), sort_keys=True, default=str)
+    return json.dumps(without_seed(resolved(recipe)), sort_keys=True, default=str)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -88,7 +102,7 @@ def group_runs(recipes: list[dict[str, Any]], rows: list[dict[str, Any]],
     for i, recipe in enumerate(recipes):
         key = _key(recipe)
         if key not in by_key:
-            by_key[key] = Group(recipe=without_seed(recipe), members=[])
+            by_key[key] = Group(recipe=without_seed(resolved(recipe)), members=[])
         by_key[key].members.append(i)
     groups = list(by_key.values())
     flats = [flatten(g.recipe) for g in groups]
