@@ -123,9 +123,10 @@ LONG = ["-s", "model.kind=energy_mlp", "-s", "model.hidden=[16]", "-s", "rule.T=
 
 
 def start_long_run(tiny_recipe, out: Path) -> subprocess.Popen:
-    """A run whose first free phase takes many seconds on the torch path; returns once it is in it."""
+    """A run whose first free phase takes many seconds on the torch path (whose relaxation checks
+    for a stop request every step); returns once it is in it."""
     proc = subprocess.Popen([sys.executable, "-m", "eprun", "--threads", "1", "train", str(tiny_recipe), "--out",
-                             str(out), "-q", *LONG], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             str(out), "-q", *LONG], env={**ENV, "EPRUN_NATIVE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("*/checkpoints/last.pt")):

@@ -4,11 +4,12 @@ Each kernel computes what the net's torch code computes (the definition), is tes
 and is used only where it applies (CPU, float32, the shapes it handles); everywhere else, and with
 ``EPRUN_NATIVE=0``, torch runs. Modules, one job each: :mod:`~eprun.native.build` (compiling,
 caching, loading, settings), :mod:`~eprun.native.parallel` (the batch split over torch's OpenMP
-threads), :mod:`~eprun.native.dense` (the dense nets' relaxation, EP phases and update) and
+threads), :mod:`~eprun.native.dense` (the dense nets' relaxation, EP phases and update),
+:mod:`~eprun.native.energy` (the energy-based dense net's relaxation) and
 :mod:`~eprun.native.conv` (the conv nets' pooled top-down term and Winograd convolution).
 """
 
-from eprun.native import conv, dense  # noqa: F401  (declare their prototypes before any library loads)
+from eprun.native import conv, dense, energy  # noqa: F401  (declare their prototypes before any library loads)
 from eprun.native.build import NativeUnavailable, library, mode, reset
 from eprun.native.parallel import shares_openmp
 
@@ -27,4 +28,4 @@ def status() -> dict:
             "reason": None if lib is not None else build.failure()}
 
 
-__all__ = ["NativeUnavailable", "conv", "dense", "library", "mode", "reset", "status"]
+__all__ = ["NativeUnavailable", "conv", "dense", "energy", "library", "mode", "reset", "status"]

@@ -45,7 +45,9 @@ from pathlib import Path
 from eprun.cache import cache_dir
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("dense_relax.c", "outer_product.c", "unpool_conv_t.c", "winograd_conv_pool.c"))
+                for name in ("dense_relax.c", "energy_relax.c", "outer_product.c", "unpool_conv_t.c",
+                             "winograd_conv_pool.c"))
+HEADERS = (Path(__file__).with_name("vector_math.h"),)
 VECTOR_FLAGS = ("avx2", "fma")
 #: instruction set → the -march flags, and the CPU flags (/proc/cpuinfo) it needs to run
 ARCHES = {
@@ -133,7 +135,7 @@ def compile_library(arch_name: str = "native", defines: tuple[str, ...] = ()) ->
     if cc is None:
         raise OSError("no C compiler found ($CC, cc, gcc, clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     extra = [f"-D{name}" for name in defines]
     errors = []
     for flags in flag_sets(arch_name):

@@ -49,19 +49,19 @@ build.declare("eprun_native_vectorized", _i32)
 build.declare("eprun_native_avx512", _i32)
 
 
-def _cpu_float32(*tensors: torch.Tensor) -> bool:
+def cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def supports(state: list[torch.Tensor], *tensors: torch.Tensor, steps: int = MIN_STEPS) -> bool:
     """True when the kernel can run this relaxation: the library here, CPU float32 contiguous
     tensors, few enough layers, at least :data:`MIN_STEPS` steps."""
-    if not MIN_STEPS <= steps <= C_INT_MAX or len(state) > MAX_LAYERS or not _cpu_float32(*state, *tensors):
+    if not MIN_STEPS <= steps <= C_INT_MAX or len(state) > MAX_LAYERS or not cpu_float32(*state, *tensors):
         return False
     return build.library() is not None
 
 
-def _array(kind, values):
+def array(kind, values):
     return (kind * len(values))(*values)
 
 
@@ -72,8 +72,8 @@ def _c_int(name: str, value: int) -> int:
     return int(value)
 
 
-def _pointers(tensors) -> ctypes.Array:
-    return _array(ctypes.c_void_p, [t.data_ptr() if t is not None else None for t in tensors])
+def pointers(tensors) -> ctypes.Array:
+    return array(ctypes.c_void_p, [t.data_ptr() if t is not None else None for t in tensors])
 
 
 def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: list[torch.Tensor | None],
@@ -95,8 +95,8 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     batch = state[0].shape[0]
     taken = torch.empty(batch, dtype=torch.int32) if tol > 0.0 or count_steps else None
     code = lib.eprun_relax_dense(
-        n, _array(ctypes.c_int64, [s.shape[1] for s in state]), _pointers(state), _pointers(constant),
-        _array(ctypes.c_int, [int(c.dim() == 2) for c in constant]), _pointers(up), _pointers(down), float(scale),
+        n, array(ctypes.c_int64, [s.shape[1] for s in state]), pointers(state), pointers(constant),
+        array(ctypes.c_int, [int(c.dim() == 2) for c in constant]), pointers(up), pointers(down), float(scale),
         ACTIVATION_CODES[activation], float(nudge), _c_int("steps", steps), int(order == "async"), float(tol),
         _c_int("check_every", check_every), taken.data_ptr() if taken is not None else None, batch,
         parallel.threads_for(lib, batch))
@@ -126,9 +126,9 @@ def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], consta
     taken = torch.empty(2, batch, dtype=torch.int32)
     loss = torch.empty(batch)
     code = lib.eprun_ep_dense_phases(
-        n, _array(ctypes.c_int64, [s.shape[1] for s in free]), _pointers(free), _pointers(nudged),
-        _pointers(constant), _array(ctypes.c_int, [int(c.dim() == 2) for c in constant]),
-        nudged_constant.data_ptr(), labels.data_ptr(), float(scale * beta), _pointers(up), _pointers(down),
+        n, array(ctypes.c_int64, [s.shape[1] for s in free]), pointers(free), pointers(nudged),
+        pointers(constant), array(ctypes.c_int, [int(c.dim() == 2) for c in constant]),
+        nudged_constant.data_ptr(), labels.data_ptr(), float(scale * beta), pointers(up), pointers(down),
         float(scale), ACTIVATION_CODES[activation], _c_int("free_steps", free_steps),
         _c_int("nudged_steps", nudged_steps), int(order == "async"), float(tol), _c_int("check_every", check_every),
         taken[0].data_ptr(), taken[1].data_ptr(), loss.data_ptr(), batch,
@@ -162,12 +162,12 @@ def ep_dense_update(x: torch.Tensor, free: list[torch.Tensor], nudged: list[torc
         if (weight_grads[i].shape != (sizes[i + 1], sizes[i]) or bias_grads[i].shape != (sizes[i + 1],)
                 or free[i].shape != (batch, sizes[i + 1]) or nudged[i].shape != free[i].shape):
             return False
-    if not _cpu_float32(x, *free, *nudged, *weight_grads, *bias_grads):
+    if not cpu_float32(x, *free, *nudged, *weight_grads, *bias_grads):
         return False
     lib = build.library()
     diff = torch.empty(batch, sizes[1])
-    code = lib.eprun_ep_dense_update(n, _array(ctypes.c_int64, sizes), x.data_ptr(), _pointers(free),
-                                     _pointers(nudged), _pointers(weight_grads), _pointers(bias_grads),
+    code = lib.eprun_ep_dense_update(n, array(ctypes.c_int64, sizes), x.data_ptr(), pointers(free),
+                                     pointers(nudged), pointers(weight_grads), pointers(bias_grads),
                                      diff.data_ptr(), float(c), batch, parallel.all_threads(lib))
     return code == 0
 
@@ -179,7 +179,7 @@ def add_outer_(out: torch.Tensor, a: torch.Tensor, x: torch.Tensor, alpha: float
     if not add_outer_available():
         return False
     batch, n = a.shape
-    if out.shape != (n, x.shape[1]) or x.shape[0] != batch or not _cpu_float32(out, a, x):
+    if out.shape != (n, x.shape[1]) or x.shape[0] != batch or not cpu_float32(out, a, x):
         return False
     lib = build.library()
     code = lib.eprun_add_outer(out.data_ptr(), a.data_ptr(), x.data_ptr(), batch, n, x.shape[1], float(alpha),

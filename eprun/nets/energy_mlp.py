@@ -73,6 +73,7 @@ from eprun.nets.dense import dense_weight_products
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
 from eprun.nets.products import add_outer_, linear
+from eprun.native import energy as native_energy
 
 
 @dataclass
@@ -322,6 +323,8 @@ class EnergyMLP(LayeredNetwork):
         eps = self.eps
         n_layers = len(state)
         nudged = beta != 0.0 and target is not None
+        if self._relax_native(drive, state, steps, beta if nudged else 0.0, target if nudged else None):
+            return state
         buf = self._relax_buffers(state)
         r, d, h = buf["r"], buf["d"], buf["h"]
         weights = list(self.weights)
@@ -359,6 +362,21 @@ class EnergyMLP(LayeredNetwork):
                     s.clamp_(0.0, 1.0)
         self.note_relax(steps, "torch")
         return state
+
+    def _relax_native(self, drive: torch.Tensor, state: list[torch.Tensor], steps: int, beta: float,
+                      target: torch.Tensor | None) -> bool:
+        """:meth:`relax` through the compiled kernel (:mod:`eprun.native.energy`) where it applies
+        (no lateral connections, CPU float32); False, having done nothing, elsewhere."""
+        if any(self._lateral(i) is not None for i in range(len(state))):
+            return False
+        slope = 1.0 if self.act.name == "tanh" else self.act.scale  # ρ'(s) = slope·d(s), as _rho_and_slope_
+        weights = [w.detach() for w in self.weights]
+        biases = [b.detach() for b in self.biases]
+        if not native_energy.relax_energy(state, drive, biases, weights, target, self.act.name, self.act.scale,
+                                          self.act.shift, slope, self.eps, beta, self.cfg.clamp, steps):
+            return False
+        self.note_relax(steps, "native")
+        return True
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None, input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
