@@ -251,18 +251,55 @@ def test_train_step_needs_an_attached_optimizer_and_says_so():
         rule.train_step(*batch())
 
 
-def test_rule_steps_the_optimizer_itself_and_leaves_zero_grads():
+@pytest.mark.parametrize("momentum, steps", [(0.0, 0), (0.9, 4)])
+def test_rule_steps_the_optimizer_itself_and_leaves_zero_grads(momentum, steps):
+    """One optimiser step per nudged step; with plain SGD (the input drive followed through x̃x̃ᵀ)
+    the rule writes the steps θ −= η·grad out itself, with the optimiser's learning rates."""
     assert CEP.steps_optimizer is True and not getattr(EP, "steps_optimizer", False)
     net = make_net()
     rule = CEP(CEPConfig(T=10, K=4), net, torch.Generator())
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=momentum)
     calls = []
     original = opt.step
     opt.step = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     rule.attach_optimizer(opt)
+    assert rule.follows_input_drive() is (momentum == 0.0)
     rule.train_step(*batch())
-    assert len(calls) == 4  # one optimiser step per nudged step
+    assert len(calls) == steps
     assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vf"])
+def test_following_the_input_drive_equals_recomputing_it_in_float32(kind, monkeypatch):
+    """The two nudged-phase paths of rules/cep.py from the same weights over several batches of a
+    784-64-10 net at C-EP-1h's rates: the same weights within float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    nets = []
+    for follow in (True, False):
+        cfg = (MLPConfig(hidden=[64]) if kind == "mlp" else VFMLPConfig(hidden=[64], initial_angle=20.0))
+        cls = PrototypicalMLP if kind == "mlp" else VectorFieldMLP
+        net = cls(cfg, (1, 28, 28), 10, torch.Generator().manual_seed(0))
+        rule = CEP(CEPConfig(T=40, K=15, beta=0.2), net, torch.Generator().manual_seed(0))
+        rule.attach_optimizer(build_optimizer(OptimConfig(kind="sgd", lr=[0.0056, 0.0028]), net.layer_groups()))
+        if not follow:
+            monkeypatch.setattr(rule, "follows_input_drive", lambda: False)
+        assert rule.follows_input_drive() is follow
+        nets.append((net, rule))
+    for _ in range(5):
+        x, y = torch.rand(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g)
+        for _, rule in nets:
+            rule.train_step(x, y)
+    start = params_of(make_net_like(nets[0][0]))
+    followed, recomputed = params_of(nets[0][0]), params_of(nets[1][0])
+    assert relative_error(recomputed, start) > 0.1  # the weights moved a lot
+    update = {k: recomputed[k] - start[k] for k in start}
+    # the paths part by float32 rounding only, far below this bound
+    assert relative_error({k: followed[k] - start[k] for k in start}, update) < 1e-4
+
+
+def make_net_like(net):
+    """A fresh copy of ``net``'s class and recipe at its initial weights (seed 0)."""
+    return type(net)(net.cfg, (1, 28, 28), 10, torch.Generator().manual_seed(0))
 
 
 def test_evaluate_is_eps_free_phase():

@@ -117,6 +117,12 @@ class EPNetwork(Network):
     relax_schedules: ClassVar[bool] = False
     #: c in the nudge c·β·∂(−ℓ)/∂s^N of one step (the energy-based net's ε; 1 elsewhere).
     nudge_scale: float = 1.0
+    #: the input drive is a·(x̃ W_0ᵀ + b_1) + c with (x̃, W_0, b_1, a) = :meth:`input_layer` (x),
+    #: and the update written for W_0 and b_1 is scale·(s¹_a − s¹_b)ᵀx̃ and scale·Σ_b(s¹_a − s¹_b),
+    #: batch mean, with ``accumulate_dphi_dtheta_difference_(…, skip_input_layer=True)`` leaving
+    #: them alone: a rule that moves W_0 and b_1 during a phase (C-EP) can then follow the drive
+    #: through x̃x̃ᵀ instead of recomputing it (``rules/cep.py``).
+    linear_input_drive: ClassVar[bool] = False
     #: set by every relaxation: the steps it took (their mean over the examples where each stops
     #: on its own), and the engine that ran it ("torch", "native" or "torch+native").
     last_relax_steps: float = 0.0
@@ -155,6 +161,10 @@ class EPNetwork(Network):
     def target(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The labels as the nudge takes them (one-hot), in ``like``'s dtype and device."""
 
+    def input_layer(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Parameter, nn.Parameter, float]:
+        """(x̃, W_0, b_1, a) of the drive a·(x̃ W_0ᵀ + b_1) + c, where :attr:`linear_input_drive`."""
+        raise NotImplementedError(f"{type(self).__name__}'s input drive is not a·(x W_0ᵀ + b_1) + c")
+
     def ep_phases(self, drive: torch.Tensor, labels: torch.Tensor, free_steps: int, nudged_steps: int, beta: float,
                   **schedule):
         """EP's free phase and one-sided nudged phase in one call of a faster engine:
@@ -168,7 +178,8 @@ class EPNetwork(Network):
     def accumulate_dphi_dtheta_difference_(self, x: torch.Tensor, state_a: list[torch.Tensor],
                                            state_b: list[torch.Tensor], scale: float) -> None:
         """θ.grad += scale·(∂Φ/∂θ(x, s_a, θ) − ∂Φ/∂θ(x, s_b, θ)), batch mean (a vector-field net:
-        its VF update with the pre-synaptic units at s_a)."""
+        its VF update with the pre-synaptic units at s_a). Nets with :attr:`linear_input_drive`
+        also take ``skip_input_layer=True``: every parameter but W_0 and b_1."""
 
     def accumulate_readout_grad_(self, state: list[torch.Tensor], y: torch.Tensor) -> None:
         """The read-out outside Φ (if any): its exact loss gradient at ``state`` into ``.grad``."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
+from torch import nn
 
 from eprun.native import dense as native_dense
 from eprun.limits import MAX_UNITS, magnitude, within
@@ -127,21 +128,25 @@ class PrototypicalMLP(LayeredNetwork):
 
     @torch.no_grad()
     def accumulate_dphi_dtheta_difference_(self, x: torch.Tensor, state_a: list[torch.Tensor],
-                                           state_b: list[torch.Tensor], scale: float) -> None:
+                                           state_b: list[torch.Tensor], scale: float,
+                                           skip_input_layer: bool = False) -> None:
         """θ.grad += scale · (∂Φ/∂θ(x, s_a, θ) − ∂Φ/∂θ(x, s_b, θ)) (batch mean), straight into ``.grad``.
 
         EP's one-sided estimate is  grad = −Δθ = (1/β)(∂Φ/∂θ(s*) − ∂Φ/∂θ(s^β)):  s_a = s*, s_b = s^β.
         For W_0 the input is shared, so its term is one product: (s¹_a − s¹_b)ᵀ x.
+        ``skip_input_layer``: W_0 and b_1 left alone (see ``linear_input_drive``).
         """
         weights, biases = parameters_in(self.weights), parameters_in(self.biases)
         x = self.flatten(x)
         c = scale / x.shape[0]
-        if native_dense.ep_dense_update(x, state_a, state_b, [grad_of(w) for w in weights],
-                                        [grad_of(b) for b in biases], c):
+        if not skip_input_layer and native_dense.ep_dense_update(x, state_a, state_b, [grad_of(w) for w in weights],
+                                                                 [grad_of(b) for b in biases], c):
             return
         layers_a = [x] + list(state_a)
         layers_b = [x] + list(state_b)
         for n, (w, b) in enumerate(zip(weights, biases)):
+            if n == 0 and skip_input_layer:
+                continue
             diff = layers_a[n + 1] - layers_b[n + 1]  # s^{n+1}_a − s^{n+1}_b
             if n == 0:
                 add_outer_(grad_of(w), diff, layers_a[0], c)
@@ -151,6 +156,12 @@ class PrototypicalMLP(LayeredNetwork):
             grad_of(b).add_(diff.sum(dim=0), alpha=c)
 
     # ------------------------------------------------------------------ dynamics (hot path)
+
+    linear_input_drive = True
+
+    def input_layer(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Parameter, nn.Parameter, float]:
+        """(x flattened, W_0, b_1, a): the drive is a·(x W_0ᵀ + b_1) + c."""
+        return self.flatten(x), self.weights[0], self.biases[0], self.act.scale
 
     @torch.no_grad()
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:

@@ -192,8 +192,10 @@ class VectorFieldMLP(LayeredNetwork):
 
     @torch.no_grad()
     def accumulate_dphi_dtheta_difference_(self, x: torch.Tensor, state_a: list[torch.Tensor],
-                                           state_b: list[torch.Tensor], scale: float) -> None:
-        """θ.grad += scale · V(a, b), the VF update, in place (the interface EP's rule calls).
+                                           state_b: list[torch.Tensor], scale: float,
+                                           skip_input_layer: bool = False) -> None:
+        """θ.grad += scale · V(a, b), the VF update, in place (the interface EP's rule calls);
+        ``skip_input_layer``: W_0 and b_1 left alone (see ``linear_input_drive``).
 
         The net has no Φ; the name is the EP interface's. What is written is the "pseudo
         ∂Φ/∂θ difference" V(a, b) of :meth:`vf_update`: for each weight, the difference of its
@@ -230,6 +232,9 @@ class VectorFieldMLP(LayeredNetwork):
         diff_post_prev = None  # s^n_a − s^n_b of the layer below (None for the clamped input)
         for n, (w, b) in enumerate(zip(parameters_in(self.weights), parameters_in(self.biases))):
             diff_post = layers_a[n + 1] - layers_b[n + 1]
+            if n == 0 and skip_input_layer:
+                diff_post_prev = diff_post
+                continue
             grad_of(b).add_(diff_post.sum(dim=0), alpha=c)  # s^{n+1}_a − s^{n+1}_b
             if n >= 1 and self.same_update:  # tied: W_n and B_nᵀ both get V_{W_n} + V_{B_n}ᵀ
                 tied = torch.mm(diff_post.T, layers_a[n]).addmm_(layers_a[n + 1].T, diff_post_prev)
@@ -242,6 +247,12 @@ class VectorFieldMLP(LayeredNetwork):
             diff_post_prev = diff_post
 
     # ------------------------------------------------------------------ dynamics (hot path)
+
+    linear_input_drive = True
+
+    def input_layer(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Parameter, nn.Parameter, float]:
+        """(x flattened, W_0, b_1, a): the drive is a·(x W_0ᵀ + b_1) + c."""
+        return self.flatten(x), self.weights[0], self.biases[0], self.act.scale
 
     @torch.no_grad()
     def input_drive(self, x: torch.Tensor) -> torch.Tensor:

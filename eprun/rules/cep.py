@@ -45,11 +45,26 @@ full optimiser step (K per batch: K decays, K moment updates) — well defined, 
 paper's rule. A softmax read-out (outside Φ) gets its exact gradient at s* once per batch,
 in the first nudged step.
 
-Cost. θ changes at every step, so nothing computed from θ can be reused across steps: the
-input drive a·(W_0 x + b_1) + c, which EP computes once per batch, is recomputed at every
-nudged step (a batch × |x| × |s¹| product, the largest of a step), and the ∂Φ/∂θ increment
-(outer products the size of every weight) is taken K times instead of once. That is inherent
-to C-EP: it is what "continual" costs in a simulation.
+Cost, and the input layer followed through x̃x̃ᵀ. θ changes at every step, so the input drive
+a·(x̃ W_0ᵀ + b_1) + c, which EP computes once per batch, changes at every nudged step, and so
+does W_0, the largest weight. Written out, each step would cost a batch × |x| × |s¹| product
+for the drive and an outer product of W_0's size for its increment. Neither is needed where
+the increments are plain SGD steps (no momentum, no weight decay) on one process and the net's
+drive is affine in (W_0, b_1) (``linear_input_drive``). With Δ_k = s¹_k − s¹_{k+1}, B the batch
+and η_W, η_b the learning rates of W_0 and b_1, the step's increments are
+W_0 −= (η_W/(βB)) Δ_kᵀx̃ and b_1 −= (η_b/(βB)) Σ_b Δ_k, so the drive moves by::
+
+    drive_{k+1} = drive_k − (a/(βB)) (η_W x̃x̃ᵀ + η_b 11ᵀ) Δ_k         (a B × B matrix, once per batch)
+
+and since x̃ is clamped the K increments of W_0 telescope, Σ_k Δ_k = s¹* − s¹_K::
+
+    W_0 −= (η_W/(βB)) (s¹* − s¹_K)ᵀ x̃,   b_1 −= (η_b/(βB)) Σ_b (s¹* − s¹_K)      (once, at the end)
+
+The states and the final weights are those of the step-by-step loop in exact arithmetic (the
+float32 sums differ in rounding; ``tests/test_cep.py`` holds the two paths together). The other
+layers are still updated at every step, by the SGD step written out (θ −= η·grad). Anything else — momentum, Adam, weight decay, or a
+data-parallel run, whose drive also moves with the other ranks' examples — takes the loop that
+recomputes the drive and steps every weight at every step.
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ import torch
 
 from eprun import stopping
 from eprun.limits import MAX_STEPS, magnitude, within
+from eprun.nets.parameters import grad_of
 from eprun.rules.base import Relaxation, RuleConfig
 from eprun.rules.ep import EP
 
@@ -131,9 +147,13 @@ class CEP(EP):
                                "call rule.attach_optimizer(optimizer) before train_step")
         net, cfg, opt = self.net, self.cfg, self.optimizer
         target = net.target(y, x)
-        free = self.free_phase(net.input_drive(x))  # s*, with θ fixed
+        drive = net.input_drive(x)
+        free = self.free_phase(drive)  # s*, with θ fixed
         logits, loss = net.logits(free).clone(), net.loss(free, y)
         beta = self._beta()
+        if self.follows_input_drive():
+            self._nudged_phase_following_drive(x, y, target, drive, free, beta)
+            return logits, loss
         cur, nxt = free, [s.clone() for s in free]  # s_k and s_{k+1}, swapped each step
         for k in range(cfg.K):
             stopping.check()
@@ -152,3 +172,60 @@ class CEP(EP):
             cur, nxt = nxt, cur
         opt.zero_grad(set_to_none=False)
         return logits, loss
+
+    def follows_input_drive(self) -> bool:
+        """Whether the nudged phase follows the input drive through x̃x̃ᵀ and applies W_0's and b_1's
+        K increments at once (module docstring, "Cost"): the net's drive is affine in (W_0, b_1),
+        and the optimiser is this process's own plain SGD (no momentum, weight decay, Nesterov)."""
+        opt = self.optimizer
+        if not self.net.linear_input_drive or not isinstance(opt, torch.optim.SGD):
+            return False
+        return all(g.get("momentum", 0.0) == 0.0 and g.get("weight_decay", 0.0) == 0.0 and not g.get("nesterov")
+                   and not g.get("maximize") for g in opt.param_groups)
+
+    def _learning_rate(self, p: torch.nn.Parameter) -> float:
+        for group in self.optimizer.param_groups:
+            if any(q is p for q in group["params"]):
+                return float(group["lr"])
+        raise ValueError("a parameter of the net is in none of the optimiser's groups")
+
+    def _nudged_phase_following_drive(self, x, y, target, drive, free, beta) -> None:
+        """The K nudged steps of :meth:`train_step` with the input drive followed through x̃x̃ᵀ:
+
+            s_{k+1} = F(x, s_k, θ_k, β)                      with drive_k = a·(x̃ W_{0,k}ᵀ + b_{1,k}) + c
+            θ_{k+1} = θ_k − η·grad  for every parameter but W_0, b_1  (plain SGD, η per layer group)
+            drive_{k+1} = drive_k − M Δ_k,  M = (a/(βB))(η_W x̃x̃ᵀ + η_b 11ᵀ),  Δ_k = s¹_k − s¹_{k+1}
+
+        then W_0 −= (η_W/(βB))(s¹* − s¹_K)ᵀx̃ and b_1 −= (η_b/(βB))Σ_b(s¹* − s¹_K). The SGD steps
+        are written out (what :meth:`follows_input_drive` admits is exactly θ −= η·grad), so that
+        W_0 is not swept K times by steps that leave it unchanged."""
+        net, opt = self.net, self.optimizer
+        x_in, w0, b1, a = net.input_layer(x)
+        eta_w, eta_b = self._learning_rate(w0), self._learning_rate(b1)
+        c = 1.0 / (beta * x_in.shape[0])
+        follow = torch.mm(x_in, x_in.T).mul_(a * c * eta_w).add_(a * c * eta_b)
+        stepped = [(float(group["lr"]), [p for p in group["params"] if p is not w0 and p is not b1])
+                   for group in opt.param_groups]
+        opt.zero_grad(set_to_none=False)
+        for p in (w0, b1):
+            grad_of(p)  # left zero (train_step's promise: every .grad zero on return)
+        first = free[0].clone()  # s¹*
+        cur, nxt = free, [s.clone() for s in free]
+        for k in range(self.cfg.K):
+            stopping.check()
+            if k == 0:
+                net.accumulate_readout_grad_(free, y)
+            for new, old in zip(nxt, cur):
+                new.copy_(old)
+            net.relax(drive, nxt, 1, beta, target)  # s_{k+1} = F(x, s_k, θ_k, β)
+            net.accumulate_dphi_dtheta_difference_(x, cur, nxt, 1.0 / beta, skip_input_layer=True)
+            for lr, params in stepped:  # θ_{k+1} = θ_k − η·grad
+                for p in params:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
+                        p.grad.zero_()
+            drive.addmm_(follow, cur[0] - nxt[0], alpha=-1.0)  # drive_{k+1} = drive_k − M Δ_k
+            cur, nxt = nxt, cur
+        diff = first.sub_(cur[0])  # s¹* − s¹_K = Σ_k Δ_k
+        w0.addmm_(diff.T, x_in, alpha=-eta_w * c)
+        b1.add_(diff.sum(dim=0), alpha=-eta_b * c)
