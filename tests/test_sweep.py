@@ -241,10 +241,10 @@ def test_ctrl_c_stops_the_workers_cleanly_and_resume_runs_only_the_unfinished_po
 
     The second point must still be training when the signal lands: on the torch engine (the native
     kernels stop an example at a bitwise fixed point, so a long T alone would not slow them) its
-    2,000 steps a phase make it last seconds, far longer than the poll below."""
+    1,000 steps a phase make it last over a second, far longer than the poll below."""
     monkeypatch.setenv("EPRUN_NATIVE", "0")
     out = tmp_path / "runs"
-    second_slow = ["-s", "rule.T=12,2000", "-s", "train.max_batches=60", "-s", "train.checkpoint_every=2",
+    second_slow = ["-s", "rule.T=12,1000", "-s", "train.max_batches=40", "-s", "train.checkpoint_every=2",
                    "-s", "train.log_every=2", "-s", "train.epochs=1", "-s", "data.val_size=100"]
     env = {**os.environ, "EPRUN_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "eprun", "sweep", str(tiny_recipe), *second_slow,
