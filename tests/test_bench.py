@@ -124,6 +124,8 @@ def test_multiply_add_counts_of_the_dense_net():
     update = B * 25 * 7 + 2 * B * (7 * 5 + 5 * 4)
     assert train_macs(net, EPConfig(T=T, K=K), B) == drive + (T + K) * step + update
     assert train_macs(net, CEPConfig(T=T, K=K), B) == drive + T * step + K * (drive + step + update)
+    assert (train_macs(net, CEPConfig(T=T, K=K), B, follows_input_drive=True)
+            == 2 * drive + T * step + K * (step + update - drive))
     assert train_macs(net, BPTTConfig(T=T), B) == 2 * drive + T * 6 * B * (7 * 5 + 5 * 4)
 
 
@@ -255,3 +257,16 @@ def test_engines_script_times_torch_and_every_build_the_cpu_runs(monkeypatch):
     assert ("avx2" in names) == ("avx2" in build.cpu_flags())
     for figures in result["engines"].values():
         assert figures["us_per_step"] > 0 and figures["max_abs_difference_from_torch"] < 1e-4
+
+
+def test_cep_paths_script_times_both_paths_and_finds_them_equal():
+    """benchmarks/cep_paths.py on a small C-EP net: both nudged-phase paths timed, and one batch's
+    updates from the same weights agree to float32 rounding (float64: to its rounding)."""
+    from benchmarks import cep_paths
+
+    result = cep_paths.main(["--batches", "2", "--rounds", "1", "-s", "model.hidden=[32]", "-s", "rule.T=5",
+                             "-s", "rule.K=3"])
+    assert set(result["samples_per_s"]) == {"recomputed", "followed"}
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    assert result["relative_difference_of_one_update"]["float32"] < 1e-4
+    assert result["relative_difference_of_one_update"]["float64"] < 1e-10

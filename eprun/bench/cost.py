@@ -31,11 +31,13 @@ def eval_macs(net, rule_cfg, batch: int) -> Optional[int]:
     return p[0] + rule_cfg.relaxation().T * (2 * sum(p[1:]) + sum(lat))
 
 
-def train_macs(net, rule_cfg, batch: int) -> Optional[int]:
+def train_macs(net, rule_cfg, batch: int, follows_input_drive: bool = False) -> Optional[int]:
     """Multiply-adds of the training step on one batch::
 
         EP     P_0 + (T + K·m)·S + U            m = 2 for the symmetric estimator, else 1
         C-EP   P_0 + T·S + K·(P_0 + S + U)      the drive is rebuilt at every nudged step
+               2·P_0 + T·S + K·(S + U − P_0)    ``follows_input_drive`` (rules/cep.py): the drive
+                                                and W_0's update once; its B×B products not counted
         BPTT   2·P_0 + T·(6·Σ_{j≥1} P_j + 3·Σ_i B·n_i²)
 
     U, the ∂Φ/∂θ difference: dense W_0 one product (the input is shared), P_0; every other dense
@@ -59,12 +61,14 @@ def train_macs(net, rule_cfg, batch: int) -> Optional[int]:
     update = (2 if is_conv[0] else 1) * p[0] + sum((4 if c else 2) * pj for pj, c in zip(p[1:], is_conv[1:]))
     update += 2 * sum(lat)
     if rule_cfg.kind == "cep":
+        if follows_input_drive:
+            return 2 * p[0] + T * step + K * (step + update - p[0])
         return p[0] + T * step + K * (p[0] + step + update)
     phases = 2 if relaxation.estimator in ("symmetric", "centered") else 1
     return p[0] + (T + K * phases) * step + update
 
 
-def flop(count, net, rule_cfg, batch: int) -> Optional[int]:
-    """2 × ``count(net, rule_cfg, batch)``, or None where no count is written."""
-    macs = count(net, rule_cfg, batch)
+def flop(count, net, rule_cfg, batch: int, **options) -> Optional[int]:
+    """2 × ``count(net, rule_cfg, batch, **options)``, or None where no count is written."""
+    macs = count(net, rule_cfg, batch, **options)
     return None if macs is None else 2 * macs

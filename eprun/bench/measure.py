@@ -204,7 +204,8 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
               "eval_peak_bytes_baseline": peak_memory(lambda: base_evaluate(x, y), device)}
 
     b = setup.batch
-    train_flop = flop(train_macs, ours, setup.recipe.rule, b)
+    followed = setup.recipe.rule.kind == "cep" and rule.follows_input_drive()  # kind cep: a CEP rule
+    train_flop = flop(train_macs, ours, setup.recipe.rule, b, follows_input_drive=followed)
     eval_flop = flop(eval_macs, ours, setup.recipe.rule, b)
     train_gflops = None if train_flop is None else train_flop * batches / t_ours / 1e9
     eval_gflops = None if eval_flop is None else eval_flop * eval_batches / t_ours_eval / 1e9
