@@ -533,3 +533,14 @@ def test_a_run_written_before_a_key_existed_groups_with_one_written_after():
     groups = group_runs([full, older, other_beta], rows)
     assert [g.members for g in groups] == [[0, 1], [2]]
     assert groups[0].varying == {"rule.beta": 0.2} and groups[0].scores["test_accuracy"]["n"] == 2
+
+
+def test_groups_of_different_recipes_are_labelled_by_name_and_settings_not_prose():
+    from eprun import recipe as recipes, schema
+    from eprun.runs.groups import group_runs
+
+    a = schema.to_plain(recipes.from_plain(yaml.safe_load(TINY_RECIPE)))
+    b = json.loads(json.dumps(a))
+    b["description"], b["rule"]["T"] = "another experiment, in words", 20
+    groups = group_runs([a, b], [{}, {}])
+    assert [g.label("tiny") for g in groups] == ["tiny rule.T=12", "tiny rule.T=20"]

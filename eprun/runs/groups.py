@@ -22,6 +22,8 @@ from typing import Any, Iterable
 
 #: recipe keys that do not make two runs different experiments
 IGNORED_KEYS = ("seed", "name")
+#: recipe keys of free text, which label nothing well
+PROSE_KEYS = ("description", "paper")
 #: the numeric columns of ``eprun compare`` that a group aggregates
 SCORES = ("epochs", "best_val_accuracy", "test_accuracy", "wall_time_s", "samples_per_s",
           "angle_to_bptt_deg", "angle_to_bp_deg")
@@ -90,8 +92,14 @@ class Group:
         return len(self.members)
 
     def label(self, fallback: str) -> str:
-        """``rule.beta=0.1 model.hidden=[512]``: the group's values of the varying keys."""
-        return " ".join(f"{k}={_text(v)}" for k, v in self.varying.items()) or fallback
+        """``rule.beta=0.1 model.hidden=[512]``: the group's values of the varying keys. Where
+        the groups are different recipes (their prose keys differ), ``fallback`` (the first run's
+        recipe name) leads and the prose is left out: ``proto-mlp-1h rule.T=40 rule.K=15``."""
+        prose = [k for k in self.varying if k in PROSE_KEYS]
+        settings = " ".join(f"{k}={_text(v)}" for k, v in self.varying.items() if k not in PROSE_KEYS)
+        if prose:
+            return f"{fallback} {settings}".strip()
+        return settings or fallback
 
 
 def group_runs(recipes: list[dict[str, Any]], rows: list[dict[str, Any]],
