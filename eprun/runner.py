@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from eprun import catalog, distributed, plots, runs, schema, stopping
+from eprun import catalog, distributed, plots, precision, runs, schema, stopping
 from eprun.assemble import build_network, build_rule, generator, resolve_device
 from eprun.data import Split, Splits, load_splits, synthetic_like
 from eprun.data.augment import augment
@@ -86,6 +86,7 @@ def check_fits(recipe: Recipe, info) -> None:
 
 
 def assemble(recipe: Recipe, splits: Splits, device: torch.device, world: World = SINGLE) -> Experiment:
+    precision.apply(recipe.train.precision, device)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     info = splits.info

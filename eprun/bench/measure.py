@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from eprun import precision
 from eprun.assemble import build_network, build_rule, generator
 from eprun.bench.baselines import BASELINES, NoStep, plain_optimizer
 from eprun.bench.cases import CHECK64_EXAMPLES, EVAL_TEST_IMAGES, EVAL_TEST_ROUNDS, BenchOptions, Case, case_recipe, numbers, resolve
@@ -70,6 +71,7 @@ class CaseSetup:
             raise EprunError(f"bench {case.name}: the baseline cannot share eprun's random-sign draws; "
                              f"use -s rule.estimator=one-sided")
         self.recipe = recipe
+        precision.apply(recipe.train.precision, device)  # the recipe's, as a run would
         self.info = dataset_info(recipe.data.dataset)
         try:
             self.pristine = build_network(recipe, self.info.input_shape, self.info.num_classes, device, dtype)
@@ -162,7 +164,8 @@ def _common(setup: CaseSetup, net, threads: int) -> dict:
             "net": net.describe(), "rule": r.rule.kind, "T": relaxation.T if relaxation else None,
             "K": relaxation.K if relaxation else None, "beta": relaxation.beta if relaxation else None,
             "optimizer": r.optim.kind,
-            "device": str(setup.device), "dtype": str(setup.dtype).replace("torch.", ""), "threads": threads}
+            "device": str(setup.device), "dtype": str(setup.dtype).replace("torch.", ""), "threads": threads,
+            "precision": r.train.precision if setup.device.type == "cuda" else None}
 
 
 def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) -> dict:

@@ -1,0 +1,138 @@
+"""On a CUDA device: the same EP-family updates as the CPU within float32 rounding, C-EP's two
+nudged-phase paths equal, the precision policy in force and recorded, a run resumed on CUDA equal
+to the run that never stopped, and one rank under torchrun on NCCL equal to a plain run.
+Skipped without CUDA; ``scripts/gpu_check.sh`` runs them on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eprun.cli import app
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = math.sqrt(sum(float(((x.double().cpu() - y.double().cpu()) ** 2).sum()) for x, y in zip(a, b)))
+    return num / math.sqrt(sum(float((y.double().cpu() ** 2).sum()) for y in b))
+
+
+def update_on(device: str, kind: str, rule_kind: str = "ep") -> list[torch.Tensor]:
+    """One training step's weight change of a small net of ``kind`` from seed-0 weights on a fixed batch."""
+    from eprun import precision
+    from eprun.assemble import build_network, build_rule
+    from eprun.optim import build_optimizer
+    from eprun.recipe import from_plain
+
+    model = {"mlp": {"kind": "mlp", "hidden": [64]}, "energy_mlp": {"kind": "energy_mlp", "hidden": [64]},
+             "vf_mlp": {"kind": "vf_mlp", "hidden": [64], "initial_angle": 20.0},
+             "conv": {"kind": "conv", "channels": [8, 16]}}[kind]
+    recipe = from_plain({"name": "t", "seed": 0, "device": device, "data": {"dataset": "mnist", "batch_size": 20},
+                         "model": model, "rule": ({"kind": "bptt", "T": 20} if rule_kind == "bptt"
+                                                  else {"kind": rule_kind, "T": 20, "K": 6, "beta": 0.2}),
+                         "optim": {"kind": "sgd", "lr": 0.05}})
+    dev = torch.device(device)
+    precision.apply("float32", dev)
+    net = build_network(recipe, (1, 28, 28), 10, dev)
+    rule = build_rule(recipe, net)
+    opt = build_optimizer(recipe.optim, net.layer_groups())
+    rule.attach_optimizer(opt)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(20, 1, 28, 28, generator=g).to(dev), torch.randint(0, 10, (20,), generator=g).to(dev)
+    start = [p.detach().clone() for p in net.parameters()]
+    opt.zero_grad(set_to_none=False)
+    rule.train_step(x, y)
+    if not rule.steps_optimizer:
+        opt.step()
+    return [(p.detach() - s) for p, s in zip(net.parameters(), start)]
+
+
+@pytest.mark.parametrize("kind, rule_kind", [("mlp", "ep"), ("energy_mlp", "ep"), ("vf_mlp", "ep"), ("conv", "ep"),
+                                             ("mlp", "cep"), ("vf_mlp", "cep"), ("mlp", "bptt")])
+def test_cuda_gives_the_cpu_update_within_float32_rounding(kind, rule_kind):
+    cpu, cuda = update_on("cpu", kind, rule_kind), update_on("cuda", kind, rule_kind)
+    assert relative(cuda, cpu) < 1e-4
+
+
+def test_cep_following_the_drive_equals_recomputing_it_on_cuda(monkeypatch):
+    from eprun.rules.cep import CEP
+
+    followed = update_on("cuda", "mlp", "cep")
+    monkeypatch.setattr(CEP, "follows_input_drive", lambda self: False)
+    recomputed = update_on("cuda", "mlp", "cep")
+    assert relative(followed, recomputed) < 1e-4
+
+
+@pytest.mark.parametrize("setting", ["float32", "tf32"])
+def test_the_precision_policy_is_in_force_and_recorded(setting, tiny_recipe, tmp_path):
+    result = invoke("train", tiny_recipe, "-s", "device=cuda", "-s", f"train.precision={setting}",
+                    "-s", "train.max_batches=3", "-s", "train.epochs=1", "--out", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    env = json.loads((run / "env.json").read_text())
+    on = setting == "tf32"
+    assert env["precision"] == {"cuda_matmul_tf32": on, "cudnn_tf32": on}
+    assert torch.backends.cudnn.allow_tf32 is on and torch.backends.cuda.matmul.allow_tf32 is on
+
+
+def test_a_run_interrupted_on_cuda_resumes_to_the_uninterrupted_one(tiny_recipe, tmp_path, monkeypatch):
+    from eprun.rules.ep import EP
+
+    settings = ["-s", "device=cuda", "-s", "train.checkpoint_every=3", "-s", "train.max_batches=10",
+                "-s", "train.epochs=2", "-s", "rule.estimator=random-sign"]
+    whole = invoke("train", tiny_recipe, "--out", tmp_path / "whole", "-q", *settings)
+    assert whole.exit_code == 0, whole.output
+    original, calls = EP.train_step, {"n": 0}
+
+    def signalling(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, x, y)
+
+    monkeypatch.setattr(EP, "train_step", signalling)
+    stopped = invoke("train", tiny_recipe, "--out", tmp_path / "stopped", "-q", *settings)
+    assert stopped.exit_code == 143, stopped.output
+    monkeypatch.undo()
+    run = next((tmp_path / "stopped").iterdir())
+    assert invoke("train", "--resume", run, "-q").exit_code == 0
+    a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(next((tmp_path / "whole").iterdir()) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_one_rank_under_torchrun_on_nccl_equals_a_plain_run(tiny_recipe, tmp_path):
+    if not torch.distributed.is_nccl_available():
+        pytest.skip("torch built without NCCL")
+    settings = ["-s", "device=cuda", "-s", "train.max_batches=6", "-s", "train.epochs=1"]
+    env = {**os.environ, "EPRUN_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    outs = []
+    for launcher in ([sys.executable, "-m", "eprun"],
+                     [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "eprun"]):
+        out = tmp_path / str(len(outs))
+        proc = subprocess.run([*launcher, "train", str(tiny_recipe), *settings, "--out", str(out), "-q"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(Path(proc.stdout.strip().splitlines()[-1]))
+    assert json.loads((outs[1] / "env.json").read_text())["distributed_backend"] == "nccl"
+    a, b = (torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"] for run in outs)
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
