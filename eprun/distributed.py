@@ -93,9 +93,15 @@ def shard(n: int, world: World) -> slice:
 
 
 def all_sum_(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Sum ``tensor`` over the ranks, in place."""
-    if world.parallel:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum ``tensor`` over the ranks, in place. NCCL reduces CUDA tensors only: a CPU tensor (the
+    per-batch scores) makes the trip through this rank's GPU."""
+    if not world.parallel:
+        return tensor
+    if world.backend == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return tensor.copy_(on_gpu)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
