@@ -1,0 +1,121 @@
+"""Summarise full-length reproduction runs into docs/reproductions/: per row, a JSON file with each
+seed's scores and learning curve, a plot of the curves (mean ± one std over seeds), and the
+table of docs/reproductions/README.md between its ``<!-- rows -->`` markers.
+
+    python scripts/summarise_reproductions.py RUNS_ROOT
+
+RUNS_ROOT holds one folder per (row, seed), named ``<recipe with / as _>-seed<S>``, each with the
+run directory inside (what ``eprun train RECIPE -s seed=S --out RUNS_ROOT/<folder>`` writes). A run
+still training or stopped early is reported with the epoch it reached.
+
+Errors are percentages of the test set: ``100 · (1 − test_accuracy)``; the mean and the sample
+standard deviation (n − 1) are over the seeds that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from eprun import plots
+from eprun.runs import open_run
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "reproductions"
+
+#: row id → (paper row, recipe, published length in epochs)
+ROWS = {
+    "p-1h": ("Ernoult et al. 2019, Table 1, P-1h", "ernoult2019/proto-mlp-1h", 30),
+    "ep-1h": ("Ernoult et al. 2020, Fig. 4 table, EP-1h", "ernoult2020/ep-1h", 30),
+    "vf-1h": ("Ernoult et al. 2020, VF 1 hidden layer (commands.txt)", "ernoult2020/vf-1h", 30),
+    "eb-1h": ("Ernoult et al. 2019, Table 1, EB-1h", "ernoult2019/eb-mlp-1h", 30),
+    "p-2h": ("Ernoult et al. 2019, Table 1, P-2h (= 2020, EP-2h)", "ernoult2019/proto-mlp-2h", 50),
+    "p-3h": ("Ernoult et al. 2019, Table 1, P-3h", "ernoult2019/proto-mlp-3h", 100),
+    "vf-2h": ("Ernoult et al. 2020, VF-2h", "ernoult2020/vf-2h", 50),
+    "cep-1h": ("Ernoult et al. 2020, Fig. 4 table, C-EP-1h", "ernoult2020/cep-1h", 100),
+    "cvf-1h": ("Ernoult et al. 2020, Fig. 4 table, C-VF-1h", "ernoult2020/cvf-1h", 100),
+}
+
+
+def seed_record(run_dir: Path) -> dict:
+    info = open_run(run_dir)
+    summary, metrics = info.summary, info.metrics
+    val = [(m["epoch"], m["accuracy"]) for m in metrics if m.get("event") == "eval" and m.get("split") == "val"]
+    test = summary.get("test_accuracy")
+    return {
+        "seed": info.recipe.get("seed"),
+        "run": info.name,
+        "status": summary.get("status"),
+        "epochs_completed": summary.get("epochs_completed", len(val)),
+        "test_error_pct": None if test is None else round(100 * (1 - test), 2),
+        "best_val_error_pct": (None if summary.get("best_val_accuracy") is None
+                               else round(100 * (1 - summary["best_val_accuracy"]), 2)),
+        "last_epoch_train_error_pct": (None if summary.get("train_accuracy") is None
+                                       else round(100 * (1 - summary["train_accuracy"]), 2)),
+        "wall_time_s": summary.get("wall_time_s"),
+        "samples_per_s": summary.get("samples_per_s"),
+        "val_error_pct_per_epoch": [[e, round(100 * (1 - a), 2)] for e, a in val],
+    }, info.metrics
+
+
+def summarise(root: Path) -> list[dict]:
+    rows = []
+    for row_id, (paper_row, recipe, epochs) in ROWS.items():
+        prefix = recipe.replace("/", "_")
+        folders = sorted(p for p in root.glob(f"{prefix}-seed*") if p.is_dir()
+                         and re.fullmatch(rf"{re.escape(prefix)}-seed\d+", p.name))
+        seeds, curves = [], []
+        for folder in folders:
+            runs = sorted(d for d in folder.iterdir() if (d / "recipe.yaml").is_file())
+            if runs:
+                record, metrics = seed_record(runs[-1])
+                seeds.append(record)
+                curves.append(metrics)
+        if not seeds:
+            continue
+        done = [s["test_error_pct"] for s in seeds
+                if s["status"] == "finished" and s["epochs_completed"] == epochs and s["test_error_pct"] is not None]
+        row = {"row": row_id, "paper_row": paper_row, "recipe": recipe, "published_epochs": epochs,
+               "n_full_length": len(done),
+               "test_error_pct_mean": round(statistics.fmean(done), 2) if done else None,
+               "test_error_pct_std": round(statistics.stdev(done), 2) if len(done) > 1 else None,
+               "seeds": seeds}
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{row_id}.json").write_text(json.dumps(row, indent=2) + "\n")
+        plots.plot_groups([(f"{row_id} ({recipe})", curves)], OUT / f"{row_id}.png")
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| row | recipe | epochs | seeds at full length | test error % (mean ± std) | per seed (test error %, epochs) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mean = "—" if r["test_error_pct_mean"] is None else (
+            f"{r['test_error_pct_mean']:.2f}" + ("" if r["test_error_pct_std"] is None else f" ± {r['test_error_pct_std']:.2f}"))
+        per_seed = ", ".join(
+            f"seed {s['seed']}: {'—' if s['test_error_pct'] is None else format(s['test_error_pct'], '.2f')}"
+            f" ({s['epochs_completed']} ep{'' if s['status'] == 'finished' else ', ' + str(s['status'])})"
+            for s in r["seeds"])
+        lines.append(f"| [{r['row']}]({r['row']}.png) | `{r['recipe']}` | {r['published_epochs']} | "
+                     f"{r['n_full_length']} | {mean} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    rows = summarise(Path(argv[0]))
+    readme = OUT / "README.md"
+    text = readme.read_text()
+    start, end = text.index("<!-- rows -->"), text.index("<!-- /rows -->")
+    readme.write_text(text[:start] + "<!-- rows -->\n" + table(rows) + "\n" + text[end:])
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
