@@ -93,3 +93,26 @@ def native_tests_use_the_kernels(request, monkeypatch):
         native.reset()
     else:
         yield
+
+
+@pytest.fixture
+def sigterm_on_batch(monkeypatch):
+    """``sigterm_on_batch(n)``: from now on EP's training step sends this process SIGTERM when it
+    is called for the n-th time (before computing), as a signal arriving mid-run would."""
+    import os
+    import signal
+
+    from eprun.rules.ep import EP
+
+    def arm(n: int) -> None:
+        original, calls = EP.train_step, {"n": 0}
+
+        def signalling(self, x, y):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(self, x, y)
+
+        monkeypatch.setattr(EP, "train_step", signalling)
+
+    return arm

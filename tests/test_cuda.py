@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,22 +91,13 @@ def test_the_precision_policy_is_in_force_and_recorded(setting, tiny_recipe, tmp
     assert torch.backends.cudnn.allow_tf32 is on and torch.backends.cuda.matmul.allow_tf32 is on
 
 
-def test_a_run_interrupted_on_cuda_resumes_to_the_uninterrupted_one(tiny_recipe, tmp_path, monkeypatch):
-    from eprun.rules.ep import EP
-
+def test_a_run_interrupted_on_cuda_resumes_to_the_uninterrupted_one(tiny_recipe, tmp_path, monkeypatch,
+                                                                    sigterm_on_batch):
     settings = ["-s", "device=cuda", "-s", "train.checkpoint_every=3", "-s", "train.max_batches=10",
                 "-s", "train.epochs=2", "-s", "rule.estimator=random-sign"]
     whole = invoke("train", tiny_recipe, "--out", tmp_path / "whole", "-q", *settings)
     assert whole.exit_code == 0, whole.output
-    original, calls = EP.train_step, {"n": 0}
-
-    def signalling(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x, y)
-
-    monkeypatch.setattr(EP, "train_step", signalling)
+    sigterm_on_batch(8)
     stopped = invoke("train", tiny_recipe, "--out", tmp_path / "stopped", "-q", *settings)
     assert stopped.exit_code == 143, stopped.output
     monkeypatch.undo()

@@ -101,17 +101,9 @@ def test_torn_metrics_line_is_tolerated_on_resume(tiny_recipe, tmp_path, monkeyp
     assert_same(outcome(run), reference)
 
 
-def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_recipe, tmp_path, monkeypatch, reference):
-    original = EP.train_step
-    calls = {"n": 0}
-
-    def signalling(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, x, y)
-
-    monkeypatch.setattr(EP, "train_step", signalling)
+def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_recipe, tmp_path, monkeypatch, reference,
+                                                        sigterm_on_batch):
+    sigterm_on_batch(8)
     result = invoke("train", tiny_recipe, "--out", tmp_path / "int", "-q", *SETTINGS)
     assert result.exit_code == 143
     # the compiled relaxation finishes the batch the signal came in and checkpoints it; torch's
