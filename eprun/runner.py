@@ -401,6 +401,8 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
             if exp.scheduler is not None:
                 exp.scheduler.step()
             pos.epoch, pos.batch = pos.epoch + 1, 0
+            if exp.net.has_dynamics:  # the engine of the epoch's last relaxation in training (not scoring's)
+                summary["relaxation_engine"] = exp.net.last_relax_engine
             record = {"epoch": pos.epoch, "step": pos.step}
             if splits.val is not None:
                 val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size, world=world)

@@ -480,3 +480,24 @@ def test_step_counts_the_kernel_cannot_represent_are_refused_not_wrapped():
         with pytest.raises(ValueError, match="does not fit the kernel's 32-bit step counts"):
             native.dense.relax_dense(state, const, [None, w], [w.contiguous(), None], net.act.scale, "sigmoid", 0.0,
                                      (1 << 32) + 30, "sync")
+
+
+@pytest.mark.parametrize("mode, engine", [("auto", "native"), ("0", "torch")])
+def test_the_run_summary_names_the_relaxation_engine(mode, engine, tiny_recipe, tmp_path, monkeypatch):
+    """summary.json says which engine relaxed the training batches (here the tiny MLP: the
+    compiled dense kernel, or torch with EPRUN_NATIVE=0)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from eprun.cli import app
+
+    if mode == "auto" and (build.compiler() is None or not set(build.VECTOR_FLAGS) <= build.cpu_flags()):
+        pytest.skip("the compiled kernels need a C compiler and AVX2/FMA")
+    monkeypatch.setenv("EPRUN_NATIVE", mode)
+    native.reset()
+    result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--out", str(tmp_path), "-q",
+                                      "-s", "train.max_batches=3", "-s", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    run = next(tmp_path.iterdir())
+    assert json.loads((run / "summary.json").read_text())["relaxation_engine"] == engine
