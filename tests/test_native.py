@@ -496,8 +496,8 @@ def test_the_run_summary_names_the_relaxation_engine(mode, engine, tiny_recipe, 
         pytest.skip("the compiled kernels need a C compiler and AVX2/FMA")
     monkeypatch.setenv("EPRUN_NATIVE", mode)
     native.reset()
-    result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--out", str(tmp_path), "-q",
+    result = CliRunner().invoke(app, ["train", str(tiny_recipe), "--out", str(tmp_path / "runs"), "-q",
                                       "-s", "train.max_batches=3", "-s", "train.epochs=1"])
     assert result.exit_code == 0, result.output
-    run = next(tmp_path.iterdir())
+    run = next((tmp_path / "runs").iterdir())
     assert json.loads((run / "summary.json").read_text())["relaxation_engine"] == engine
