@@ -95,6 +95,31 @@ def native_tests_use_the_kernels(request, monkeypatch):
         yield
 
 
+def on_training_step(monkeypatch, call: int, action) -> None:
+    """From now on EP's training step runs ``action()`` when it is called for the ``call``-th time,
+    before computing (a crash or a signal arriving mid-run)."""
+    from eprun.rules.ep import EP
+
+    original, calls = EP.train_step, {"n": 0}
+
+    def step(self, x, y):
+        calls["n"] += 1
+        if calls["n"] == call:
+            action()
+        return original(self, x, y)
+
+    monkeypatch.setattr(EP, "train_step", step)
+
+
+def crash_at(monkeypatch, call: int) -> None:
+    """Make the EP rule raise at its ``call``-th training step (a crash between checkpoints)."""
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    on_training_step(monkeypatch, call, crash)
+
+
 @pytest.fixture
 def sigterm_on_batch(monkeypatch):
     """``sigterm_on_batch(n)``: from now on EP's training step sends this process SIGTERM when it
@@ -102,17 +127,4 @@ def sigterm_on_batch(monkeypatch):
     import os
     import signal
 
-    from eprun.rules.ep import EP
-
-    def arm(n: int) -> None:
-        original, calls = EP.train_step, {"n": 0}
-
-        def signalling(self, x, y):
-            calls["n"] += 1
-            if calls["n"] == n:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return original(self, x, y)
-
-        monkeypatch.setattr(EP, "train_step", signalling)
-
-    return arm
+    return lambda n: on_training_step(monkeypatch, n, lambda: os.kill(os.getpid(), signal.SIGTERM))

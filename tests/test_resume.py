@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from eprun.cli import app
 from eprun.rules.ep import EP
 
+from .conftest import crash_at
+
 runner = CliRunner()
 TIMING_KEYS = {"samples_per_s", "wall_time_s", "train_time_s", "resumes"}
 OUTCOME_KEYS = ("status", "epochs_completed", "best_val_accuracy", "best_epoch", "val_accuracy",
@@ -58,20 +60,6 @@ def reference(tmp_path_factory):
     result = invoke("train", recipe, "--out", folder / "ref", "-q", *SETTINGS)
     assert result.exit_code == 0, result.output
     return outcome(run_path(result))
-
-
-def crash_at(monkeypatch, call: int):
-    """Make the EP rule raise at its ``call``-th training step (a crash between checkpoints)."""
-    original = EP.train_step
-    calls = {"n": 0}
-
-    def crashing(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise RuntimeError("simulated crash")
-        return original(self, x, y)
-
-    monkeypatch.setattr(EP, "train_step", crashing)
 
 
 @pytest.mark.parametrize("crash_call", [2, 5, 10, 11, 17])

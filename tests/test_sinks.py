@@ -18,8 +18,9 @@ from eprun import plots
 from eprun.cli import app
 from eprun.errors import RecipeError
 from eprun.recipe import TrainConfig, load_recipe
-from eprun.rules.ep import EP
 from eprun.runs.sinks import REQUIRED_MODULES, SINK_TYPES, TensorBoardSink, metric_values
+
+from .conftest import crash_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["-s", "train.max_batches=6", "-s", "train.log_every=2", "-s", "train.gdu_every=3",
@@ -122,19 +123,6 @@ def test_mlflow_holds_every_metric_at_its_step(logged_run, mlflow_uri):
     assert params["rule.beta"] == "0.2" and params["model.hidden"] == "[24]" and params["data.root"] == "null"
     assert params["train.log_to"] == '["tensorboard", "mlflow"]' and params["name"] == "tiny"
     assert params["data.augment.horizontal_flip"] == "false"
-
-
-def crash_at(monkeypatch, call: int):
-    original = EP.train_step
-    calls = {"n": 0}
-
-    def crashing(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise RuntimeError("simulated crash")
-        return original(self, x, y)
-
-    monkeypatch.setattr(EP, "train_step", crashing)
 
 
 def plots_fail_once(monkeypatch):

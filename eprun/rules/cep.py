@@ -62,9 +62,10 @@ and since x̃ is clamped the K increments of W_0 telescope, Σ_k Δ_k = s¹* −
 
 The states and the final weights are those of the step-by-step loop in exact arithmetic (the
 float32 sums differ in rounding; ``tests/test_cep.py`` holds the two paths together). The other
-layers are still updated at every step, by the SGD step written out (θ −= η·grad). Anything else — momentum, Adam, weight decay, or a
-data-parallel run, whose drive also moves with the other ranks' examples — takes the loop that
-recomputes the drive and steps every weight at every step.
+layers are still updated at every step, by the SGD step written out (θ −= η·grad). Anything
+else — momentum, Adam, weight decay, or a data-parallel run, whose drive also moves with the
+other ranks' examples — takes the loop that recomputes the drive and steps every weight at every
+step.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class CEP(EP):
         for p in (w0, b1):
             grad_of(p)  # left zero (train_step's promise: every .grad zero on return)
         first = free[0].clone()  # s¹*
+        delta = torch.empty_like(first)  # Δ_k, one buffer for the K steps
         cur, nxt = free, [s.clone() for s in free]
         for k in range(self.cfg.K):
             stopping.check()
@@ -224,7 +226,7 @@ class CEP(EP):
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-lr)
                         p.grad.zero_()
-            drive.addmm_(follow, cur[0] - nxt[0], alpha=-1.0)  # drive_{k+1} = drive_k − M Δ_k
+            drive.addmm_(follow, torch.sub(cur[0], nxt[0], out=delta), alpha=-1.0)  # drive_{k+1} = drive_k − M Δ_k
             cur, nxt = nxt, cur
         diff = first.sub_(cur[0])  # s¹* − s¹_K = Σ_k Δ_k
         w0.addmm_(diff.T, x_in, alpha=-eta_w * c)
