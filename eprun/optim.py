@@ -12,8 +12,12 @@ def _per_layer(value, n: int) -> list[float]:
     return list(value) if isinstance(value, list) else [float(value)] * n
 
 
-def build_optimizer(cfg: OptimConfig, layer_groups: list[list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
-    """One parameter group per weight layer, with its own ``lr`` and ``weight_decay``."""
+def build_optimizer(cfg: OptimConfig, layer_groups: list[list[torch.nn.Parameter]],
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """One parameter group per weight layer, with its own ``lr`` and ``weight_decay``.
+
+    ``capturable``: the step may be recorded in a CUDA graph (:mod:`eprun.cuda_graphs`): Adam and
+    AdamW keep their step count on the device (torch's ``capturable``); SGD has no step count."""
     lrs = _per_layer(cfg.lr, len(layer_groups))
     decays = _per_layer(cfg.weight_decay, len(layer_groups))
     groups = [{"params": params, "lr": lr, "weight_decay": wd}
@@ -25,7 +29,9 @@ def build_optimizer(cfg: OptimConfig, layer_groups: list[list[torch.nn.Parameter
         return lean_optimizers.build("sgd", groups, lr=lrs[0], momentum=cfg.momentum, nesterov=cfg.nesterov,
                                      fused=fused)
     if cfg.kind in ("adam", "adamw"):
-        return lean_optimizers.build(cfg.kind, groups, lr=lrs[0], betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        extra = {"capturable": True} if capturable else {}
+        return lean_optimizers.build(cfg.kind, groups, lr=lrs[0], betas=tuple(cfg.betas), eps=cfg.eps, fused=fused,
+                                     **extra)
     raise ValueError(f"unknown optimiser {cfg.kind!r}")
 
 

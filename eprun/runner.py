@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from eprun import catalog, distributed, plots, precision, runs, schema, stopping
+from eprun import catalog, cuda_graphs, distributed, plots, precision, runs, schema, stopping
 from eprun.assemble import build_network, build_rule, generator, resolve_device
 from eprun.data import Split, Splits, load_splits, synthetic_like
 from eprun.data.augment import augment
@@ -66,6 +66,14 @@ class Experiment:
     shuffle: torch.Generator
     augment: torch.Generator
     world: World = field(default_factory=World)
+    graph_plan: cuda_graphs.GraphPlan = cuda_graphs.GraphPlan("off", False, "train.cuda_graphs: off")
+    graphs: cuda_graphs.CapturedTraining | None = None  # the steps as CUDA graphs, where the plan is active
+    graph_probe: cuda_graphs.CapturedTraining | None = None  # its divergence flag, read even after a fall-back
+
+    def graphs_fell_back(self, failure: Exception) -> None:
+        """A capture failed (``train.cuda_graphs: auto``): every later step runs eagerly, the reason kept."""
+        self.graphs = None
+        self.graph_plan = cuda_graphs.GraphPlan(self.graph_plan.mode, False, f"capture failed: {failure}")
 
 
 def load_data(recipe: Recipe, device: torch.device) -> Splits:
@@ -95,22 +103,29 @@ def assemble(recipe: Recipe, splits: Splits, device: torch.device, world: World 
     check_memory(recipe, NETWORKS[recipe.model.kind], tuple(info.input_shape), info.num_classes, largest, device)
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
-    optimizer = build_optimizer(recipe.optim, net.layer_groups())
+    graph_plan = cuda_graphs.plan(recipe.train.cuda_graphs, device, rule, world.parallel)
+    if recipe.train.cuda_graphs == "on" and not graph_plan.active:
+        raise RecipeError(f"{recipe.source or recipe.name}: train.cuda_graphs: on cannot apply: {graph_plan.reason} "
+                          f"(auto: capture where it applies, off: never)")
+    optimizer = build_optimizer(recipe.optim, net.layer_groups(), capturable=graph_plan.active)
     scheduler = build_scheduler(recipe.schedule, optimizer, recipe.train.epochs)
     if world.parallel:  # every step combines the ranks' updates first
         optimizer = distributed.ReducedOptimizer(optimizer, world)
         rule.distribute(world)
     rule.attach_optimizer(optimizer)  # kept by rules that step it themselves (C-EP, during the nudged phase)
+    graphs = cuda_graphs.CapturedTraining(net, rule, optimizer, device) if graph_plan.active else None
     return Experiment(recipe, device, splits, net, rule, optimizer, scheduler,
-                      generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"), world)
+                      generator(recipe.seed, "shuffle"), generator(recipe.seed, "augment"), world, graph_plan, graphs, graphs)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(rule, split: Split, batch_size: int, max_batches: int | None = None, world: World = SINGLE) -> dict:
+def evaluate(rule, split: Split, batch_size: int, max_batches: int | None = None, world: World = SINGLE,
+             exp: Experiment | None = None) -> dict:
     """Accuracy (a fraction) and mean loss of ``rule``'s prediction on ``split`` (with several
-    ranks, each scores its share of the split and the sums are combined)."""
+    ranks, each scores its share of the split and the sums are combined); replayed from CUDA
+    graphs where ``exp``'s plan has them."""
     rows = distributed.shard(len(split), world) if world.parallel else slice(0, len(split))
     sums = torch.zeros(3, dtype=torch.float64, device=split.x.device)  # correct, loss, examples
     for b, start in enumerate(range(rows.start, rows.stop, batch_size)):
@@ -118,12 +133,31 @@ def evaluate(rule, split: Split, batch_size: int, max_batches: int | None = None
             break
         stop = min(start + batch_size, rows.stop)
         x, y = split.x[start:stop], split.y[start:stop]
-        logits, loss = rule.evaluate(x, y)
-        sums[0] += (logits.argmax(dim=1) == y).sum()
-        sums[1] += loss.sum().double()
+        scores = _replayed(exp, lambda graphs: graphs.evaluate(x, y)) if exp is not None else None
+        if scores is None:
+            logits, loss = rule.evaluate(x, y)
+            scores = loss.sum().double(), (logits.argmax(dim=1) == y).sum()
+        sums[0] += scores[1]
+        sums[1] += scores[0]
         sums[2] += len(y)
     correct, loss_sum, n = distributed.all_sum_(sums, world).tolist()
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "n": int(n)}
+
+
+def _replayed(exp: Experiment, call):
+    """``call(exp.graphs)`` where the run replays CUDA graphs; None where it does not, or where a
+    capture just failed under ``train.cuda_graphs: auto`` (the step then runs eagerly from now on,
+    the reason kept in ``summary.json``). Under ``on`` a failed capture is an error."""
+    if exp.graphs is None:
+        return None
+    try:
+        return call(exp.graphs)
+    except cuda_graphs.CaptureFailed as failure:
+        if exp.graph_plan.mode == "on":
+            raise EprunError(f"train.cuda_graphs: on, but a step could not be recorded as a CUDA graph: {failure} "
+                             f"(auto falls back to eager steps)") from failure
+        exp.graphs_fell_back(failure)
+        return None
 
 
 # --------------------------------------------------------------------------- training state
@@ -145,6 +179,12 @@ class Window:
         self.loss += loss.sum().double()
         self.correct += (logits.argmax(dim=1) == y).sum()
         self.n += len(y)
+
+    def add_device_sums(self, loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        """A batch's sums as device scalars (a CUDA graph's outputs): no host synchronisation."""
+        self.loss += loss_sum
+        self.correct += correct
+        self.n += n
 
     def add_sums(self, loss_sum: float, correct: int, n: int) -> None:
         """A batch's sums as already combined over the ranks."""
@@ -306,6 +346,25 @@ def _first_non_finite(exp: Experiment, loss: torch.Tensor) -> str | None:
     return None  # every value finite: only a sum overflowed
 
 
+def _check_replayed_steps(exp: Experiment, pos: Position, run_dir: Path) -> None:
+    """Raise :class:`Diverged` if a step replayed from a CUDA graph since the last check met a NaN or
+    an Inf (the graphs' device flag, one host read); the steps are named as a range, the tensor
+    as found now."""
+    if exp.graph_probe is None:
+        return
+    first = exp.graph_probe.checked_step + 1
+    exp.graph_probe.checked_step = pos.step
+    if not exp.graph_probe.take_non_finite():
+        return
+    params = list(exp.net.named_parameters())
+    where = next((f"the parameter {name}" for name, p in params if not bool(torch.isfinite(p).all())),
+                 "the loss or an update (the parameters are still finite)")
+    message = (f"diverged between step {first} and step {pos.step} (replayed as CUDA graphs, checked at logs and "
+               f"checkpoints): NaN/Inf in {where}; the last good checkpoint is {run_dir / runs.LAST_CHECKPOINT}")
+    pos.summary.update(status="diverged", error=message)
+    raise Diverged(message)
+
+
 def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_window: Window,
              quiet: bool, sinks: runs.MetricSinks) -> None:
     """Train from ``pos`` to the end of the recipe, checkpointing and logging into ``run_dir``
@@ -346,36 +405,52 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     world.rows, world.batch = distributed.shard(len(idx), world), len(idx)
                     x, y = x[world.rows], y[world.rows]
                     world.batch_weight = len(y) / len(idx)
-                exp.optimizer.zero_grad(set_to_none=False)
-                logits, loss = exp.rule.train_step(x, y)
-                where = _first_non_finite(exp, loss)
-                if world.parallel:  # scores, divergence and stop requests, combined over the ranks
-                    sums = distributed.all_sum_(torch.tensor(
-                        [float(loss.sum()), float((logits.argmax(dim=1) == y).sum()), float(len(y)),
-                         float(where is not None), float(stop.signum is not None)], dtype=torch.float64), world)
-                    if sums[3] > 0 and where is None:
-                        where = "another rank's batch shard"
-                    stop_agreed = bool(sums[4] > 0)
-                if where is not None:
-                    message = (f"diverged at epoch {pos.epoch + 1}, batch {pos.batch + 1} (step {pos.step + 1}): "
-                               f"NaN/Inf in {where}; the last good checkpoint is {run_dir / runs.LAST_CHECKPOINT}")
-                    summary.update(status="diverged", error=message)
-                    raise Diverged(message)
-                if world.main:
-                    _monitor(exp, x, y, pos, n_batches, log, progress)
-                if not exp.rule.steps_optimizer:
-                    exp.optimizer.step()
-                if world.parallel:
-                    window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
-                    epoch_window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
-                else:
-                    window.add(logits, loss, y)
-                    epoch_window.add(logits, loss, y)
+                draw = exp.rule.prepare_batch()  # host-side draws (β's sign), before the step, eager or replayed
+                # replayed from a CUDA graph (eprun/cuda_graphs.py) unless a monitor reads this batch's .grad
+                scores = None if exp.graphs is None or _monitors_due(exp, pos.step + 1) else _replayed(
+                    exp, lambda graphs: graphs.step(x, y, draw))
+                if scores is not None:  # zeroed .grad, the step, its scores, the probe, the optimiser step
+                    window.add_device_sums(*scores, len(y))
+                    epoch_window.add_device_sums(*scores, len(y))
                     stop_agreed = stop.signum is not None
+                else:
+                    _check_replayed_steps(exp, pos, run_dir)  # an eager batch starts from what replays left
+                    exp.optimizer.zero_grad(set_to_none=False)
+                    logits, loss = exp.rule.train_step(x, y)
+                    where = _first_non_finite(exp, loss)
+                    if world.parallel:  # scores, divergence and stop requests, combined over the ranks
+                        sums = distributed.all_sum_(torch.tensor(
+                            [float(loss.sum()), float((logits.argmax(dim=1) == y).sum()), float(len(y)),
+                             float(where is not None), float(stop.signum is not None)], dtype=torch.float64), world)
+                        if sums[3] > 0 and where is None:
+                            where = "another rank's batch shard"
+                        stop_agreed = bool(sums[4] > 0)
+                    if where is not None:
+                        message = (f"diverged at epoch {pos.epoch + 1}, batch {pos.batch + 1} (step {pos.step + 1}): "
+                                   f"NaN/Inf in {where}; the last good checkpoint is {run_dir / runs.LAST_CHECKPOINT}")
+                        summary.update(status="diverged", error=message)
+                        raise Diverged(message)
+                    if world.main:
+                        _monitor(exp, x, y, pos, n_batches, log, progress)
+                    if not exp.rule.steps_optimizer:
+                        exp.optimizer.step()
+                    if world.parallel:
+                        window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
+                        epoch_window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
+                    else:
+                        window.add(logits, loss, y)
+                        epoch_window.add(logits, loss, y)
+                        stop_agreed = stop.signum is not None
                 pos.batch += 1
                 pos.step += 1
                 progress.advance()
-                if pos.batch % recipe.train.log_every == 0 or pos.batch == n_batches:
+                mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
+                stopping = stop_agreed and mid_epoch
+                log_now = pos.batch % recipe.train.log_every == 0 or pos.batch == n_batches
+                save_now = mid_epoch and (stopping or (every and pos.step % every == 0))
+                if log_now or save_now:  # replayed steps are checked before anything is logged or saved
+                    _check_replayed_steps(exp, pos, run_dir)
+                if log_now:
                     stats = window.flush()
                     elapsed = pos.train_time_s + time.perf_counter() - start
                     stats["samples_per_s"] = (pos.samples + epoch_window.n) / elapsed if elapsed > 0 else 0.0
@@ -384,9 +459,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     stats.update(exp.net.monitor())  # e.g. vector-field nets: angle between B_n and W_nᵀ
                     stats.update(exp.rule.log_stats())  # e.g. EP with tol: steps the phases took
                     log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})
-                mid_epoch = pos.batch < n_batches  # at the epoch's end the epoch-end checkpoint follows
-                stopping = stop_agreed and mid_epoch
-                if mid_epoch and (stopping or (every and pos.step % every == 0)):
+                if save_now:
                     pos.train_time_s += time.perf_counter() - start
                     start = time.perf_counter()
                     save_last()
@@ -405,7 +478,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                 summary["relaxation_engine"] = exp.net.last_relax_engine
             record = {"epoch": pos.epoch, "step": pos.step}
             if splits.val is not None:
-                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size, world=world)
+                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size, world=world, exp=exp)
                 log({"event": "eval", "split": "val", **record, **_scores(val)})
                 summary["val_accuracy"] = val["accuracy"]
                 if summary.get("best_val_accuracy") is None or val["accuracy"] > summary["best_val_accuracy"]:
@@ -425,7 +498,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                 summary.update(status="interrupted", interrupted_by=name)
                 raise Interrupted(f"{name}: stopped after epoch {pos.epoch}; resume with: "
                                   f"eprun train --resume {run_dir}", stop.signum)
-        test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, world=world)
+        test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, world=world, exp=exp)
         log({"event": "eval", "split": "test", "epoch": pos.epoch, "step": pos.step, **_scores(test)})
         summary.update(status="finished", test_accuracy=test["accuracy"], test_loss=test["loss"])
 
@@ -439,14 +512,13 @@ def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress
     cfg = exp.recipe.train
     relaxation = exp.recipe.rule.relaxation()
     step = pos.step + 1
+    due = _monitors_due(exp, step)
     record = {"epoch": pos.epoch + (pos.batch + 1) / n_batches, "step": step}
-    if cfg.alignment_every and step % cfg.alignment_every == 0 and exp.rule.measures_alignment:
+    if "alignment" in due:
         log({"event": "alignment", **record, **exp.rule.alignment(x, y, seed=step)})
-    if relaxation is None:
-        return
-    if cfg.gdu_every and step % cfg.gdu_every == 0:
+    if "gdu" in due:
         log({"event": "gdu", **record, **diagnostics.update_angles(exp.net, x, y, relaxation.T)})
-    if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
+    if "diagnostics" in due:
         found = diagnostics.relaxation(exp.net, x, y, relaxation.T, relaxation.K or 1, relaxation.beta or 0.0)
         log({"event": "diagnostics", **record, **found})
         if found["free_residual"] > cfg.convergence_tol:
@@ -454,6 +526,19 @@ def _monitor(exp: Experiment, x, y, pos: Position, n_batches: int, log, progress
                        f"train.convergence_tol {cfg.convergence_tol:.0e} (raise rule.T?)")
             _add_warning(pos.summary, warning)
             progress.log(f"warning: {warning}")
+
+
+def _monitors_due(exp: Experiment, step: int) -> set[str]:
+    """The monitors of :func:`_monitor` that log at training step ``step`` (1-based)."""
+    cfg, due = exp.recipe.train, set()
+    if cfg.alignment_every and step % cfg.alignment_every == 0 and exp.rule.measures_alignment:
+        due.add("alignment")
+    if exp.recipe.rule.relaxation() is not None:
+        if cfg.gdu_every and step % cfg.gdu_every == 0:
+            due.add("gdu")
+        if cfg.diagnostics_every and step % cfg.diagnostics_every == 0:
+            due.add("diagnostics")
+    return due
 
 
 def _add_warning(summary: dict, warning: str) -> None:
@@ -529,6 +614,7 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
         raise
     finally:
         try:
+            pos.summary["cuda_graphs"] = exp.graph_plan.record()  # a capture that failed under auto says so here
             if exp.world.main:
                 _finish(run_dir, exp.recipe, pos.summary, wall_start, wall_before)
         finally:
@@ -573,7 +659,7 @@ def train(recipe: Recipe, out_parent: Path, *, quiet: bool = False, argv: list[s
     with runs.RunLock(run_dir):
         runs.atomic_write_text(run_dir / runs.RECIPE_FILE, to_yaml(recipe))
         runs.write_env(run_dir, device=str(device), argv=list(argv if argv is not None else sys.argv),
-                       extra=world.describe())
+                       extra={**world.describe(), "cuda_graphs": exp.graph_plan.record()})
         summary = {"status": "running", "name": recipe.name, "model": recipe.model.kind,
                    "rule": recipe.rule.label(), "dataset": recipe.data.dataset, "seed": recipe.seed,
                    "device": str(device), "epochs": recipe.train.epochs, "epochs_completed": 0,

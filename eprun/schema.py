@@ -164,7 +164,10 @@ def _convert(value: Any, tp: Any, path: KeyPath, source: Source) -> Any:
             raise _Mismatch
         return build(tp, value, source, path)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in allowed and "off" in allowed:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on / off as true / false
+        if value not in allowed:
             raise _Mismatch
         return value
     if origin in (Union, types.UnionType):

@@ -126,3 +126,92 @@ def test_one_rank_under_torchrun_on_nccl_equals_a_plain_run(tiny_recipe, tmp_pat
     a, b = (torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"] for run in outs)
     for name in b:
         assert torch.equal(a[name], b[name]), name
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+MODELS = {"mlp": {"kind": "mlp", "hidden": [64]}, "energy_mlp": {"kind": "energy_mlp", "hidden": [64]},
+          "vf_mlp": {"kind": "vf_mlp", "hidden": [64], "initial_angle": 20.0},
+          "conv": {"kind": "conv", "channels": [8, 16]}, "vf_conv": {"kind": "vf_conv", "channels": [8, 16]}}
+
+
+def steps_on_cuda(kind: str, rule: dict, optim: dict, replay: bool, n: int = 8):
+    """The parameters after ``n`` training steps on distinct batches, eager or replayed from CUDA
+    graphs (:data:`eprun.cuda_graphs.EAGER_STEPS` eager steps per key, then capture and replays),
+    and the per-batch scores."""
+    from eprun import cuda_graphs, precision
+    from eprun.assemble import build_network, build_rule
+    from eprun.optim import build_optimizer
+    from eprun.recipe import from_plain
+
+    recipe = from_plain({"name": "t", "seed": 0, "device": "cuda", "data": {"dataset": "mnist", "batch_size": 20},
+                         "model": MODELS[kind], "rule": rule, "optim": optim})
+    dev = torch.device("cuda")
+    precision.apply("float32", dev)
+    net = build_network(recipe, (1, 28, 28), 10, dev)
+    rule_ = build_rule(recipe, net)
+    opt = build_optimizer(recipe.optim, net.layer_groups(), capturable=replay)
+    rule_.attach_optimizer(opt)
+    graphs = cuda_graphs.CapturedTraining(net, rule_, opt, dev) if replay else None
+    g = torch.Generator().manual_seed(5)
+    scores = []
+    for _ in range(n):
+        x, y = torch.rand(20, 1, 28, 28, generator=g).to(dev), torch.randint(0, 10, (20,), generator=g).to(dev)
+        draw = rule_.prepare_batch()
+        if graphs is not None:
+            loss_sum, correct = graphs.step(x, y, draw)
+        else:
+            opt.zero_grad(set_to_none=False)
+            logits, loss = rule_.train_step(x, y)
+            if not rule_.steps_optimizer:
+                opt.step()
+            loss_sum, correct = loss.sum().double(), (logits.argmax(dim=1) == y).sum()
+        scores.append((float(loss_sum), int(correct)))
+    if graphs is not None:
+        assert graphs.train.captures >= 1, "nothing was captured"
+        assert not graphs.take_non_finite()
+    return [p.detach().clone() for p in net.parameters()], scores
+
+
+SGD, ADAM = {"kind": "sgd", "lr": 0.05, "momentum": 0.5}, {"kind": "adam", "lr": 0.001}
+EP_RULE = {"kind": "ep", "T": 20, "K": 6, "beta": 0.2}
+
+
+@pytest.mark.parametrize("kind, rule, optim", [
+    ("mlp", EP_RULE, ADAM), ("mlp", {**EP_RULE, "estimator": "symmetric"}, SGD),
+    ("mlp", {**EP_RULE, "estimator": "random-sign"}, ADAM), ("energy_mlp", EP_RULE, SGD),
+    ("vf_mlp", EP_RULE, ADAM), ("conv", EP_RULE, SGD), ("vf_conv", EP_RULE, SGD),
+    ("mlp", {"kind": "cep", "T": 20, "K": 6, "beta": 0.2}, {"kind": "sgd", "lr": 0.01}),
+    ("vf_mlp", {"kind": "cep", "T": 20, "K": 6, "beta": 0.2}, {"kind": "sgd", "lr": 0.01, "momentum": 0.5}),
+    ("mlp", {"kind": "bptt", "T": 20}, ADAM)])
+def test_steps_replayed_from_cuda_graphs_equal_eager_steps(kind, rule, optim):
+    eager, eager_scores = steps_on_cuda(kind, rule, optim, replay=False)
+    replayed, replayed_scores = steps_on_cuda(kind, rule, optim, replay=True)
+    assert relative(replayed, eager) < 1e-6
+    for (a_loss, a_correct), (b_loss, b_correct) in zip(replayed_scores, eager_scores):
+        assert a_correct == b_correct and a_loss == pytest.approx(b_loss, rel=1e-5)
+
+
+def test_a_run_with_cuda_graphs_equals_the_run_without(tiny_recipe, tmp_path):
+    settings = ["-s", "device=cuda", "-s", "train.max_batches=12", "-s", "train.epochs=2",
+                "-s", "rule.estimator=random-sign", "-s", "train.checkpoint_every=5"]
+    runs = {}
+    for mode in ("on", "off"):
+        result = invoke("train", tiny_recipe, "--out", tmp_path / mode, "-q", *settings, "-s", f"train.cuda_graphs={mode}")
+        assert result.exit_code == 0, result.output
+        runs[mode] = Path(result.stdout.strip().splitlines()[-1])
+    summary = {mode: json.loads((run / "summary.json").read_text()) for mode, run in runs.items()}
+    assert summary["on"]["cuda_graphs"]["active"] is True and summary["off"]["cuda_graphs"]["active"] is False
+    for key in ("test_accuracy", "train_accuracy", "val_accuracy"):
+        assert summary["on"][key] == pytest.approx(summary["off"][key], abs=1e-9), key
+    a, b = (torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"] for run in runs.values())
+    assert relative(list(a.values()), list(b.values())) < 1e-6
+
+
+def test_tol_falls_back_with_its_reason_on_cuda(tiny_recipe, tmp_path):
+    result = invoke("train", tiny_recipe, "--out", tmp_path, "-q", "-s", "device=cuda", "-s", "rule.tol=0.001",
+                    "-s", "train.max_batches=3", "-s", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    record = json.loads((run / "env.json").read_text())["cuda_graphs"]
+    assert record["active"] is False and "tol" in record["reason"]

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from eprun import precision
+from eprun import cuda_graphs, precision
 from eprun.assemble import build_network, build_rule, generator
 from eprun.bench.baselines import BASELINES, NoStep, plain_optimizer
 from eprun.bench.cases import CHECK64_EXAMPLES, EVAL_TEST_IMAGES, EVAL_TEST_ROUNDS, BenchOptions, Case, case_recipe, numbers, resolve
@@ -115,6 +115,16 @@ class CaseSetup:
 
         return net, rule, train
 
+    def timed_side(self) -> "TimedSide":
+        """eprun's training and evaluation steps as timed: replayed from CUDA graphs where the
+        recipe's ``train.cuda_graphs`` and the device allow (as in a run), eager otherwise."""
+        net = self._copy()
+        rule = build_rule(self.recipe, net)
+        plan = cuda_graphs.plan(self.recipe.train.cuda_graphs, self.device, rule)
+        optimizer = build_optimizer(self.recipe.optim, net.layer_groups(), capturable=plan.active)
+        rule.attach_optimizer(optimizer)
+        return TimedSide(self.case.name, net, rule, optimizer, plan, self.device)
+
     def baseline_side(self, dtype: torch.dtype | None = None, optimizer: bool = True):
         """(net, training step fn(x, y)) on a fresh copy of the weights; with ``optimizer=False``
         the step leaves its update in ``.grad`` and applies nothing."""
@@ -152,6 +162,50 @@ class CaseSetup:
         return _relative_difference([ours], [self.baseline.predict(self._copy(), self.recipe.rule)(x)])
 
 
+class TimedSide:
+    """eprun's timed steps: ``train(x, y)`` (optimiser step included) and ``evaluate(x, y)``,
+    replayed from CUDA graphs where ``plan`` is active; a capture that fails under ``auto`` falls
+    back to eager steps and :meth:`record` says why, as a run's ``summary.json`` does."""
+
+    def __init__(self, name: str, net, rule, optimizer, plan: cuda_graphs.GraphPlan, device: torch.device):
+        self.name, self.net, self.rule, self.optimizer, self.plan = name, net, rule, optimizer, plan
+        self.graphs = cuda_graphs.CapturedTraining(net, rule, optimizer, device) if plan.active else None
+
+    def _replayed(self, call) -> bool:
+        if self.graphs is None:
+            return False
+        try:
+            call(self.graphs)
+            return True
+        except cuda_graphs.CaptureFailed as failure:
+            if self.plan.mode == "on":
+                raise EprunError(f"bench {self.name}: train.cuda_graphs: on, but a step could not be recorded as a "
+                                 f"CUDA graph: {failure}") from failure
+            self.graphs = None
+            self.plan = cuda_graphs.GraphPlan(self.plan.mode, False, f"capture failed: {failure}")
+            return False
+
+    def train(self, x, y) -> None:
+        draw = self.rule.prepare_batch()
+        if self._replayed(lambda graphs: graphs.step(x, y, draw)):
+            return
+        if not self.rule.steps_optimizer:
+            self.optimizer.zero_grad(set_to_none=False)
+        self.rule.train_step(x, y)
+        if not self.rule.steps_optimizer:
+            self.optimizer.step()
+
+    def evaluate(self, x, y) -> None:
+        if self._replayed(lambda graphs: graphs.evaluate(x, y)):
+            return
+        with torch.no_grad():
+            self.rule.evaluate(x, y)
+
+    def record(self) -> dict:
+        return {**self.plan.record(),
+                "captures": 0 if self.graphs is None else self.graphs.train.captures + self.graphs.eval.captures}
+
+
 def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
@@ -182,15 +236,12 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
         update_diff = update_diff64 = None
         eval_diff = setup.prediction_difference(*pool[0])
 
-    ours, rule, train = setup.eprun_side()
+    timed_side = setup.timed_side()
+    ours, rule = timed_side.net, timed_side.rule
     theirs, base_train = setup.baseline_side()
     log(f"{case.name}: training, {warmup} warm-up + {batches} timed batches each")
-    t_base, t_ours = timed_pair(base_train, train, pool, batches, warmup, device)
-
-    def evaluate(x, y):
-        with torch.no_grad():
-            rule.evaluate(x, y)
-
+    t_base, t_ours = timed_pair(base_train, timed_side.train, pool, batches, warmup, device)
+    evaluate = timed_side.evaluate
     base_predict = setup.baseline.predict(theirs, setup.recipe.rule)
 
     def base_evaluate(x, y):
@@ -201,9 +252,15 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
 
     log(f"{case.name}: peak memory")
     x, y = pool[0]
+    _, eager_rule, train = setup.eprun_side()  # eager steps: a graph's memory is allocated once, at its capture
+
+    def eager_evaluate(x, y):
+        with torch.no_grad():
+            eager_rule.evaluate(x, y)
+
     memory = {"train_peak_bytes_eprun": peak_memory(lambda: train(x, y), device),
               "train_peak_bytes_baseline": peak_memory(lambda: base_train(x, y), device),
-              "eval_peak_bytes_eprun": peak_memory(lambda: evaluate(x, y), device),
+              "eval_peak_bytes_eprun": peak_memory(lambda: eager_evaluate(x, y), device),
               "eval_peak_bytes_baseline": peak_memory(lambda: base_evaluate(x, y), device)}
 
     b = setup.batch
@@ -229,6 +286,7 @@ def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) 
         "eval_gflop_per_batch": None if eval_flop is None else eval_flop / 1e9,
         "train_gflop_per_s": train_gflops, "eval_gflop_per_s": eval_gflops,
         "relax_engine": ours.last_relax_engine if ours.has_dynamics else None,
+        "cuda_graphs": timed_side.record(),
     }
 
 
@@ -242,12 +300,9 @@ def run_eval_test_case(case: Case, options: BenchOptions, device, dtype, log=pri
     pool = setup.data(math.ceil(n_images / eb), eb, "test")
     pool[-1] = tuple(t[: n_images - eb * (len(pool) - 1)] for t in pool[-1])
     eval_diff = setup.prediction_difference(pool[0][0][: setup.batch], pool[0][1][: setup.batch])
-    ours, rule, _ = setup.eprun_side()
+    timed_side = setup.timed_side()
+    ours, evaluate = timed_side.net, timed_side.evaluate
     theirs = copy.deepcopy(setup.pristine)
-
-    def evaluate(x, y):
-        with torch.no_grad():
-            rule.evaluate(x, y)
 
     log(f"{case.name}: {n_images:,} images in batches of {eb}, eprun and the baseline")
     base_predict = setup.baseline.predict(theirs, setup.recipe.rule)
@@ -265,6 +320,7 @@ def run_eval_test_case(case: Case, options: BenchOptions, device, dtype, log=pri
         "max_relative_eval_difference": eval_diff,
         "eval_gflop_per_s": gflops,
         "relax_engine": ours.last_relax_engine if ours.has_dynamics else None,
+        "cuda_graphs": timed_side.record(),
     }
 
 

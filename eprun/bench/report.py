@@ -80,6 +80,10 @@ def footnotes(results: list[dict], skipped: list[str]) -> list[str]:
                          "torch+native: the max-pooled top-down term and, where it applies, the 5×5 convolution and "
                          "its max pooling compiled, torch for the rest): "
                          + ", ".join(f"{case} {engine}" for case, engine in engines.items()))
+        graphs = {x["case"]: x["cuda_graphs"] for x in results if x.get("cuda_graphs")}
+        if r["device"].startswith("cuda") and graphs:
+            notes.append("CUDA graphs (train.cuda_graphs; -s train.cuda_graphs=off for eager steps): " + ", ".join(
+                f"{case} " + ("replayed" if g["active"] else f"eager ({g['reason']})") for case, g in graphs.items()))
         if r["device"].startswith("cuda") and torch.backends.cudnn.allow_tf32:
             notes.append("CUDA: cuDNN convolutions may use TF32 (torch's default), the peak matmul does not")
     for s in skipped:

@@ -7,8 +7,9 @@
   ``torch.optim`` optimiser applies them) and scores a batch.
 
 Optional capabilities are class attributes with a default (``needs_dynamics``,
-``steps_optimizer``, ``measures_alignment``) or methods with a default that does nothing
-(:meth:`Rule.attach_optimizer`, :meth:`Rule.log_stats`, :meth:`Rule.alignment`). Callers use
+``steps_optimizer``, ``measures_alignment``) or methods with a default that does nothing or
+says "not offered" (:meth:`Rule.attach_optimizer`, :meth:`Rule.log_stats`,
+:meth:`Rule.alignment`, :meth:`Rule.prepare_batch`, :meth:`Rule.capture_obstacle`). Callers use
 them; they never probe a rule with ``hasattr``. A new rule subclasses :class:`Rule` and is
 registered in :data:`eprun.rules.RULES` (docs/extending.md).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Optional
+from typing import ClassVar, Hashable, Iterator, Optional
 
 import torch
 
@@ -90,6 +91,22 @@ class Rule(ABC):
     @abstractmethod
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prediction on a batch: logits and per-example loss."""
+
+    def prepare_batch(self) -> Hashable:
+        """Make the next training batch's host-side random draws from the rule's generator and
+        return a key of what they select (EP's ``random-sign``: β with its sign); None where the
+        rule draws nothing. The next :meth:`train_step` uses them, and so does every later one
+        until the next call (a step replayed from a CUDA graph does not call ``train_step``); a
+        ``train_step`` with nothing prepared draws for itself. The runner calls this before every
+        training batch, so that a batch replayed from a graph draws exactly as an eager one, and
+        keys its graphs on the result (:mod:`eprun.cuda_graphs`)."""
+        return None
+
+    def capture_obstacle(self) -> Optional[str]:
+        """Why this rule's :meth:`train_step` and :meth:`evaluate` cannot be recorded as a CUDA
+        graph, or None where they can: they launch device work only (no host read of a device
+        value), and change no host-side state per batch beyond :meth:`prepare_batch`'s draws."""
+        return f"rule.kind {self.cfg.kind}: its step is not written for CUDA-graph capture"
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the recipe's optimiser; only rules with ``steps_optimizer`` keep it."""

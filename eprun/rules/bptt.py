@@ -42,6 +42,11 @@ class BPTTConfig(RuleConfig):
 class BPTT(Rule):
     Config = BPTTConfig
 
+    def capture_obstacle(self) -> None:
+        """T steps forward and autograd's backward: device work only, capturable (after eager steps
+        on a side stream, which :mod:`eprun.cuda_graphs` runs first)."""
+        return None
+
     def unroll(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s_T after T steps of ``net.step`` from s_0 = 0, with the autograd graph kept.
 

@@ -132,6 +132,10 @@ class CEP(EP):
     def _count(self, phase: str) -> None:
         """C-EP's phases always take T and K steps: nothing to count."""
 
+    def capture_obstacle(self) -> None:
+        """Always T and K steps, and the optimiser's steps are device work: capturable."""
+        return None
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimiser that applies each nudged step's increment (built on ``net.layer_groups()``)."""
         self.optimizer = optimizer
@@ -151,7 +155,7 @@ class CEP(EP):
         drive = net.input_drive(x)
         free = self.free_phase(drive)  # s*, with θ fixed
         logits, loss = net.logits(free).clone(), net.loss(free, y)
-        beta = self._beta()
+        beta = self._batch_beta()
         if self.follows_input_drive():
             self._nudged_phase_following_drive(x, y, target, drive, free, beta)
             return logits, loss

@@ -105,6 +105,7 @@ class EP(Rule):
 
     def __init__(self, cfg: EPConfig, net, generator: torch.Generator):
         super().__init__(cfg, net, generator)  # the generator draws β's sign
+        self._prepared_beta: Optional[float] = None  # prepare_batch's β, used by train_step until the next
         self._steps = {"free": [0, 0], "nudged": [0, 0]}  # with tol > 0: [steps taken, phases] per kind
 
     def _count(self, phase: str) -> None:
@@ -137,6 +138,22 @@ class EP(Rule):
             return -abs(beta) if float(draw) < self.cfg.sign_probability else abs(beta)
         return beta
 
+    def prepare_batch(self) -> float:
+        """Draw the next batch's β (its sign for ``random-sign``) and return it: the key of the
+        batch's CUDA graph (one graph per sign)."""
+        self._prepared_beta = self._beta()
+        return self._prepared_beta
+
+    def _batch_beta(self) -> float:
+        """β of this training batch: :meth:`prepare_batch`'s, or drawn now where none was prepared."""
+        return self._prepared_beta if self._prepared_beta is not None else self._beta()
+
+    def capture_obstacle(self) -> Optional[str]:
+        """With ``tol`` > 0 a phase ends when a convergence check, read on the host, says so."""
+        if self.cfg.tol > 0.0:
+            return "rule.tol > 0: a phase ends on a convergence check read on the host"
+        return None
+
     def schedule(self) -> dict:
         """Keyword arguments of ``net.relax`` for the recipe's schedule."""
         return self.cfg.schedule()
@@ -152,7 +169,7 @@ class EP(Rule):
         """Write −Δθ into ``.grad`` (assumed zeroed); return the free-phase logits and per-example loss."""
         net, cfg = self.net, self.cfg
         drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
-        beta = self._beta()
+        beta = self._batch_beta()
         symmetric = cfg.estimator in ("symmetric", "centered")
         fused = None if symmetric else net.ep_phases(drive, y, cfg.T, cfg.K, beta, **self.schedule())
         if fused is not None:  # both phases in one compiled call: the same steps as the two relaxations below
