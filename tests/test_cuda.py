@@ -215,3 +215,14 @@ def test_tol_falls_back_with_its_reason_on_cuda(tiny_recipe, tmp_path):
     run = Path(result.stdout.strip().splitlines()[-1])
     record = json.loads((run / "env.json").read_text())["cuda_graphs"]
     assert record["active"] is False and "tol" in record["reason"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vf_mlp"])
+def test_the_fused_triton_relaxation_equals_the_torch_path_on_cuda(kind, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("EPRUN_TRITON", "1")
+    fused, fused_scores = steps_on_cuda(kind, EP_RULE, SGD, replay=True)
+    monkeypatch.setenv("EPRUN_TRITON", "0")
+    plain, plain_scores = steps_on_cuda(kind, EP_RULE, SGD, replay=True)
+    assert relative(fused, plain) < 1e-5
+    assert [c for _, c in fused_scores] == [c for _, c in plain_scores]

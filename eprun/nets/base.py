@@ -124,7 +124,7 @@ class EPNetwork(Network):
     #: through x̃x̃ᵀ instead of recomputing it (``rules/cep.py``).
     linear_input_drive: ClassVar[bool] = False
     #: set by every relaxation: the steps it took (their mean over the examples where each stops
-    #: on its own), and the engine that ran it ("torch", "native" or "torch+native").
+    #: on its own), and the engine that ran it ("torch", "native", "torch+native" or "triton").
     last_relax_steps: float = 0.0
     last_relax_engine: str = "torch"
 

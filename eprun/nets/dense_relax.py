@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from eprun import stopping
+from eprun import stopping, triton_kernels
 from eprun.native import dense as native_dense
 from eprun.nets.dense import dense_constants
 from eprun.nets.early_stop import check_tol_scope, largest_change, relax_each_example
@@ -42,7 +42,7 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
       held from then on while the others go on); the phase ends when all have stopped.
 
     ``net.last_relax_steps`` holds the steps taken (with "example", their mean over the
-    examples), ``net.last_relax_engine`` "native" or "torch".
+    examples), ``net.last_relax_engine`` "native", "triton" or "torch".
     """
     a = net.act.scale
     n_layers = len(state)
@@ -50,6 +50,8 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     per_example = tol > 0.0 and check_tol_scope(tol_scope) == "example"
     if (tol == 0.0 or per_example) and relax_native_(net, const, state, bottom_up, top_down, steps,
                                                      beta if nudged else 0.0, order, tol, check_every):
+        return state
+    if tol == 0.0 and relax_triton_(net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order):
         return state
     if per_example:  # const[0] is the input drive
         return relax_each_example(net, const[0], state, steps, beta, target, order, tol, check_every)
@@ -112,6 +114,25 @@ def relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bot
     row_steps = native_dense.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta,
                                          steps, order, tol, check_every)
     net.note_relax(steps if row_steps is None else float(row_steps.float().mean()), "native")
+    return True
+
+
+def relax_triton_(net, const: list[torch.Tensor], state: list[torch.Tensor], bottom_up: list[torch.Tensor],
+                  top_down: list[torch.Tensor], steps: int, beta: float, order: str) -> bool:
+    """Run :func:`relax_dense_`'s steps as one fused Triton launch (:mod:`eprun.triton_kernels.dense`)
+    where ``EPRUN_TRITON=1`` asks for it and it applies (a CUDA device, or Triton's CPU interpreter;
+    one hidden layer; see ``applies``); return False to leave them to torch."""
+    if not (triton_kernels.enabled() and (state[0].is_cuda or triton_kernels.interpreted())
+            and triton_kernels.available()):
+        return False
+    from eprun.triton_kernels import dense as triton_dense
+
+    if not triton_dense.applies(state, net.act.name, order, 0.0, beta == 0.0 or not net.softmax_readout):
+        return False
+    tf32 = state[0].is_cuda and torch.backends.cuda.matmul.allow_tf32  # train.precision (eprun/precision.py)
+    triton_dense.relax_two_layers_(const, state, top_down[0], bottom_up[1], steps, net.act.scale,
+                                   -net.act.scale * beta, net.act.name, tf32)
+    net.note_relax(steps, "triton")
     return True
 
 
