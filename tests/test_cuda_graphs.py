@@ -10,28 +10,13 @@ its reason, and a whole run equal, bit for bit, to the eager run.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from eprun import cuda_graphs, runner as runner_module
-from eprun.cli import app
 
-from .test_resume import assert_same, outcome
-
-cli = CliRunner()
-SETTINGS = ["-s", "rule.estimator=random-sign", "-s", "train.checkpoint_every=3", "-s", "train.max_batches=10",
-            "-s", "train.log_every=4", "-s", "train.epochs=2"]
-
-
-def invoke(*args):
-    return cli.invoke(app, [str(a) for a in args])
-
-
-def run_path(result) -> Path:
-    return Path(result.stdout.strip().splitlines()[-1])
+from .test_resume import SETTINGS, assert_same, invoke, outcome, reference, run_path  # noqa: F401 (fixture)
 
 
 class _Replay:
@@ -103,23 +88,11 @@ def emulated(monkeypatch):
     return recorder
 
 
-@pytest.fixture(scope="module")
-def eager_run(tmp_path_factory):
-    from tests.conftest import TINY_RECIPE
-
-    folder = tmp_path_factory.mktemp("eager")
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE)
-    result = invoke("train", recipe, "--out", folder / "runs", "-q", *SETTINGS)
-    assert result.exit_code == 0, result.output
-    return outcome(run_path(result))
-
-
-def test_a_run_replayed_from_graphs_equals_the_eager_run(emulated, tiny_recipe, tmp_path, eager_run):
+def test_a_run_replayed_from_graphs_equals_the_reference(emulated, tiny_recipe, tmp_path, reference):
     result = invoke("train", tiny_recipe, "--out", tmp_path / "runs", "-q", *SETTINGS)
     assert result.exit_code == 0, result.output
     run = run_path(result)
-    assert_same(outcome(run), eager_run)
+    assert_same(outcome(run), reference)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cuda_graphs"] == {"mode": "auto", "active": True, "reason": None}
     assert json.loads((run / "env.json").read_text())["cuda_graphs"]["active"] is True
@@ -194,12 +167,12 @@ def test_divergence_in_replayed_steps_is_caught_before_a_checkpoint(emulated, ti
     assert last["step"] < first <= final
 
 
-def test_a_failed_capture_falls_back_under_auto_with_its_reason(emulated, tiny_recipe, tmp_path, eager_run):
+def test_a_failed_capture_falls_back_under_auto_with_its_reason(emulated, tiny_recipe, tmp_path, reference):
     emulated.fail = "operation not permitted when stream is capturing"
     result = invoke("train", tiny_recipe, "--out", tmp_path / "runs", "-q", *SETTINGS)
     assert result.exit_code == 0, result.output
     run = run_path(result)
-    assert_same(outcome(run), eager_run)
+    assert_same(outcome(run), reference)
     record = json.loads((run / "summary.json").read_text())["cuda_graphs"]
     assert record["active"] is False and "capture failed" in record["reason"]
     assert "operation not permitted" in record["reason"]
