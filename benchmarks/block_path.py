@@ -1,7 +1,7 @@
 """The compiled relaxation of a deeper net in blocks of examples against the same kernel in pairs,
 side by side in one process: the free phase of a bench case's net at its recipe's batch and T.
 
-    python -m benchmarks.block_path [--case proto-mlp-3h] [--threads N] [--rounds 4]
+    python -m benchmarks.block_path [--case proto-mlp-3h] [-s model.hidden=[512,512]] [--threads N] [--rounds 4]
 
 Rounds alternate the two paths (the pairs path is a build with ``EPRUN_NO_BLOCKS``); each figure
 is one round's best of 3 calls (ms a phase, µs a step). Returns them, and the largest difference
@@ -21,6 +21,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--case", default="proto-mlp-3h")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("-s", "--set", action="append", default=[], help="an override of the case's recipe")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -30,13 +31,13 @@ def main(argv=None) -> dict:
     from eprun.bench.cases import CASES, BenchOptions
     from eprun.bench.measure import CaseSetup
 
-    setup = CaseSetup(CASES[args.case], BenchOptions(), torch.device("cpu"), torch.float32)
+    setup = CaseSetup(CASES[args.case], BenchOptions(overrides=args.set), torch.device("cpu"), torch.float32)
     net, rule, _ = setup.eprun_side()
     batch = setup.recipe.data.batch_size
     x, _ = setup.data(1, batch, "block path")[0]
     T = rule.cfg.T
-    if not native.status()["avx512"]:
-        raise SystemExit("the kernel has no block path here (it needs an AVX-512 build)")
+    if not native.status()["vectorized"]:
+        raise SystemExit("the kernel has no block path here (it needs an AVX2 or AVX-512 build)")
     print(f"{args.case}: {'-'.join(map(str, net.sizes))}, batch {batch}, T={T}, {torch.get_num_threads()} thread(s)")
     paths = {"pairs": ("EPRUN_NO_BLOCKS",), "blocks": ()}
     results = {name: {"ms_per_phase": [], "us_per_step": []} for name in paths}

@@ -16,7 +16,7 @@ from eprun.native.parallel import shares_openmp
 
 def status() -> dict:
     """What the native kernels do here: the settings, whether the library loaded, what it was
-    built with (AVX2; AVX-512 for the one-pass and block paths), whether it splits batches on
+    built with (AVX2, with the block path; AVX-512 also for the one-pass path), whether it splits batches on
     torch's OpenMP threads, or why it is unavailable."""
     from eprun.native import build
 

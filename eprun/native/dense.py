@@ -8,9 +8,10 @@ The relaxation's layer update, per example (row-major states)::
 with the layer's constant c_i (the input drive for i = 0), σ = g(a·x + c), and ν = −a·β the
 MSE nudge (its a·β·y already in the output constant). For the prototypical net U_i = D_{i−1} =
 W_i; for the vector-field net D_i = B_{i+1}ᵀ. Every example relaxes independently of the
-others: the kernel runs examples in pairs (in blocks of up to 12 for nets past one hidden layer,
-and one example at a time through one pass a step for one hidden layer under at most 16 outputs,
-on AVX-512 builds) with their states and the couplings in cache, products, nudge and σ fused.
+others: the kernel runs examples in pairs (in blocks of up to 6 on AVX2 builds, 12 on AVX-512, for
+nets past one hidden layer under a small output; and on AVX-512 one example at a time through one
+pass a step for one hidden layer under at most 16 outputs) with their states and the couplings in
+cache, products, nudge and σ fused.
 With a fixed number of steps an example stops computing once a step leaves its state unchanged
 bit for bit: every further step would return that same state, so the result is that of all the
 steps, to the bit.

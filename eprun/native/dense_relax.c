@@ -24,8 +24,9 @@
  *
  * Built with AVX-512, a net of one hidden layer under an output of at most 16 units (the
  * papers' 784-512-10) takes a shorter path: one pass over the hidden units a step, in 16-wide
- * vectors (relax_two_layers below); every other net of two layers or more relaxes its examples
- * in blocks of up to 12, each load of a weight serving the whole block (relax_rows_blocked).
+ * vectors (relax_two_layers below). With AVX2 or AVX-512, every other net of two layers or more
+ * (past one hidden layer under a small output) relaxes its examples in blocks of up to 6 (AVX2)
+ * or 12 (AVX-512), each load of a weight serving the whole block (relax_rows_blocked).
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,7 +40,7 @@
 
 /* Build variants, for the tests and benchmarks that compare paths (eprun.native.build): the
  * default build stops an example at a bitwise fixed point and relaxes wider and deeper nets in
- * blocks on AVX-512. EPRUN_EVERY_STEP computes every step; EPRUN_NO_BLOCKS relaxes them in pairs. */
+ * blocks. EPRUN_EVERY_STEP computes every step; EPRUN_NO_BLOCKS relaxes them in pairs. */
 #ifdef EPRUN_EVERY_STEP
 #define FIXED_POINT_STOP 0
 #else
@@ -396,25 +397,47 @@ static inline __attribute__((always_inline)) void relax_rows_two_layers(
 }
 #endif
 
-#if EPRUN_AVX512
+#if EPRUN_AVX2
 /* ----------------------------------------------- blocks of examples for wider and deeper nets
  *
  * Past one hidden layer the couplings no longer fit the caches near a core (784-512-512-512-10:
  * 2 MB of W_1 … W_3), and a step that streams every weight once per pair of examples is bound
  * by that stream. Here a thread's examples relax in blocks of up to BLOCK_ROWS together, and each
- * 16-wide load of a weight serves every example of the block: for a block of R examples and
- * 32 units j … j+31 of layer i, 2R vector sums
+ * vector load of a weight serves every example of the block: for a block of R examples and the
+ * CHUNK units j … j+CHUNK−1 of layer i (two vectors), 2R vector sums
  *
  *     acc[r] = Σ_k Uᵀ_i[k, j…] s_{i−1}[r, k] + Σ_k D_i[k, j…] s_{i+1}[r, k]
  *
  * then z = c_i + a·acc [+ ν·s_i], s_i ← g(z). The couplings are packed once a call (pack_chunk):
- * for each chunk of 32 units the rows of Uᵀ_i, then of D_i, one after the other, so the k loop
- * reads one contiguous stream (read in place, rows of Uᵀ_i 4·n_i bytes apart, the stream would
- * cross a page every few rows). The sums run in order k = 0, 1, … for each
- * example whatever R is, so an example's result does not depend on its block. An example that
- * stops (tol, or a bitwise fixed point with exact) leaves the block, its last slot taking its
- * place. */
+ * for each chunk the rows of Uᵀ_i, then of D_i, one after the other, so the k loop reads one
+ * contiguous stream (read in place, rows of Uᵀ_i 4·n_i bytes apart, the stream would cross a
+ * page every few rows). The sums run in order k = 0, 1, … for each example whatever R is, so an
+ * example's result does not depend on its block. An example that stops (tol, or a bitwise fixed
+ * point with exact) leaves the block, its last slot taking its place.
+ *
+ * Widths: AVX-512, chunks of 32 units and blocks of up to 12 examples (24 sums in 32 registers);
+ * AVX2, chunks of 16 and blocks of up to 6 (12 sums in 16 registers, two for the weights and one
+ * for the broadcast state). */
+#if EPRUN_AVX512
 #define BLOCK_ROWS 12
+#define CHUNK 32
+typedef __m512 Lanes;
+static inline Lanes lanes_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline Lanes lanes_set1(float v) { return _mm512_set1_ps(v); }
+static inline Lanes lanes_zero(void) { return _mm512_setzero_ps(); }
+static inline Lanes lanes_fmadd(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+static inline void lanes_store(float *p, Lanes v) { _mm512_storeu_ps(p, v); }
+#else
+#define BLOCK_ROWS 6
+#define CHUNK 16
+typedef __m256 Lanes;
+static inline Lanes lanes_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline Lanes lanes_set1(float v) { return _mm256_set1_ps(v); }
+static inline Lanes lanes_zero(void) { return _mm256_setzero_ps(); }
+static inline Lanes lanes_fmadd(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void lanes_store(float *p, Lanes v) { _mm256_storeu_ps(p, v); }
+#endif
+#define HALF (CHUNK / 2)  /* the floats of one vector */
 
 typedef struct {
     float *cur[64], *nxt[64];        /* BLOCK_ROWS rows of n_i each */
@@ -424,34 +447,34 @@ typedef struct {
 
 /* acc[r] += Σ_{k < count} s[r·count + k] · (the two vectors of row k of P), in order k = 0, 1, …;
  * returns P past its `count` rows */
-static inline __attribute__((always_inline)) const float *block_accumulate(const int R, __m512 (*acc)[2],
+static inline __attribute__((always_inline)) const float *block_accumulate(const int R, Lanes (*acc)[2],
                                                                            const float *s, int64_t count,
                                                                            const float *P) {
-    for (int64_t k = 0; k < count; k++, P += 32) {
-        const __m512 w0 = _mm512_loadu_ps(P), w1 = _mm512_loadu_ps(P + 16);
+    for (int64_t k = 0; k < count; k++, P += CHUNK) {
+        const Lanes w0 = lanes_load(P), w1 = lanes_load(P + HALF);
         for (int r = 0; r < R; r++) {
-            const __m512 sk = _mm512_set1_ps(s[r * count + k]);
-            acc[r][0] = _mm512_fmadd_ps(sk, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(sk, w1, acc[r][1]);
+            const Lanes sk = lanes_set1(s[r * count + k]);
+            acc[r][0] = lanes_fmadd(sk, w0, acc[r][0]);
+            acc[r][1] = lanes_fmadd(sk, w1, acc[r][1]);
         }
     }
     return P;
 }
 
-/* The sums of 32 units at j of layer i for the R examples of a block (R a compile-time constant
- * after inlining), into z[r·32 + q]. P: this chunk's packed couplings, nb + na rows of 32 floats
- * (zeros past the layer's last unit): row k < nb is Uᵀ_i[k, j…j+31], row nb + k is
- * D_i[k, j…j+31]. below / above: the block's states of layers i−1 and i+1, rows of nb / na. */
+/* The sums of the CHUNK units at j of layer i for the R examples of a block (R a compile-time
+ * constant after inlining), into z[r·CHUNK + q]. P: this chunk's packed couplings, nb + na rows
+ * of CHUNK floats (zeros past the layer's last unit): row k < nb is Uᵀ_i[k, j…], row nb + k is
+ * D_i[k, j…]. below / above: the block's states of layers i−1 and i+1, rows of nb / na. */
 static inline __attribute__((always_inline)) void block_sums(const int R, float *z, const float *below,
                                                               const float *above, int64_t nb, int64_t na,
                                                               const float *P) {
-    __m512 acc[BLOCK_ROWS][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    Lanes acc[BLOCK_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = lanes_zero();
     P = block_accumulate(R, acc, below, nb, P);  /* Uᵀ_i rows against s_{i−1} */
     block_accumulate(R, acc, above, na, P);      /* then D_i rows against s_{i+1}, into the same sums */
     for (int r = 0; r < R; r++) {
-        _mm512_storeu_ps(z + 32 * r, acc[r][0]);
-        _mm512_storeu_ps(z + 32 * r + 16, acc[r][1]);
+        lanes_store(z + CHUNK * r, acc[r][0]);
+        lanes_store(z + CHUNK * r + HALF, acc[r][1]);
     }
 }
 
@@ -462,53 +485,91 @@ static void block_sums_any(int R, float *z, const float *below, const float *abo
 #define EPRUN_BLOCK_CASE(K) case K: block_sums(K, z, below, above, nb, na, P); break;
     switch (R) {
         EPRUN_BLOCK_CASE(1) EPRUN_BLOCK_CASE(2) EPRUN_BLOCK_CASE(3) EPRUN_BLOCK_CASE(4) EPRUN_BLOCK_CASE(5)
-        EPRUN_BLOCK_CASE(6) EPRUN_BLOCK_CASE(7) EPRUN_BLOCK_CASE(8) EPRUN_BLOCK_CASE(9) EPRUN_BLOCK_CASE(10)
+        EPRUN_BLOCK_CASE(6)
+#if BLOCK_ROWS > 6
+        EPRUN_BLOCK_CASE(7) EPRUN_BLOCK_CASE(8) EPRUN_BLOCK_CASE(9) EPRUN_BLOCK_CASE(10)
         EPRUN_BLOCK_CASE(11) EPRUN_BLOCK_CASE(12)
+#endif
         default: break;
     }
 #undef EPRUN_BLOCK_CASE
 }
 
-/* Layer i of the block's R examples, 32 units at a time: z = c_i + a·sums [+ ν·s_i], s_i ← g(z)
+/* The first `lanes` (≤ HALF) units of one vector of a layer for one example: z = c + a·sum
+ * [+ ν·old], fresh = g(z) stored into out (which may be self: old is read first); returns whether
+ * a lane moved (see moved16; only when check). */
+#if EPRUN_AVX512
+static inline int block_vector(float *out, const float *self, const float *c, const float *sum, int64_t lanes,
+                               float a, int act, float nu, int check, float tol) {
+    const __mmask16 m = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1u);
+    const __m512 old = _mm512_maskz_loadu_ps(m, self);
+    __m512 zz = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_loadu_ps(sum), _mm512_maskz_loadu_ps(m, c));
+    if (nu != 0.0f) zz = _mm512_fmadd_ps(_mm512_set1_ps(nu), old, zz);
+    const __m512 fresh = g16(zz, act);
+    _mm512_mask_storeu_ps(out, m, fresh);
+    return check && moved16(fresh, old, tol, m);
+}
+#else
+/* the lanes of a vector where new differs from old: in some bit (tol = 0), or by tol or more
+ * (or a NaN); only the lanes set in `lanes` (all bits set) count */
+static inline int moved8(__m256 new_values, __m256 old, float tol, __m256i lanes) {
+    __m256 moved;
+    if (tol == 0.0f)
+        moved = _mm256_castsi256_ps(_mm256_xor_si256(
+            _mm256_cmpeq_epi32(_mm256_castps_si256(new_values), _mm256_castps_si256(old)), _mm256_set1_epi32(-1)));
+    else
+        moved = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(new_values, old)),
+                              _mm256_set1_ps(tol), _CMP_NLT_UQ);
+    return !_mm256_testz_ps(moved, _mm256_castsi256_ps(lanes));
+}
+
+static inline int block_vector(float *out, const float *self, const float *c, const float *sum, int64_t lanes,
+                               float a, int act, float nu, int check, float tol) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lanes < 8 ? lanes : 8)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 old = _mm256_maskload_ps(self, m);
+    __m256 zz = _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_loadu_ps(sum), _mm256_maskload_ps(c, m));
+    if (nu != 0.0f) zz = _mm256_fmadd_ps(_mm256_set1_ps(nu), old, zz);
+    const __m256 fresh = g8(zz, act);
+    _mm256_maskstore_ps(out, m, fresh);
+    return check && moved8(fresh, old, tol, m);
+}
+#endif
+
+/* Layer i of the block's R examples, CHUNK units at a time: z = c_i + a·sums [+ ν·s_i], s_i ← g(z)
  * into out (which may be self: each value of self is read before it is written); moved[r] set
- * when check and example r moved (see moved16). P: the layer's packed couplings, chunk after
- * chunk (pack_chunk). */
+ * when check and example r moved. P: the layer's packed couplings, chunk after chunk
+ * (pack_chunk). */
 static void block_layer(int R, float *out, const float *self, const float *below, const float *above, int64_t n,
                         int64_t nb, int64_t na, const float *P, const float *const *c, float a, int act, float nu,
                         int check, float tol, int *moved) {
-    float z[BLOCK_ROWS * 32];
-    const __m512 va = _mm512_set1_ps(a), vnu = _mm512_set1_ps(nu);
-    for (int64_t j = 0; j < n; j += 32, P += 32 * (nb + na)) {
+    float z[BLOCK_ROWS * CHUNK];
+    for (int64_t j = 0; j < n; j += CHUNK, P += CHUNK * (nb + na)) {
         block_sums_any(R, z, below, above, nb, na, P);
         const int64_t left = n - j;
         for (int h = 0; h < 2; h++) {
-            const int64_t lanes = left - 16 * h;
+            const int64_t lanes = left - HALF * h;
             if (lanes <= 0) break;
-            const __mmask16 m = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1u);
             for (int r = 0; r < R; r++) {
-                const int64_t at = r * n + j + 16 * h;
-                const __m512 old = _mm512_maskz_loadu_ps(m, self + at);
-                __m512 zz = _mm512_fmadd_ps(va, _mm512_loadu_ps(z + 32 * r + 16 * h),
-                                            _mm512_maskz_loadu_ps(m, c[r] + j + 16 * h));
-                if (nu != 0.0f) zz = _mm512_fmadd_ps(vnu, old, zz);
-                const __m512 fresh = g16(zz, act);
-                if (check && moved16(fresh, old, tol, m)) moved[r] = 1;
-                _mm512_mask_storeu_ps(out + at, m, fresh);
+                const int64_t at = r * n + j + HALF * h;
+                if (block_vector(out + at, self + at, c[r] + j + HALF * h, z + CHUNK * r + HALF * h, lanes, a, act,
+                                 nu, check, tol))
+                    moved[r] = 1;
             }
         }
     }
 }
 
-/* Chunk `ch` (32 units from 32·ch) of the packed couplings of a layer of n units, nb below
- * (U [n, nb] or NULL) and na above (D [na, n] or NULL): nb rows of Uᵀ then na rows of D, 32
+/* Chunk `ch` (CHUNK units from CHUNK·ch) of the packed couplings of a layer of n units, nb below
+ * (U [n, nb] or NULL) and na above (D [na, n] or NULL): nb rows of Uᵀ then na rows of D, CHUNK
  * floats each, zeros past the last unit; one contiguous stream for the block's k loop. */
 static void pack_chunk(float *P, const float *U, const float *D, int64_t n, int64_t nb, int64_t na, int64_t ch) {
-    float *dst = P + ch * 32 * (nb + na);
-    const int64_t j = ch * 32, width = n - j < 32 ? n - j : 32;
-    if (width < 32) memset(dst, 0, (size_t)(32 * (nb + na)) * sizeof(float));
-    for (int64_t k = 0; k < nb; k++)  /* row k of the chunk from 32 rows of U, their lines kept in L1 */
-        for (int64_t q = 0; q < width; q++) dst[k * 32 + q] = U[(j + q) * nb + k];
-    for (int64_t k = 0; k < na; k++) memcpy(dst + (nb + k) * 32, D + k * n + j, (size_t)width * sizeof(float));
+    float *dst = P + ch * CHUNK * (nb + na);
+    const int64_t j = ch * CHUNK, width = n - j < CHUNK ? n - j : CHUNK;
+    if (width < CHUNK) memset(dst, 0, (size_t)(CHUNK * (nb + na)) * sizeof(float));
+    for (int64_t k = 0; k < nb; k++)  /* row k of the chunk from CHUNK rows of U, their lines kept in L1 */
+        for (int64_t q = 0; q < width; q++) dst[k * CHUNK + q] = U[(j + q) * nb + k];
+    for (int64_t k = 0; k < na; k++) memcpy(dst + (nb + k) * CHUNK, D + k * n + j, (size_t)width * sizeof(float));
 }
 
 static inline int64_t below_of(int i, const int64_t *sizes) { return i > 0 ? sizes[i - 1] : 0; }
@@ -516,10 +577,10 @@ static inline int64_t above_of(int i, int n_layers, const int64_t *sizes) {
     return i + 1 < n_layers ? sizes[i + 1] : 0;
 }
 
-/* 1 when relax_rows takes the block path for this net (AVX-512 builds; the one-pass path keeps
- * one hidden layer under a small output) */
+/* 1 when relax_rows takes the block path for this net: not for one hidden layer under a small
+ * output (AVX-512: the one-pass path; AVX2: the pairs, whose few output rows a chunk would pad) */
 static int uses_blocks(int n_layers, const int64_t *sizes) {
-    return EPRUN_AVX512 && BLOCK_PATH && n_layers >= 2 && !(n_layers == 2 && sizes[1] <= 16);
+    return BLOCK_PATH && n_layers >= 2 && !(n_layers == 2 && sizes[1] <= 16);
 }
 
 /* The floats of every layer's packed couplings; P[i] set to layer i's start in `buffer` (when
@@ -528,7 +589,7 @@ static int64_t packed_layout(int n_layers, const int64_t *sizes, float *buffer, 
     int64_t total = 0;
     for (int i = 0; i < n_layers; i++) {
         if (buffer) P[i] = buffer + total;
-        total += (sizes[i] + 31) / 32 * 32 * (below_of(i, sizes) + above_of(i, n_layers, sizes));
+        total += (sizes[i] + CHUNK - 1) / CHUNK * CHUNK * (below_of(i, sizes) + above_of(i, n_layers, sizes));
     }
     return total;
 }
@@ -539,7 +600,7 @@ static void pack_share(int n_layers, const int64_t *sizes, const float *const *u
                        const float *const *P, int64_t k, int64_t count) {
     int64_t g = 0;
     for (int i = 0; i < n_layers; i++) {
-        const int64_t chunks = (sizes[i] + 31) / 32;
+        const int64_t chunks = (sizes[i] + CHUNK - 1) / CHUNK;
         for (int64_t ch = 0; ch < chunks; ch++, g++)
             if (g % count == k)
                 pack_chunk((float *)P[i], i > 0 ? up[i] : NULL, i + 1 < n_layers ? down[i] : NULL, sizes[i],
@@ -732,6 +793,8 @@ static inline __attribute__((always_inline)) int relax_rows(
                               tol, check_every, exact, steps_taken, row_begin, row_end);
         return 0;
     }
+#endif
+#if EPRUN_AVX2
     if (uses_blocks(n_layers, sizes)) {
         if (packed)
             return relax_rows_blocked(n_layers, sizes, state, constant, constant_per_row, packed, a, act, nudge,
@@ -818,7 +881,7 @@ static int relax_dense_packed(int n_layers, const int64_t *sizes, float *const *
  * net does not take that path (or memory ran out: each thread then packs its own). The space is
  * packing_space's, kept by the calling thread. */
 static const float *const *shared_packing(int n_layers, const int64_t *sizes, const float **P) {
-#if EPRUN_AVX512
+#if EPRUN_AVX2
     if (n_layers <= 64 && uses_blocks(n_layers, sizes)) {
         float *buffer = packing_space(packed_layout(n_layers, sizes, NULL, NULL));
         if (buffer) {
@@ -836,7 +899,7 @@ static const float *const *shared_packing(int n_layers, const int64_t *sizes, co
 /* This thread's share of the packing, then a barrier (inside a parallel region). */
 static void pack_together(int n_layers, const int64_t *sizes, const float *const *up, const float *const *down,
                           const float *const *P, int64_t k, int64_t count) {
-#if EPRUN_AVX512
+#if EPRUN_AVX2
     if (P) pack_share(n_layers, sizes, up, down, P, k, count);
 #else
     (void)n_layers, (void)sizes, (void)up, (void)down, (void)P, (void)k, (void)count;
@@ -884,7 +947,7 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
     }
 #endif
     (void)threads;
-#if EPRUN_AVX512
+#if EPRUN_AVX2
     if (packed) pack_share(n_layers, sizes, up, down, packed, 0, 1);
 #endif
     return relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
@@ -979,7 +1042,7 @@ int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free
     }
 #endif
     (void)threads;
-#if EPRUN_AVX512
+#if EPRUN_AVX2
     if (packed) pack_share(n_layers, sizes, up, down, packed, 0, 1);
 #endif
     failed = ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row, nudged_out_constant,
