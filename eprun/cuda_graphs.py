@@ -218,7 +218,7 @@ class CapturedTraining:
 
     def __init__(self, net, rule, optimizer: torch.optim.Optimizer, device: torch.device,
                  eager_steps: int = EAGER_STEPS):
-        self.net, self.rule, self.optimizer = net, rule, optimizer
+        self.net, self.rule, self.optimizer, self.device = net, rule, optimizer, device
         self.unseen_non_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.checked_step = 0  # the runner's step at its last read of the flag
         self.train = GraphCache(self._train_body, eager_steps)
@@ -245,16 +245,26 @@ class CapturedTraining:
         if hyper != self._hyper:  # a schedule moved a learning rate: record the step anew
             self.train.clear()
             self._hyper = hyper
-        return self.train.run((tuple(x.shape), draw), (x, y))
+        with _on(self.device):
+            return self.train.run((tuple(x.shape), draw), (x, y))
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.eval.run(tuple(x.shape), (x, y))
+        with _on(self.device):
+            return self.eval.run(tuple(x.shape), (x, y))
 
     def take_non_finite(self) -> bool:
         """Whether a NaN/Inf appeared since the last call (one host read), then reset."""
         seen = bool(self.unseen_non_finite)
         self.unseen_non_finite.zero_()
         return seen
+
+
+def _on(device: torch.device):
+    """The device's context (streams and captures are per device; ``cuda:1`` is not the current
+    device unless made so); nothing on other devices."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _scores(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,12 +22,15 @@ def interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("EPRUN_TRITON", "1")
     monkeypatch.setenv("EPRUN_NATIVE", "0")
+    from eprun import native
     from eprun.triton_kernels import dense
 
+    native.reset()  # the setting is read once per process
     importlib.reload(dense)
     yield dense
     monkeypatch.delenv("TRITON_INTERPRET")
     importlib.reload(dense)
+    native.reset()
 
 
 def net_of(kind: str, activation: str, hidden: int = 40):
@@ -74,8 +77,13 @@ def test_what_the_kernel_leaves_to_torch(interpreted):
 
 
 def test_off_unless_asked_for(monkeypatch):
+    from eprun import native
+
     monkeypatch.setenv("EPRUN_NATIVE", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("EPRUN_TRITON", raising=False)
+    native.reset()
     net = net_of("mlp", "sigmoid")
     x, y = torch.rand(5, 1, 28, 28), torch.randint(0, 10, (5,))
     assert phases(net, x, y)[2] == "torch"
+    native.reset()

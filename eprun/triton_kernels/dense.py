@@ -25,6 +25,7 @@ from eprun import stopping
 ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1, "hard_sigmoid_half": 1, "tanh": 2}
 BLOCK_ROWS = 16  # examples per program
 MAX_UNITS = 1024  # widest layer held on chip (H padded)
+NUM_WARPS = 8  # a block's 16 × H states spread over 256 threads
 
 
 @triton.jit
@@ -38,13 +39,15 @@ def _relax_two_layers(c1_ptr, c2_ptr, s1_ptr, s2_ptr, d_ptr, u_ptr, B, H, O, ste
     m1 = in_rows[:, None] & (h < H)[None, :]
     m2 = in_rows[:, None] & (o < O)[None, :]
     mw = (o < O)[:, None] & (h < H)[None, :]
-    c1 = tl.load(c1_ptr + rows[:, None] * H + h[None, :], mask=m1, other=0.0)
-    c2 = tl.load(c2_ptr + rows[:, None] * O + o[None, :], mask=m2, other=0.0)
     s1 = tl.load(s1_ptr + rows[:, None] * H + h[None, :], mask=m1, other=0.0)
     s2 = tl.load(s2_ptr + rows[:, None] * O + o[None, :], mask=m2, other=0.0)
-    d = tl.load(d_ptr + o[:, None] * H + h[None, :], mask=mw, other=0.0)  # OP × HP
-    u = tl.load(u_ptr + o[:, None] * H + h[None, :], mask=mw, other=0.0)  # OP × HP
     for _ in range(steps):
+        # constants and couplings re-read each step (from L1/L2: every program reads the same
+        # D and U), so that only the states stay live in registers across steps
+        c1 = tl.load(c1_ptr + rows[:, None] * H + h[None, :], mask=m1, other=0.0)
+        c2 = tl.load(c2_ptr + rows[:, None] * O + o[None, :], mask=m2, other=0.0)
+        d = tl.load(d_ptr + o[:, None] * H + h[None, :], mask=mw, other=0.0)  # OP × HP
+        u = tl.load(u_ptr + o[:, None] * H + h[None, :], mask=mw, other=0.0)  # OP × HP
         z1 = c1 + a * tl.dot(s2, d, input_precision=PRECISION)  # a·(s² D)
         z2 = c2 + a * tl.dot(s1, tl.trans(u), input_precision=PRECISION) + nu * s2  # a·(s¹ Uᵀ) + ν s²
         if ACT == 0:  # logistic
@@ -86,4 +89,4 @@ def relax_two_layers_(const: list[torch.Tensor], state: list[torch.Tensor], top_
     op = max(16, triton.next_power_of_2(O))
     _relax_two_layers[(triton.cdiv(B, BLOCK_ROWS),)](
         c1, c2, s1, s2, d, u, B, H, O, steps, a, nu, BM=BLOCK_ROWS, HP=hp, OP=op,
-        ACT=ACTIVATION_CODES[activation], PRECISION="tf32" if tf32 else "ieee")
+        ACT=ACTIVATION_CODES[activation], PRECISION="tf32" if tf32 else "ieee", num_warps=NUM_WARPS)
