@@ -47,7 +47,7 @@ from eprun.cache import cache_dir
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("dense_relax.c", "energy_relax.c", "outer_product.c", "unpool_conv_t.c",
                              "winograd_conv_pool.c"))
-HEADERS = (Path(__file__).with_name("vector_math.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("vector_math.h", "block_sums.h"))
 VECTOR_FLAGS = ("avx2", "fma")
 #: instruction set → the -march flags, and the CPU flags (/proc/cpuinfo) it needs to run
 ARCHES = {
