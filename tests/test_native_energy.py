@@ -94,9 +94,10 @@ def test_a_block_stopped_at_its_fixed_point_gives_every_steps_result_to_the_bit(
         assert torch.equal(a, b)
 
 
-def test_an_example_does_not_depend_on_its_neighbours():
+@pytest.mark.parametrize("hidden", [(30,), (20, 12)])  # the second through the block sums
+def test_an_example_does_not_depend_on_its_neighbours(hidden):
     """Row b of a batch relaxed alone or among others (in another block, another position)."""
-    net = make_net((30,), "sigmoid")
+    net = make_net(hidden, "sigmoid")
     x, y = data(13)
     drive = net.input_drive(x)
     batch = net.init_state(13, like=x)

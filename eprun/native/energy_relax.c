@@ -19,6 +19,11 @@
  * serves the whole block. An example's result does not depend on which others share its block.
  * A block stops once a step leaves every one of its states unchanged bit for bit (each further
  * step would return the same states), so the result is that of all the steps, to the bit.
+ *
+ * Past one hidden layer under a small output (AVX2 and AVX-512 builds) the sums of h run through
+ * block_sums.h instead: the couplings packed once a call (U_i = W_i, D_i = W_{i+1}), blocks of up
+ * to BLOCK_ROWS examples, each vector load of a weight serving the whole block, the sums taken
+ * over ρ(s) (relax_block_packed). EPRUN_NO_BLOCKS builds keep the dot and axpy forms throughout.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,6 +32,7 @@
 #include <omp.h>
 #endif
 
+#include "block_sums.h"
 #include "vector_math.h"
 
 #define BLOCK 8
@@ -175,6 +181,73 @@ static void relax_block(const Problem *p, int64_t row, int R, float *scratch) {
     }
 }
 
+#ifdef EPRUN_NO_BLOCKS
+#define ENERGY_BLOCKS 0
+#else
+#define ENERGY_BLOCKS 1
+#endif
+
+/* 1 when the block sums run this net: past one hidden layer under a small output */
+static int uses_packed_blocks(int n_layers, const int64_t *sizes) {
+    return EPRUN_AVX2 && ENERGY_BLOCKS && n_layers >= 2 && !(n_layers == 2 && sizes[1] <= 16);
+}
+
+#if EPRUN_AVX2
+/* relax_block for R ≤ BLOCK_ROWS rows from `row` with the packed couplings P (pack_share with
+ * up = W, down = W shifted by one): per step ρ and ρ' of every layer, then for each layer and
+ * chunk of CHUNK units the block's sums Σ_k W_i[j, k] r_{i−1}[k] + Σ_k W_{i+1}[k, j] r_{i+1}[k]
+ * (block_sums_any), and the update of update_state, unit by unit. scratch: 2·R·Σn_i + R·CHUNK
+ * floats. */
+static void relax_block_packed(const Problem *p, int64_t row, int R, const float *const *P, float *scratch) {
+    const int L = p->n_layers;
+    float *r[MAX_LAYERS], *d[MAX_LAYERS];
+    float *cursor = scratch;
+    for (int i = 0; i < L; i++) {
+        r[i] = cursor; cursor += R * p->sizes[i];
+        d[i] = cursor; cursor += R * p->sizes[i];
+    }
+    float *z = cursor;
+    const int nudged = p->target != NULL && p->beta != 0.0f;
+    const float gain = p->eps * p->k, pull = p->eps * p->beta;
+    for (int t = 0; t < p->steps; t++) {
+        for (int i = 0; i < L; i++)  /* row by row: an example's values come out of the same vector/scalar split */
+            for (int e = 0; e < R; e++) {
+                const int64_t at = e * p->sizes[i];
+                rho_and_slope(p->state[i] + row * p->sizes[i] + at, r[i] + at, d[i] + at, p->sizes[i], p->a, p->c,
+                              p->act);
+            }
+        int moved = 0;
+        for (int i = 0; i < L; i++) {
+            const int64_t n = p->sizes[i], nb = i > 0 ? p->sizes[i - 1] : 0, na = i + 1 < L ? p->sizes[i + 1] : 0;
+            const int out = i == L - 1 && nudged;
+            const float decay = out ? 1.0f - p->eps - p->eps * p->beta : 1.0f - p->eps;
+            const float *chunk = P[i];
+            for (int64_t j = 0; j < n; j += CHUNK, chunk += CHUNK * (nb + na)) {
+                block_sums_any(R, z, i > 0 ? r[i - 1] : NULL, i + 1 < L ? r[i + 1] : NULL, nb, na, chunk);
+                const int64_t width = n - j < CHUNK ? n - j : CHUNK;
+                for (int e = 0; e < R; e++) {
+                    float *s = p->state[i] + (row + e) * n + j;
+                    const float *de = d[i] + e * n + j, *ze = z + e * CHUNK;
+                    const float *base = i == 0 ? p->drive + (row + e) * n + j : p->bias[i] + j;
+                    const float *y = out ? p->target + (row + e) * n + j : NULL;
+                    for (int64_t q = 0; q < width; q++) {
+                        float v = s[q] * decay + gain * (de[q] * (base[q] + ze[q]));
+                        if (y) v += pull * y[q];
+                        if (p->clamp) v = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);  /* NaN stays NaN */
+                        uint32_t before, after;
+                        memcpy(&before, s + q, 4);
+                        memcpy(&after, &v, 4);
+                        moved |= before != after;
+                        s[q] = v;
+                    }
+                }
+            }
+        }
+        if (!moved) break;  /* a bitwise fixed point of every row of the block */
+    }
+}
+#endif
+
 /* Run ``steps`` steps on state (in place). Returns 0, or 1 when scratch memory could not be had. */
 int eprun_relax_energy(int n_layers, const int64_t *sizes, float *const *state, const float *drive,
                        const float *const *bias, const float *const *weight, const float *target, float a, float c,
@@ -183,6 +256,23 @@ int eprun_relax_energy(int n_layers, const int64_t *sizes, float *const *state, 
     Problem p = {n_layers, sizes, state, drive, bias, weight, target, a, c, k, eps, beta, act, clamp, steps};
     int64_t per_row = 0;
     for (int i = 0; i < n_layers; i++) per_row += 3 * sizes[i];
+    const float *packed[MAX_LAYERS] = {NULL};
+    const int blocks = uses_packed_blocks(n_layers, sizes);
+#if EPRUN_AVX2
+    if (blocks) {  /* the couplings packed once, by this thread, for every thread of the call */
+        const float *down[MAX_LAYERS] = {NULL};
+        for (int i = 0; i + 1 < n_layers; i++) down[i] = weight[i + 1];
+        float *space = packing_space(packed_layout(n_layers, sizes, NULL, NULL));
+        if (!space) return 1;
+        packed_layout(n_layers, sizes, space, packed);
+        pack_share(n_layers, sizes, weight, down, packed, 0, 1);
+    }
+#endif
+    int64_t scratch_floats = per_row * BLOCK;  /* relax_block's r, d and h of BLOCK rows */
+#if EPRUN_AVX2
+    if (blocks) scratch_floats = BLOCK_ROWS * (per_row / 3 * 2 + CHUNK);  /* relax_block_packed's r, d and z */
+#endif
+    (void)packed;
     int failed = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
@@ -194,15 +284,24 @@ int eprun_relax_energy(int n_layers, const int64_t *sizes, float *const *state, 
         count = omp_get_num_threads();
 #endif
         int64_t first = batch * id / count, last = batch * (id + 1) / count;
-        float *scratch = last > first ? malloc((size_t)(per_row * BLOCK) * sizeof(float)) : NULL;
+        float *scratch = last > first ? malloc((size_t)scratch_floats * sizeof(float)) : NULL;
         if (last > first && scratch == NULL) {
             failed = 1;
-        } else {
+        } else if (!blocks) {
             for (int64_t row = first; row < last; row += BLOCK) {
                 int R = last - row < BLOCK ? (int)(last - row) : BLOCK;
                 relax_block(&p, row, R, scratch);
             }
         }
+#if EPRUN_AVX2
+        else {  /* blocks of nearly equal size, at most BLOCK_ROWS */
+            const int64_t rows = last - first, count = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+            for (int64_t blk = 0; blk < count; blk++) {
+                const int64_t lo = first + rows * blk / count, hi = first + rows * (blk + 1) / count;
+                relax_block_packed(&p, lo, (int)(hi - lo), packed, scratch);
+            }
+        }
+#endif
         free(scratch);
     }
     (void)threads;
