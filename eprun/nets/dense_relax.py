@@ -107,9 +107,10 @@ def relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bot
     its a·β·y already in the output layer's constant. ``tol`` > 0 stops each example on its own."""
     if (beta != 0.0 and net.softmax_readout) or net.act.name not in native_dense.ACTIVATION_CODES:
         return False
+    if not native_dense.supports(state, *const, steps=steps):  # before the weights are copied for the kernel
+        return False
     up, down = kernel_matrices(bottom_up, top_down)
-    matrices = [m for m in up + down if m is not None]
-    if not native_dense.supports(state, *const, *matrices, steps=steps):
+    if not native_dense.cpu_float32(*[m for m in up + down if m is not None]):
         return False
     row_steps = native_dense.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta,
                                          steps, order, tol, check_every)
