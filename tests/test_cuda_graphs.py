@@ -16,6 +16,7 @@ import torch
 
 from eprun import cuda_graphs, runner as runner_module
 
+from .conftest import crash_at
 from .test_resume import SETTINGS, assert_same, invoke, outcome, reference, run_path  # noqa: F401 (fixture)
 
 
@@ -80,6 +81,10 @@ def _restore(owner, saved):
 def emulated(monkeypatch):
     """Steps replayed through the emulated recorder on the CPU: the device check is lifted, and the
     optimiser is built as on the CPU (torch's ``capturable`` exists for CUDA tensors)."""
+    return emulate(monkeypatch)
+
+
+def emulate(monkeypatch) -> EmulatedRecorder:
     recorder = EmulatedRecorder()
     monkeypatch.setattr(cuda_graphs, "RECORDER", recorder)
     monkeypatch.setattr(cuda_graphs, "obstacle", lambda device, rule, parallel: rule.capture_obstacle())
@@ -100,6 +105,22 @@ def test_a_run_replayed_from_graphs_equals_the_reference(emulated, tiny_recipe, 
     # them), and evaluation graphs; most batches replayed
     assert emulated.records >= 4 and emulated.replays > emulated.records
     assert emulated.resets >= 2  # the first epoch's training graphs, freed when the rates moved
+
+
+@pytest.mark.parametrize("crash_call", [6, 13])  # an eager step, a replay
+def test_a_replayed_run_crashed_and_resumed_equals_the_eager_run(crash_call, monkeypatch, tiny_recipe, tmp_path,
+                                                               reference):
+    emulate(monkeypatch)
+    crash_at(monkeypatch, crash_call)
+    result = invoke("train", tiny_recipe, "--out", tmp_path / "crash", "-q", *SETTINGS)
+    assert result.exit_code != 0
+    run = next((tmp_path / "crash").iterdir())
+    monkeypatch.undo()
+    recorder = emulate(monkeypatch)
+    resumed = invoke("train", "--resume", run, "-q")
+    assert resumed.exit_code == 0, resumed.output
+    assert recorder.replays > 0
+    assert_same(outcome(run), reference)
 
 
 def test_keys_eager_steps_and_a_learning_rate_change(emulated, tiny_recipe):
