@@ -382,6 +382,8 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
 
     progress = TrainProgress(recipe.train.epochs * n_batches, quiet, silent=not world.main)
     progress.advance(pos.epoch * n_batches + pos.batch)
+    if exp.graph_probe is not None:  # a resumed run's replayed steps are counted from where it resumed
+        exp.graph_probe.checked_step = pos.step
     writer = runs.MetricsWriter(run_dir / runs.METRICS_FILE) if world.main else runs.NoMetrics()
     with writer as metrics, progress, _StopFlag(run_dir, world) as stop:
         stop_agreed = False
