@@ -44,6 +44,7 @@ reason; with ``on`` both are errors.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Hashable, Literal, Optional, Protocol, Sequence
 
@@ -262,8 +263,6 @@ class CapturedTraining:
 def _on(device: torch.device):
     """The device's context (streams and captures are per device; ``cuda:1`` is not the current
     device unless made so); nothing on other devices."""
-    import contextlib
-
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
