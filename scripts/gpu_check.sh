@@ -29,7 +29,7 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 } > "$OUT/machine.txt" 2>&1
 
 if stage tests; then  # 150 s
-  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
+  timeout 150 python -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
   echo "exit code $?" >> "$OUT/pytest.txt"
 fi
 
