@@ -260,3 +260,28 @@ def test_rules_state_their_obstacles(tiny_recipe):
     assert obstacle("rule.kind=cep") is None
     assert obstacle("rule={kind: bptt, T: 12}") is None
     assert "tol" in obstacle("rule.tol=0.001")
+
+
+@pytest.mark.parametrize("fail", [None, "operation not permitted when stream is capturing"])
+def test_the_benchmark_times_replayed_steps_or_says_why_not(fail, monkeypatch):
+    from typer.testing import CliRunner
+
+    from eprun.bench import measure
+    from eprun.cli import app
+
+    recorder = emulate(monkeypatch)
+    recorder.fail = fail
+    build = measure.build_optimizer
+    monkeypatch.setattr(measure, "build_optimizer", lambda cfg, groups, capturable=False: build(cfg, groups))
+    tiny = ["-s", "model.hidden=[16]", "-s", "rule.T=4", "-s", "rule.K=2", "-s", "data.batch_size=4",
+            "-s", "data.eval_batch_size=8"]
+    result = CliRunner().invoke(app, ["--threads", "1", "bench", "--device", "cpu", "--json", "--batches", "6",
+                                      "--warmup", "1", "--only", "proto-mlp-1h", *tiny])
+    assert result.exit_code == 0, result.output
+    (r,) = json.loads(result.stdout)
+    assert r["train_eprun_samples_per_s"] > 0
+    if fail is None:
+        assert r["cuda_graphs"]["active"] is True and r["cuda_graphs"]["captures"] >= 2  # training and evaluation
+        assert recorder.replays > 0
+    else:
+        assert r["cuda_graphs"]["active"] is False and "capture failed" in r["cuda_graphs"]["reason"]
