@@ -338,3 +338,65 @@ def test_vf_recipes_pass_fast_dev_run(recipe, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("fast-dev-run ok")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- per-step nudged update
+
+
+def make_vf_per_step(hidden=(7, 5), angle=20.0, nudged_update="per_step", seed=0):
+    cfg = VFMLPConfig(hidden=list(hidden), initial_angle=angle, nudged_update=nudged_update)
+    return VectorFieldMLP(cfg, (1, 3, 3), 4, torch.Generator().manual_seed(seed)).double()
+
+
+def test_the_per_step_update_is_the_sum_of_each_nudged_steps_increment():
+    """Against the increments computed by hand from ``step`` (the out-of-place reference dynamics):
+    −ΔW_n = (1/β) Σ_k (s^{n+1}_k − s^{n+1}_{k+1}) s^{nᵀ}_k / B, −ΔB_n = (1/β) Σ_k (s^n_k − s^n_{k+1}) s^{n+1ᵀ}_k / B."""
+    net = make_vf_per_step()
+    x, y, _ = random_batch(net)
+    beta, T, K = 0.3, 40, 7
+    grads = ep_grads(net, x, y, beta, T=T, K=K)
+    with torch.no_grad():
+        state = net.init_state(x.shape[0], like=x)
+        for _ in range(T):
+            state = net.step(x, state)
+        target = net.target(y, x)
+        layers = [net.flatten(x)] + list(state)
+        want_w = [torch.zeros_like(w) for w in net.weights]
+        want_b = [torch.zeros_like(b) for b in net.feedback]
+        for _ in range(K):
+            new = [net.flatten(x)] + list(net.step(x, layers[1:], beta, target))
+            for n in range(len(net.weights)):
+                want_w[n] += (layers[n + 1] - new[n + 1]).T @ layers[n] / (beta * x.shape[0])
+            for n in range(1, len(net.weights)):
+                want_b[n - 1] += (layers[n] - new[n]).T @ layers[n + 1] / (beta * x.shape[0])
+            layers = new
+    for n in range(len(net.weights)):
+        assert relative_error([grads[f"weights.{n}"]], [want_w[n]]) < 1e-9
+    for n in range(1, len(net.weights)):
+        assert relative_error([grads[f"feedback.{n - 1}"]], [want_b[n - 1]]) < 1e-9
+
+
+def test_the_per_step_update_differs_from_the_end_points_by_order_beta():
+    """W_0 and the biases telescope: equal to rounding. W_n (n ≥ 1) and B_n: the gap shrinks with β
+    (about ten times for β ten times smaller)."""
+    gaps = {}
+    for beta in (0.2, 0.02):
+        per_step = ep_grads(make_vf_per_step(), *random_batch(make_vf_per_step())[:2], beta, T=40, K=8)
+        endpoints = ep_grads(make_vf_per_step(nudged_update="endpoints"), *random_batch(make_vf_per_step())[:2],
+                             beta, T=40, K=8)
+        for name in ("weights.0", "biases.0", "biases.1", "biases.2"):
+            assert relative_error([per_step[name]], [endpoints[name]]) < 1e-12, name
+        gaps[beta] = {name: relative_error([per_step[name]], [endpoints[name]])
+                      for name in ("weights.1", "weights.2", "feedback.0", "feedback.1")}
+    for name, gap in gaps[0.2].items():
+        assert gap > 1e-4 and 4 < gap / gaps[0.02][name] < 25, (name, gap, gaps[0.02][name])
+
+
+def test_the_per_step_update_refuses_the_symmetric_estimator(tmp_path):
+    recipe = tmp_path / "vf.yaml"
+    recipe.write_text("name: vf\nseed: 0\ndevice: cpu\ndata: {dataset: synthetic, batch_size: 8}\n"
+                      "model: {kind: vf_mlp, hidden: [8], nudged_update: per_step}\n"
+                      "rule: {kind: ep, T: 5, K: 2, beta: 0.2, estimator: symmetric}\n"
+                      "optim: {kind: sgd, lr: 0.01}\ntrain: {max_batches: 2}\n")
+    result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "runs"), "-q"])
+    assert result.exit_code == 2 and "rule.estimator" in result.output and "per_step" in result.output

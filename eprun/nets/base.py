@@ -123,6 +123,10 @@ class EPNetwork(Network):
     #: them alone: a rule that moves W_0 and b_1 during a phase (C-EP) can then follow the drive
     #: through x̃x̃ᵀ instead of recomputing it (``rules/cep.py``).
     linear_input_drive: ClassVar[bool] = False
+    #: EP writes the sum of the nudged steps' increments, Σ_k V(s_k, s_{k+1}) through
+    #: ``accumulate_dphi_dtheta_difference_``, instead of V(s*, s^β) (a vector-field net's
+    #: ``nudged_update: per_step``; for a net with Φ the two are equal: the sum telescopes).
+    accumulates_nudged_steps: bool = False
     #: set by every relaxation: the steps it took (their mean over the examples where each stops
     #: on its own), and the engine that ran it ("torch", "native", "torch+native" or "triton").
     last_relax_steps: float = 0.0

@@ -33,6 +33,17 @@ the free state and s^β the nudged one, batch means::
 Each weight moves with the change of its post-synaptic unit times its pre-synaptic unit at the
 free state: local in space, and defined whatever B is.
 
+``nudged_update: per_step`` writes instead, for EP, the sum over the K nudged steps of each
+step's increment, V(s_k, s_{k+1}) with s_0 = s* (C-VF's increments, applied once after the
+phase rather than at each step)::
+
+    ΔW_n = (1/β) Σ_k (s^{n+1}_{k+1} − s^{n+1}_k) s^{nᵀ}_k          (B_n, b_{n+1} alike)
+
+It differs from the end-point update by (1/β) Σ_k (s^{n+1}_{k+1} − s^{n+1}_k)(s^n_k − s^n_0)ᵀ,
+O(β) (the pre-synaptic units move by O(β) during the phase), and not at all for W_0 and the
+biases. The authors' code (``ernoult/continualEP``) applies this sum by default and the
+end-point update with ``--former`` (recipes/README.md, VF rows).
+
 ``same_update: true`` ties the two directions: W_n and B_n both receive the symmetrised
 update U_n = ΔW_n + ΔB_nᵀ (B_n gets U_nᵀ), so B_n − W_nᵀ never changes under SGD and a net
 started at α = 0 stays symmetric. With B_n = W_nᵀ this *is* EP to first order in β (see
@@ -45,6 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -64,6 +76,8 @@ class VFMLPConfig(MLPConfig):
     kind: str = "vf_mlp"
     initial_angle: float = 0.0  # degrees between vec(B_n) and vec(W_nᵀ) at initialisation
     same_update: bool = False  # tie the updates: W_n gets ΔW_n + ΔB_nᵀ, B_n its transpose
+    # EP's update from the phases' end points, or the sum of the K nudged steps' increments
+    nudged_update: Literal["endpoints", "per_step"] = "endpoints"
 
     def check(self):
         yield from super().check()
@@ -114,6 +128,7 @@ class VectorFieldMLP(LayeredNetwork):
         self.cfg = cfg
         init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)  # as the MLP: same seed, same W
         self.same_update = bool(cfg.same_update)
+        self.accumulates_nudged_steps = cfg.nudged_update == "per_step"
         # backward weights: feedback[n − 1] is B_n, n = 1 … N−1
         self.feedback = nn.ParameterList()
         for n in range(1, len(self.weights)):

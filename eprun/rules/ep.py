@@ -64,13 +64,19 @@ class EPConfig(RuleConfig):
 
     def check_model(self, model, n_layers: int):
         """The asynchronous schedule and early stopping exist for nets whose ``relax`` takes them
-        (``relax_schedules``: the prototypical MLP and conv nets)."""
+        (``relax_schedules``: the prototypical MLP and conv nets); a vector-field net's per-step
+        update takes one nudged phase."""
         from eprun.nets import NETWORKS
         from eprun.nets.base import EPNetwork
+        from eprun.nets.vf_mlp import VFMLPConfig
 
         def takes_schedules(net) -> bool:
             return issubclass(net, EPNetwork) and net.relax_schedules
 
+        per_step = isinstance(model, VFMLPConfig) and model.nudged_update == "per_step"
+        if per_step and self.estimator in ("symmetric", "centered"):
+            yield "estimator", ("model.nudged_update: per_step sums one nudged phase's steps; the symmetric "
+                                "estimator's two phases are not written for it (one-sided, negative, random-sign)")
         custom = self.order != "sync" or self.tol > 0.0
         if custom and not takes_schedules(NETWORKS[model.kind]):
             kinds = ", ".join(kind for kind, net in NETWORKS.items() if takes_schedules(net))
@@ -171,7 +177,8 @@ class EP(Rule):
         drive = net.input_drive(x)  # W_0 x + b_1, once for all phases
         beta = self._batch_beta()
         symmetric = cfg.estimator in ("symmetric", "centered")
-        fused = None if symmetric else net.ep_phases(drive, y, cfg.T, cfg.K, beta, **self.schedule())
+        per_step = net.accumulates_nudged_steps
+        fused = None if symmetric or per_step else net.ep_phases(drive, y, cfg.T, cfg.K, beta, **self.schedule())
         if fused is not None:  # both phases in one compiled call: the same steps as the two relaxations below
             free, nudged, loss, steps = fused
             self._count_steps(steps)
@@ -182,6 +189,10 @@ class EP(Rule):
         free = self.free_phase(drive)
         self._count("free")
         logits, loss = net.logits(free), net.loss(free, y)
+        if per_step:  # −Δθ = (1/β) Σ_k V(s_k, s_{k+1}), written step by step
+            self._nudged_steps_accumulated(x, drive, free, beta, target)
+            net.accumulate_readout_grad_(free, y)
+            return logits, loss
         nudged = net.relax(drive, [s.clone() for s in free], cfg.K, beta, target, **self.schedule())
         self._count("nudged")
         if symmetric:
@@ -194,6 +205,19 @@ class EP(Rule):
             net.accumulate_dphi_dtheta_difference_(x, free, nudged, 1.0 / beta)
         net.accumulate_readout_grad_(free, y)
         return logits, loss
+
+    def _nudged_steps_accumulated(self, x, drive, free, beta, target) -> None:
+        """The K nudged steps one at a time from s_0 = s*, each step's increment written as it is
+        taken: .grad += (1/β) V(s_k, s_{k+1}) (the net's ``accumulates_nudged_steps``)."""
+        net = self.net
+        cur, nxt = [s.clone() for s in free], [s.clone() for s in free]
+        for _ in range(self.cfg.K):
+            for new, old in zip(nxt, cur):
+                new.copy_(old)
+            net.relax(drive, nxt, 1, beta, target, **self.schedule())  # s_{k+1} = F(x, s_k, θ, β)
+            net.accumulate_dphi_dtheta_difference_(x, cur, nxt, 1.0 / beta)
+            cur, nxt = nxt, cur
+        self._count("nudged")
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
