@@ -10,7 +10,7 @@ Two levels, as two abstract base classes:
   dynamics derive from a primitive function Φ, Φ itself as the autograd oracle.
 
 Optional capabilities are class attributes with a default (``has_phi``, ``relax_schedules``,
-``nudge_scale``, ``softmax_readout``) or methods with a default that says "not offered"
+``nudge_scale``, ``softmax_readout``, ``linear_input_drive``, ``accumulates_nudged_steps``) or methods with a default that says "not offered"
 (:meth:`EPNetwork.ep_phases` returns None, :meth:`EPNetwork.input_term` returns None,
 :meth:`Network.monitor` returns ``{}``). Callers read these; they never probe a net with
 ``hasattr``. A new net subclasses one of the two and is registered in
