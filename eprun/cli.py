@@ -113,10 +113,20 @@ def train(
     torchrun (``torchrun --nproc_per_node=N -m eprun train R.yaml``) the ranks train one run together."""
     try:
         _train(recipe, set_, out_dir, quiet, fast_dev_run, resume, force)
-    finally:
-        dist = sys.modules.get("torch.distributed")  # loaded only if training began; never import torch here
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        _leave_process_group(wait_for_the_others=False)  # another rank may be gone: no barrier to hang on
+        raise
+    _leave_process_group(wait_for_the_others=True)
+
+
+def _leave_process_group(wait_for_the_others: bool) -> None:
+    """Under torchrun, leave the process group; after a run that finished, only once every rank has
+    (a rank tearing down its connections while another still finishes its run makes that one abort)."""
+    dist = sys.modules.get("torch.distributed")  # loaded only if training began; never import torch here
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if wait_for_the_others:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _train(recipe, set_, out_dir, quiet, fast_dev_run, resume, force) -> None:

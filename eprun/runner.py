@@ -436,9 +436,9 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                         _monitor(exp, x, y, pos, n_batches, log, progress)
                     if not exp.rule.steps_optimizer:
                         exp.optimizer.step()
-                    if world.parallel:
-                        window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
-                        epoch_window.add_sums(float(sums[1]), int(sums[0]), int(sums[2]))
+                    if world.parallel:  # sums: loss, correct, examples (as summed above)
+                        window.add_sums(float(sums[0]), int(sums[1]), int(sums[2]))
+                        epoch_window.add_sums(float(sums[0]), int(sums[1]), int(sums[2]))
                     else:
                         window.add(logits, loss, y)
                         epoch_window.add(logits, loss, y)

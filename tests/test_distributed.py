@@ -87,6 +87,9 @@ def test_two_ranks_give_one_process_weights(extra, tiny_recipe, tmp_path):
     s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (one, two))
     assert s2["status"] == "finished" and s2["epochs_completed"] == 2
     assert abs(s1["test_accuracy"] - s2["test_accuracy"]) <= 0.02
+    # the training scores, combined over the ranks: the one process's (loss and accuracy in their places)
+    assert 0.0 <= s2["train_accuracy"] <= 1.0 and abs(s1["train_accuracy"] - s2["train_accuracy"]) <= 0.02
+    assert abs(s1["train_loss"] - s2["train_loss"]) <= 0.02 * max(1.0, s1["train_loss"])
     env = json.loads((two / "env.json").read_text())
     assert env["world_size"] == 2 and env["distributed_backend"] == "gloo"
     assert len(list((tmp_path / "two").iterdir())) == 1
