@@ -106,7 +106,7 @@ class TrainConfig(schema.Section):
     alignment_every: int = 0  # batches between logs of target propagation's alignment with BP (0: never)
     convergence_tol: float = 1e-3  # free-phase residual above which a warning is logged
     log_to: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)  # metric sinks besides metrics.jsonl
-    precision: Literal["float32", "tf32"] = "float32"  # products and convolutions on CUDA (eprun/precision.py)
+    precision: Literal["float32", "tf32", "bf16"] = "float32"  # products and convolutions (eprun/precision.py)
     cuda_graphs: Literal["auto", "on", "off"] = "auto"  # whole steps replayed as CUDA graphs (eprun/cuda_graphs.py)
 
     def check(self):

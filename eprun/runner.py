@@ -103,6 +103,9 @@ def assemble(recipe: Recipe, splits: Splits, device: torch.device, world: World 
     check_memory(recipe, NETWORKS[recipe.model.kind], tuple(info.input_shape), info.num_classes, largest, device)
     net = build_network(recipe, info.input_shape, info.num_classes, device)
     rule = build_rule(recipe, net)
+    if recipe.train.precision == "bf16" and (obstacle := rule.reduced_products_obstacle()) is not None:
+        raise RecipeError(f"{recipe.source or recipe.name}: train.precision: bf16 cannot apply: {obstacle} "
+                          f"(bf16 applies to rule.kind ep and cep; float32 and tf32 to every rule)")
     graph_plan = cuda_graphs.plan(recipe.train.cuda_graphs, device, rule, world.parallel)
     if recipe.train.cuda_graphs == "on" and not graph_plan.active:
         raise RecipeError(f"{recipe.source or recipe.name}: train.cuda_graphs: on cannot apply: {graph_plan.reason} "

@@ -11,13 +11,15 @@
 #           both ways; the CIFAR-10 ConvNet replayed;
 #   triton  proto-mlp-1h at batch 50 and 500 with the fused Triton relaxation (EPRUN_TRITON=1);
 #   floor   the hand-written floor (benchmarks/gpu_step_floor.py), in the same session;
+#   precision  EP's update under train.precision float32 / tf32 / bf16 against float64, per parameter,
+#           with eager step times (benchmarks/precision_cuda.py), on the MNIST MLP and the CIFAR-10 ConvNet;
 #   epoch   one MNIST epoch of ernoult2019/proto-mlp-1h-adam on CUDA, replayed (MNIST IDX files in
 #           $EPRUN_DATA, default ./data).
 # summary.txt gathers the figures. Each stage has a time limit; all of them together stay under
 # 9 minutes (the limits sum to 540 s).
 set -u
 OUT=${OUT:-gpu-check}
-STAGES=${STAGES:-tests bench triton floor epoch}
+STAGES=${STAGES:-tests bench triton floor precision epoch}
 mkdir -p "$OUT"
 export EPRUN_OFFLINE=1 EPRUN_DATA=${EPRUN_DATA:-data}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,8 +30,8 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 } > "$OUT/machine.txt" 2>&1
 
-if stage tests; then  # 150 s
-  timeout 150 python -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
+if stage tests; then  # 140 s
+  timeout 140 python -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
   echo "exit code $?" >> "$OUT/pytest.txt"
 fi
 
@@ -61,8 +63,13 @@ if stage floor; then  # 20 s
   echo "exit code $?" >> "$OUT/floor.txt"
 fi
 
-if stage epoch; then  # 40 s
-  timeout 40 python -m eprun train ernoult2019/proto-mlp-1h-adam -s device=cuda --out "$OUT/runs" -q \
+if stage precision; then  # 50 s
+  timeout 50 python -m benchmarks.precision_cuda --batches 2 --rounds 1 > "$OUT/precision.txt" 2>&1
+  echo "exit code $?" >> "$OUT/precision.txt"
+fi
+
+if stage epoch; then  # 30 s
+  timeout 30 python -m eprun train ernoult2019/proto-mlp-1h-adam -s device=cuda --out "$OUT/runs" -q \
       > "$OUT/epoch.txt" 2>&1
   echo "exit code $?" >> "$OUT/epoch.txt"
 fi

@@ -240,6 +240,22 @@ def test_precision_script_compares_every_precision_with_float64():
         assert min(cell["cosine"] for cell in results[label].values()) > 0.999
 
 
+def test_precision_policy_script_measures_each_setting_on_the_cpu():
+    """benchmarks/precision_cuda.py on the CPU: float32 and bf16 (no TF32 there) against float64,
+    per parameter; float32 within rounding, bf16 off float32 by its products' rounding only, and
+    the precision left at float32."""
+    from benchmarks import precision_cuda
+    from eprun import precision
+
+    results = precision_cuda.main(["--device", "cpu", "--batch", "4", "--batches", "0",
+                                   "--recipe", "ernoult2019/proto-mlp-1h-adam"])
+    rows = results["ernoult2019/proto-mlp-1h-adam"]
+    assert set(rows) == {"float32", "bf16"} and precision.relax_dtype() is None
+    assert rows["float32"]["worst_relative_error"] < 1e-4 and rows["float32"]["samples_per_s"] is None
+    assert 1e-4 < rows["bf16"]["worst_relative_error"] < 0.1 and rows["bf16"]["worst_cosine"] > 0.99
+    assert len(rows["bf16"]["cosine_per_parameter"]) == 4
+
+
 @needs_compiler
 def test_engines_script_times_torch_and_every_build_the_cpu_runs(monkeypatch):
     """benchmarks/engines.py: the free phase on torch and on each build this CPU can run, per

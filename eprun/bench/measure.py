@@ -219,7 +219,7 @@ def _common(setup: CaseSetup, net, threads: int) -> dict:
             "K": relaxation.K if relaxation else None, "beta": relaxation.beta if relaxation else None,
             "optimizer": r.optim.kind,
             "device": str(setup.device), "dtype": str(setup.dtype).replace("torch.", ""), "threads": threads,
-            "precision": r.train.precision if setup.device.type == "cuda" else None}
+            "precision": r.train.precision if setup.device.type == "cuda" or r.train.precision == "bf16" else None}
 
 
 def run_train_case(case: Case, options: BenchOptions, device, dtype, log=print) -> dict:

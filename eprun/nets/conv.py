@@ -59,6 +59,7 @@ from eprun.nets.base import ModelConfig, WeightProducts
 from eprun.nets.conv_kernels import ConvKernels, max_pool_with_indices
 from eprun.nets.conv_lists import ConvLayerLists
 from eprun.nets.early_stop import check_tol_scope, largest_change, relax_each_example
+from eprun.nets.relax_products import RelaxProducts
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
 
@@ -425,10 +426,12 @@ class ConvNet(LayeredNetwork):
         batch = state[0].shape[0]
         nudged = beta != 0.0 and target is not None
         const = self._relax_constants(drive, n_layers, beta, target)
-        weights_t = [w.T if n >= n_conv else None for n, w in enumerate(self.weights)]
+        products = RelaxProducts.of_run()  # train.precision's products (float32 unless bf16)
+        weights_t = [products.weight(w.T) if n >= n_conv else None for n, w in enumerate(self.weights)]
         down_weights = self._top_down_weights()
+        fc_down = [products.weight(w) if n >= n_conv else None for n, w in enumerate(down_weights)]
         (first_convs, first_layers), (second_convs, second_layers) = self._schedule(order, n_layers)
-        kernels = ConvKernels(self, state, down_weights)
+        kernels = ConvKernels(self, state, down_weights, products)
         cur, nxt = kernels.state_buffers(state)
         if 0 in kernels.channels_last:
             const[0] = const[0].contiguous(memory_format=torch.channels_last)
@@ -452,11 +455,11 @@ class ConvNet(LayeredNetwork):
                     else:
                         torch.add(const[i], pooled[i], alpha=a, out=out)
                     if i + 1 < n_layers:
-                        out.view(batch, -1).addmm_(src[i + 1], down_weights[i + 1], alpha=a)
+                        products.addmm_(out.view(batch, -1), src[i + 1], fc_down[i + 1], a)
             else:  # fc state: a·(W_i s^i) + (a·b + c) + a·(W_{i+1}ᵀ s^{i+2})
-                torch.addmm(const[i], self.flatten(src[i - 1]), weights_t[i], alpha=a, out=out)
+                products.addmm(const[i], self.flatten(src[i - 1]), weights_t[i], a, out)
                 if i + 1 < n_layers:
-                    out.addmm_(src[i + 1], down_weights[i + 1], alpha=a)
+                    products.addmm_(out, src[i + 1], fc_down[i + 1], a)
             if nudged and i == n_layers - 1:
                 self.nudge_(out, cur[i], beta, target)
             self.act.apply_to_affine_(out)

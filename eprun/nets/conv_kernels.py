@@ -15,6 +15,12 @@ and through the net's own torch code (the definition) everywhere else:
 
 It also pools large CPU maps through a channels-last copy (:func:`max_pool_with_indices`):
 torch's kernel for that layout gives the same values and indices bit for bit, faster.
+
+Under ``train.precision: bf16`` the compiled kernels (float32) step aside and both operations
+take bfloat16 operands (:class:`~eprun.nets.relax_products.RelaxProducts`): the pooled
+convolution is pooled as it comes out (max pooling picks among the rounded values) and brought to
+float32; the top-down term is routed and transposed-convolved in bfloat16 and added to the
+float32 state.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 
 from eprun.native import conv as native_conv
 from eprun.nets import winograd
+from eprun.nets.relax_products import RelaxProducts
 
 CLAMPED_ACTIVATIONS = ("hard_sigmoid", "hard_sigmoid_half")  # g = clamp to [0, 1]: the compiled kernel applies it
 CHANNELS_LAST_POOL_MIN = 1 << 14  # elements of z from which the CPU pooling goes through channels-last
@@ -46,14 +53,20 @@ class ConvKernels:
     prepared weights and buffers, and the three operations of a step with their torch fallbacks.
 
     ``down_weights[n]`` is the weight that carries s^{n+1} down into s^n (W_n, or a vector-field
-    net's B_n)."""
+    net's B_n). ``products``: the run's precision (float32 unless bf16)."""
 
-    def __init__(self, net, state: list[torch.Tensor], down_weights: list[torch.Tensor]):
+    def __init__(self, net, state: list[torch.Tensor], down_weights: list[torch.Tensor],
+                 products: RelaxProducts | None = None):
         self.net = net
-        self.top_down_kernels = self._top_down_kernels(state, down_weights)
+        self.products = products or RelaxProducts()
+        exact = self.products.exact
+        self.top_down_kernels = self._top_down_kernels(state, down_weights) if exact else {}
         #: state layers that receive a compiled top-down term: they relax channels-last
         self.channels_last = {n - 1 for n in self.top_down_kernels}
-        self.winograd_kernels = self._winograd_kernels(state)
+        self.winograd_kernels = self._winograd_kernels(state) if exact else {}
+        #: conv layer n ≥ 1: (W_n, its down weight) as the products take them (rounded copies in bf16)
+        self.rounded = {} if exact else {n: (self.products.weight(net.weights[n]), self.products.weight(down_weights[n]))
+                                         for n in range(1, net.n_conv)}
 
     # ------------------------------------------------------------------ set-up
 
@@ -133,6 +146,10 @@ class ConvKernels:
             if native_conv.winograd_conv_pool(below, weight_u, self.net.paddings[n], out, out_indices):
                 return out, out_indices
         net = self.net
+        if n in self.rounded:
+            z = self.products.conv2d(below, self.rounded[n][0], net.strides[n], net.paddings[n])
+            pooled, indices = net._pool(n, z)
+            return self.products.to_float(pooled, below), indices
         return net._pool(n, net._conv(n, below, bias=False), keep_channels_last=n in self.top_down_kernels)
 
     def top_down(self, n: int, above: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
@@ -143,6 +160,10 @@ class ConvKernels:
                                          self.net.paddings[n], buffer):
                 return buffer.permute(0, 3, 1, 2)
         net = self.net
+        if n in self.rounded:
+            routed = net._unpool(n, self.products.operand(above), indices)
+            return self.products.conv_transpose2d(routed, self.rounded[n][1], net.strides[n], net.paddings[n],
+                                                  net.output_paddings[n])
         return net._conv_t_down(n, net._unpool(n, above, indices))
 
     def first_layer_fused(self, drive: torch.Tensor, above: torch.Tensor, indices: torch.Tensor | None,

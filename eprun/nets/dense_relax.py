@@ -14,6 +14,7 @@ from eprun import stopping, triton_kernels
 from eprun.native import dense as native_dense
 from eprun.nets.dense import dense_constants
 from eprun.nets.early_stop import check_tol_scope, largest_change, relax_each_example
+from eprun.nets.relax_products import RelaxProducts
 
 
 def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scratch: list[torch.Tensor],
@@ -43,30 +44,37 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
 
     ``net.last_relax_steps`` holds the steps taken (with "example", their mean over the
     examples), ``net.last_relax_engine`` "native", "triton" or "torch".
+
+    The products are the run's precision's (:class:`~eprun.nets.relax_products.RelaxProducts`);
+    the compiled and Triton kernels run float32 products only.
     """
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
     per_example = tol > 0.0 and check_tol_scope(tol_scope) == "example"
-    if (tol == 0.0 or per_example) and relax_native_(net, const, state, bottom_up, top_down, steps,
-                                                     beta if nudged else 0.0, order, tol, check_every):
+    products = RelaxProducts.of_run()
+    if products.exact and (tol == 0.0 or per_example) and relax_native_(
+            net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order, tol, check_every):
         return state
-    if tol == 0.0 and relax_triton_(net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order):
+    if products.exact and tol == 0.0 and relax_triton_(net, const, state, bottom_up, top_down, steps,
+                                                       beta if nudged else 0.0, order):
         return state
     if per_example:  # const[0] is the input drive
         return relax_each_example(net, const[0], state, steps, beta, target, order, tol, check_every)
     cur, nxt = state, scratch
+    bottom_up = [products.weight(w) for w in bottom_up]
+    top_down = [products.weight(w) for w in top_down]
 
     def update(i: int, below: list[torch.Tensor], above: list[torch.Tensor], out: torch.Tensor) -> None:
         if i == 0:
             if n_layers > 1:
-                torch.addmm(const[0], above[1], top_down[0], alpha=a, out=out)
+                products.addmm(const[0], above[1], top_down[0], a, out)
             else:
                 out.copy_(const[0])
         else:
-            torch.addmm(const[i], below[i - 1], bottom_up[i], alpha=a, out=out)
+            products.addmm(const[i], below[i - 1], bottom_up[i], a, out)
             if i + 1 < n_layers:
-                out.addmm_(above[i + 1], top_down[i], alpha=a)
+                products.addmm_(out, above[i + 1], top_down[i], a)
         if nudged and i == n_layers - 1:
             net.nudge_(out, cur[i], beta, target)
         net.act.apply_to_affine_(out)
@@ -145,7 +153,8 @@ def ep_phases_dense(net, drive: torch.Tensor, labels: torch.Tensor, free_steps: 
 
     Returns (s*, s^β, per-example loss at s*, (mean steps of the free phase, of the nudged
     phase)), or None to leave it to ``net.relax`` twice — the same dynamics, step for step."""
-    if net.softmax_readout or net.act.name not in native_dense.ACTIVATION_CODES or beta == 0.0:
+    if (net.softmax_readout or net.act.name not in native_dense.ACTIVATION_CODES or beta == 0.0
+            or not RelaxProducts.of_run().exact):
         return None
     if tol > 0.0 and check_tol_scope(tol_scope) != "example":
         return None

@@ -72,6 +72,7 @@ from eprun.nets.base import ModelConfig
 from eprun.nets.dense import dense_weight_products
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
+from eprun.nets.relax_products import RelaxProducts
 from eprun.nets.products import add_outer_, linear
 from eprun.native import energy as native_energy
 
@@ -319,18 +320,22 @@ class EnergyMLP(LayeredNetwork):
             r^n = ρ(s^n), d^n = ρ'(s^n)                      (all layers first)
             h^n = W_{n−1} r^{n−1} + W_nᵀ r^{n+1} + b_n [+ L_n r^n]     (h¹ starts from the drive)
             s^n ← (1 − ε) s^n + ε d^n ⊙ h^n  [− εβ s^N + εβ y at n = N],  then clamp to [0, 1]
+
+        The products W r are the run's precision's (:class:`~eprun.nets.relax_products.RelaxProducts`).
         """
         eps = self.eps
         n_layers = len(state)
         nudged = beta != 0.0 and target is not None
-        if self._relax_native(drive, state, steps, beta if nudged else 0.0, target if nudged else None):
+        products = RelaxProducts.of_run()
+        if products.exact and self._relax_native(drive, state, steps, beta if nudged else 0.0,
+                                                 target if nudged else None):
             return state
         buf = self._relax_buffers(state)
         r, d, h = buf["r"], buf["d"], buf["h"]
-        weights = list(self.weights)
-        weights_t = [w.T for w in weights]
+        weights = [products.weight(w) for w in self.weights]
+        weights_t = [products.weight(w.T) for w in self.weights]
         biases = list(self.biases)
-        laterals = [self._lateral(i) for i in range(n_layers)]
+        laterals = [products.weight(self._lateral(i)) for i in range(n_layers)]
         decay = [1.0 - eps] * n_layers
         pull = None
         if nudged:
@@ -345,15 +350,15 @@ class EnergyMLP(LayeredNetwork):
                 out = h[i]
                 if i == 0:
                     if n_layers > 1:
-                        torch.addmm(drive, r[1], weights[1], out=out)
+                        products.addmm(drive, r[1], weights[1], 1.0, out)
                     else:
                         out.copy_(drive)
                 else:
-                    torch.addmm(biases[i], r[i - 1], weights_t[i], out=out)
+                    products.addmm(biases[i], r[i - 1], weights_t[i], 1.0, out)
                     if i + 1 < n_layers:
-                        out.addmm_(r[i + 1], weights[i + 1])
+                        products.addmm_(out, r[i + 1], weights[i + 1])
                 if laterals[i] is not None:
-                    out.addmm_(r[i], laterals[i])  # L symmetric: ρ(s) Lᵀ = ρ(s) L
+                    products.addmm_(out, r[i], laterals[i])  # L symmetric: ρ(s) Lᵀ = ρ(s) L
                 s = state[i]
                 s.mul_(decay[i]).addcmul_(d[i], out, value=eps * slope)
                 if pull is not None and i == n_layers - 1:

@@ -108,6 +108,12 @@ class Rule(ABC):
         value), and change no host-side state per batch beyond :meth:`prepare_batch`'s draws."""
         return f"rule.kind {self.cfg.kind}: its step is not written for CUDA-graph capture"
 
+    def reduced_products_obstacle(self) -> Optional[str]:
+        """Why ``train.precision: bf16`` (the relaxation's products on bfloat16 operands,
+        :mod:`eprun.precision`) cannot apply to this rule, or None where it can: every product
+        of its steps goes through the net's ``relax`` and its update stays float32."""
+        return f"rule.kind {self.cfg.kind}: its steps do not all go through the net's relaxation"
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once with the recipe's optimiser; only rules with ``steps_optimizer`` keep it."""
 

@@ -47,6 +47,11 @@ class BPTT(Rule):
         on a side stream, which :mod:`eprun.cuda_graphs` runs first)."""
         return None
 
+    def reduced_products_obstacle(self) -> str:
+        """The last K steps are the net's autograd ``step``, not its relaxation: bf16 would cover
+        only the steps before them."""
+        return "rule.kind bptt: its last K steps run through autograd (the net's step), outside the relaxation"
+
     def unroll(self, x: torch.Tensor) -> list[torch.Tensor]:
         """s_T after T steps of ``net.step`` from s_0 = 0, with the autograd graph kept.
 

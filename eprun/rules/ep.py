@@ -160,6 +160,10 @@ class EP(Rule):
             return "rule.tol > 0: a phase ends on a convergence check read on the host"
         return None
 
+    def reduced_products_obstacle(self) -> None:
+        """Both (all three) phases are ``net.relax``; the update is float32 state products."""
+        return None
+
     def schedule(self) -> dict:
         """Keyword arguments of ``net.relax`` for the recipe's schedule."""
         return self.cfg.schedule()

@@ -71,9 +71,9 @@ def _torch_info(device: str) -> dict[str, Any]:
             pass
         info["cuda_version"] = torch.version.cuda
         info["cudnn_version"] = torch.backends.cudnn.version()
-        from eprun import precision
+    from eprun import precision
 
-        info["precision"] = precision.record()  # the TF32 switches in force (train.precision)
+    info["precision"] = precision.record()  # train.precision as applied: TF32 switches, relaxation products
     return info
 
 
