@@ -30,6 +30,11 @@
  * Each example is summed on its own in a fixed order, and the batch is split over the OpenMP
  * workers by whole examples, so the split changes no bit. The order differs from torch's, so
  * the two agree to float32 rounding.
+ *
+ * AVX-512 and AVX2 builds: vectors of VL = 16 or 8 channels, a block of V vectors chosen per
+ * geometry and width so that a row's W·V accumulators stay in registers (at most 24 of the 32
+ * AVX-512 registers, 12–16 of AVX2's 16). Every output is summed in the same order at either
+ * width (ky, then z position, then the entries there, then kx), so the two give the same bits.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,12 +42,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__FMA__)
-#include <immintrin.h>
-#define EPRUN_UNPOOL_AVX512 1
-#else
-#define EPRUN_UNPOOL_AVX512 0
-#endif
+#include "vector_math.h"
 
 /* s^{n+1} and its argmax indices, per example: co channels of hp × wp, element strides (channel,
  * row, column); the indices are row-major positions in z_n's hz × wz plane. D: h × w × ci. */
@@ -68,7 +68,7 @@ typedef struct {
 
 /* Branch-free: whether a value is 0 is data (a saturated unit), so it picks an address instead
  * of a branch; a zero is written to a spare slot past the entries and not counted. */
-__attribute__((unused)) /* used by the AVX-512 path only */
+__attribute__((unused)) /* used by the vector builds only */
 static void sort_nonzeros(sorted_nonzeros *nz, const float *s, const int64_t *idx, const unpool_geometry *g) {
     const int64_t positions = g->hz * g->wz, spare = g->co * g->hp * g->wp;
     for (int64_t r = 0; r <= positions; r++) nz->start[r] = 0;
@@ -95,22 +95,46 @@ static void sort_nonzeros(sorted_nonzeros *nz, const float *s, const int64_t *id
             }
 }
 
-#if EPRUN_UNPOOL_AVX512
+#if EPRUN_AVX2
+#if EPRUN_AVX512
+typedef __m512 vec;
+#define VL 16       /* floats a vector */
 #define MAX_ROW 24  /* accumulators a row may hold (32 vector registers, a few for the operands) */
+#define vec_zero _mm512_setzero_ps
+#define vec_set1 _mm512_set1_ps
+#define vec_load _mm512_loadu_ps
+#define vec_store _mm512_storeu_ps
+#define vec_fmadd _mm512_fmadd_ps
+#define vec_mul _mm512_mul_ps
+#define vec_min _mm512_min_ps
+#define vec_max _mm512_max_ps
+#else
+typedef __m256 vec;
+#define VL 8
+#define MAX_ROW 16
+#define vec_zero _mm256_setzero_ps
+#define vec_set1 _mm256_set1_ps
+#define vec_load _mm256_loadu_ps
+#define vec_store _mm256_storeu_ps
+#define vec_fmadd _mm256_fmadd_ps
+#define vec_mul _mm256_mul_ps
+#define vec_min _mm256_min_ps
+#define vec_max _mm256_max_ps
+#endif
 
 /* D of one example for a compile-time geometry: kernel K × K, padding PAD, z width WZ, output
- * width W, CI output channels, V vectors (16·V output channels) a block. */
+ * width W, CI output channels, V vectors (VL·V output channels) a block. */
 static inline __attribute__((always_inline)) void unpool_conv_t_rows(const int K, const int PAD, const int WZ,
                                                                      const int W, const int CI, const int V,
                                                                      float *restrict out,
                                                                      const sorted_nonzeros *nz, const float *wr,
                                                                      const unpool_geometry *g,
                                                                      const unpool_output *o, const float *base) {
-    const __m512 alpha = _mm512_set1_ps(o->alpha), zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    const vec alpha = vec_set1(o->alpha), zero = vec_zero(), one = vec_set1(1.0f);
     const int64_t ci = CI, tap_stride = CI, channel_stride = K * CI, row_stride = g->co * K * CI;
     const int32_t *restrict channel = nz->channel;
     const float *restrict value = nz->value;
-    for (int64_t c0 = 0; c0 < ci; c0 += 16 * V) {
+    for (int64_t c0 = 0; c0 < ci; c0 += VL * V) {
         /* kernel rows outermost: the weights of one ky (co·K·16V floats) stay in the first-level
          * cache while every output row takes its share; a row's partial sums wait in `out` */
 #pragma GCC unroll 1
@@ -118,17 +142,17 @@ static inline __attribute__((always_inline)) void unpool_conv_t_rows(const int K
             const float *w_row = wr + ky * row_stride + c0;
             for (int64_t y = 0; y < g->h; y++) {
                 const int64_t row = y * W * ci + c0;
-                __m512 acc[MAX_ROW];
+                vec acc[MAX_ROW];
 #pragma GCC unroll 24
                 for (int q = 0; q < W * V; q++)
-                    acc[q] = ky == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out + row + (q / V) * ci + 16 * (q % V));
+                    acc[q] = ky == 0 ? vec_zero() : vec_load(out + row + (q / V) * ci + VL * (q % V));
                 const int64_t zy = y + PAD - ky;
                 if (zy >= 0 && zy < g->hz) {
                     const int32_t *start = nz->start + zy * WZ;
 #pragma GCC unroll 32
                     for (int zx = 0; zx < WZ; zx++) {
                         for (int32_t e = start[zx]; e < start[zx + 1]; e++) {
-                            const __m512 v = _mm512_set1_ps(value[e]);
+                            const vec v = vec_set1(value[e]);
                             const float *w_tap = w_row + channel[e] * channel_stride;
 #pragma GCC unroll 8
                             for (int kx = 0; kx < K; kx++) {
@@ -136,22 +160,21 @@ static inline __attribute__((always_inline)) void unpool_conv_t_rows(const int K
                                 if (x < 0 || x >= W) continue;
 #pragma GCC unroll 4
                                 for (int u = 0; u < V; u++)
-                                    acc[x * V + u] = _mm512_fmadd_ps(
-                                        v, _mm512_loadu_ps(w_tap + kx * tap_stride + 16 * u), acc[x * V + u]);
+                                    acc[x * V + u] = vec_fmadd(
+                                        v, vec_load(w_tap + kx * tap_stride + VL * u), acc[x * V + u]);
                             }
                         }
                     }
                 }
 #pragma GCC unroll 24
                 for (int q = 0; q < W * V; q++) {
-                    const int64_t at = row + (q / V) * ci + 16 * (q % V);
-                    __m512 value = acc[q];
+                    const int64_t at = row + (q / V) * ci + VL * (q % V);
+                    vec value = acc[q];
                     if (ky == K - 1) {  /* the sum is whole: the rest of the update */
-                        value = base != NULL ? _mm512_fmadd_ps(alpha, value, _mm512_loadu_ps(base + at))
-                                             : _mm512_mul_ps(alpha, value);
-                        if (o->clamp01) value = _mm512_min_ps(_mm512_max_ps(value, zero), one);
+                        value = base != NULL ? vec_fmadd(alpha, value, vec_load(base + at)) : vec_mul(alpha, value);
+                        if (o->clamp01) value = vec_min(vec_max(value, zero), one);
                     }
-                    _mm512_storeu_ps(out + at, value);
+                    vec_store(out + at, value);
                 }
             }
         }
@@ -159,14 +182,20 @@ static inline __attribute__((always_inline)) void unpool_conv_t_rows(const int K
 }
 
 /* The geometries compiled: (kernel, padding, z width, output width, output channels, vectors a
- * block); every stride is then a constant, so the addresses are too. The MNIST net of Ernoult
- * et al. 2019 (5×5, 8 → 12, 32 channels) and the CIFAR-10 net of Laborieux et al. 2021 (3×3
- * padded: 16 → 16 with 128 channels, 8 → 8 with 256; unpadded 2 → 4 with 512). */
-#define GEOMETRIES(X)            \
-    X(5, 0, 8, 12, 32, 2)        \
-    X(3, 1, 16, 16, 128, 1)      \
-    X(3, 1, 8, 8, 256, 2)        \
-    X(3, 0, 2, 4, 512, 4)
+ * block with AVX-512, with AVX2); every stride is then a constant, so the addresses are too. The
+ * MNIST net of Ernoult et al. 2019 (5×5, 8 → 12, 32 channels) and the CIFAR-10 net of Laborieux
+ * et al. 2021 (3×3 padded: 16 → 16 with 128 channels, 8 → 8 with 256; unpadded 2 → 4 with 512). */
+#define GEOMETRY_LIST(X, PICK)            \
+    PICK(X, 5, 0, 8, 12, 32, 2, 1)        \
+    PICK(X, 3, 1, 16, 16, 128, 1, 1)      \
+    PICK(X, 3, 1, 8, 8, 256, 2, 1)        \
+    PICK(X, 3, 0, 2, 4, 512, 4, 2)
+#if EPRUN_AVX512
+#define PICK_WIDTH(X, K, PAD, WZ, W, CI, V16, V8) X(K, PAD, WZ, W, CI, V16)
+#else
+#define PICK_WIDTH(X, K, PAD, WZ, W, CI, V16, V8) X(K, PAD, WZ, W, CI, V8)
+#endif
+#define GEOMETRIES(X) GEOMETRY_LIST(X, PICK_WIDTH)
 
 #define DEFINE_ROWS(K, PAD, WZ, W, CI, V)                                                                  \
     static void rows_##K##_##PAD##_##WZ##_##W##_##CI(float *out, const sorted_nonzeros *nz, const float *wr, \
@@ -192,7 +221,7 @@ static rows_kernel find_rows(int64_t k, int64_t pad, int64_t wz, int64_t w, int6
 /* 1 if D for this geometry (kernel k, stride, padding, z width wz, output width w, ci output
  * channels) is compiled here. */
 int eprun_unpool_conv_t_available(int64_t k, int64_t stride, int64_t pad, int64_t wz, int64_t w, int64_t ci) {
-#if EPRUN_UNPOOL_AVX512
+#if EPRUN_AVX2
     return stride == 1 && find_rows(k, pad, wz, w, ci) != NULL;
 #else
     (void)k, (void)stride, (void)pad, (void)wz, (void)w, (void)ci;
@@ -208,7 +237,7 @@ int eprun_unpool_conv_t_available(int64_t k, int64_t stride, int64_t pad, int64_
 int eprun_unpool_conv_t(float *out, const float *base, float alpha, int clamp01, const float *s, const int64_t *idx,
                         const float *wr, int64_t batch, const int64_t *shape, const int64_t *s_strides,
                         const int64_t *i_strides, int threads) {
-#if EPRUN_UNPOOL_AVX512
+#if EPRUN_AVX2
     const unpool_geometry g = {shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6], shape[7],
                                {s_strides[1], s_strides[2], s_strides[3]}, {i_strides[1], i_strides[2], i_strides[3]}};
     const rows_kernel rows = find_rows(shape[8], shape[9], g.wz, g.w, g.ci);

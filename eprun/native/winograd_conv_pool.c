@@ -31,6 +31,10 @@
  * padding `pad`; z is hz × wz = (h + 2 pad − 4) × (w + 2 pad − 4), multiples of 4; ci a multiple
  * of 16, co of 64.
  *
+ * AVX-512 and AVX2 builds: vectors of 16 or 8 channels (`lanes`), the same operations lane by
+ * lane in the same order, so the two give the same bits; the products hold 6 tiles × 64 output
+ * channels of accumulators (24 of the 32 AVX-512 registers) or 6 × 16 (12 of AVX2's 16).
+ *
  * Every tile's sums run in a fixed order whatever block or thread it falls in, so the split over
  * the OpenMP workers changes no bit. The results differ from a direct convolution by rounding
  * (the transforms' round-off: float32, the MNIST net's second layer, max |error| 4e-6 against
@@ -45,26 +49,21 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__FMA__)
-#include <immintrin.h>
-#define EPRUN_WINOGRAD_AVX512 1
-#else
-#define EPRUN_WINOGRAD_AVX512 0
-#endif
+#include "vector_math.h"
 
 #define ALPHA 8          /* the transformed tile's side, m + r − 1 */
 #define TILE 4           /* m: the output tile's side */
 #define KERNEL 5         /* r */
-#define LANES 16         /* channels a vector */
+#define CI_MULTIPLE 16   /* input channels: a multiple of this (a whole number of vectors at either width) */
 #define GROUP 6          /* tiles whose products share the loaded U vectors */
-#define CO_BLOCK 64      /* output channels a product covers: GROUP × 4 vectors of accumulators */
+#define CO_BLOCK 64      /* output channels a product call covers */
 #define BLOCK_BYTES (256 * 1024)  /* V and M of one block of tiles */
 
 typedef struct {
     int64_t h, w, ci, co, hz, wz, pad, tiles_y, tiles_x;
 } winograd_geometry;
 
-#if EPRUN_WINOGRAD_AVX512
+#if EPRUN_AVX2
 /* Bᵀ and Aᵀ of the points 0, ±1, ±2, ±½, ∞, exactly as ``eprun/nets/winograd.py`` builds them
  * (a test compares the two): compile-time constants, so that the unrolled transforms skip the zeros
  * and multiply by immediates. */
@@ -86,14 +85,30 @@ static const float AT[TILE][ALPHA] = {
 };
 
 
-/* V[ξν][t, c0 .. c0 + 16] = (Bᵀ d B)[ξ, ν] for one tile (its 8 × 8 input d, zero outside s) and 16
- * input channels, one vector of them per element. Zero coefficients of Bᵀ are skipped (about half
- * of them; the test is the same for every tile, so the branch is predicted). */
-typedef __m512 lanes;  /* 16 channels */
+/* V[ξν][t, c0 .. c0 + LANES] = (Bᵀ d B)[ξ, ν] for one tile (its 8 × 8 input d, zero outside s) and
+ * LANES input channels, one vector of them per element. Zero coefficients of Bᵀ are skipped (about
+ * half of them; the test is the same for every tile, so the branch is predicted). */
+#if EPRUN_AVX512
+typedef __m512 lanes;
+#define LANES 16         /* channels a vector */
+#define PRODUCT_VECTORS 4  /* vectors of output channels a product pass accumulates, per tile */
 #define LANES_ZERO() _mm512_setzero_ps()
+#define LANES_SET1(c) _mm512_set1_ps(c)
 #define LANES_LOAD(p) _mm512_loadu_ps(p)
 #define LANES_STORE(p, x) _mm512_storeu_ps(p, x)
-#define LANES_FMA(c, x, acc) _mm512_fmadd_ps(_mm512_set1_ps(c), x, acc)
+#define LANES_FMADD(a, b, acc) _mm512_fmadd_ps(a, b, acc)
+#else
+typedef __m256 lanes;
+#define LANES 8
+#define PRODUCT_VECTORS 2
+#define LANES_ZERO() _mm256_setzero_ps()
+#define LANES_SET1(c) _mm256_set1_ps(c)
+#define LANES_LOAD(p) _mm256_loadu_ps(p)
+#define LANES_STORE(p, x) _mm256_storeu_ps(p, x)
+#define LANES_FMADD(a, b, acc) _mm256_fmadd_ps(a, b, acc)
+#endif
+#define LANES_FMA(c, x, acc) LANES_FMADD(LANES_SET1(c), x, acc)
+#define PRODUCT_COLUMNS (PRODUCT_VECTORS * LANES)  /* output channels a product pass covers */
 
 /* Σ_k c[k] · x[k · stride], k < n, the terms with c[k] = 0 left out: inlined into the unrolled
  * transforms, c is a row of the constant Bᵀ or Aᵀ, so the zeros are dropped at compile time. */
@@ -130,26 +145,26 @@ static void input_transform(float *v, int64_t t, int64_t block, const float *s, 
 }
 
 /* M[t0 .. t0 + nt, c0 .. c0 + 64] = V[t0 .. t0 + nt, :] · U[:, c0 .. c0 + 64] for one position ξν
- * (m, v, u already offset to it). Each tile's sum runs over ci in order, whatever nt is. */
+ * (m, v, u already offset to it), in passes of PRODUCT_COLUMNS output channels (one with AVX-512,
+ * four with AVX2). Each tile's sum runs over ci in order, whatever nt or the pass is. */
 #define DEFINE_PRODUCT(NT)                                                                             \
     static void product_##NT(float *m, const float *v, const float *u, int64_t ci, int64_t co) {       \
-        __m512 acc[NT][4];                                                                             \
-        for (int i = 0; i < NT; i++)                                                                   \
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();                               \
-        for (int64_t k = 0; k < ci; k++) {                                                             \
-            const float *uk = u + k * co;                                                              \
-            const __m512 u0 = _mm512_loadu_ps(uk), u1 = _mm512_loadu_ps(uk + 16),                      \
-                         u2 = _mm512_loadu_ps(uk + 32), u3 = _mm512_loadu_ps(uk + 48);                 \
-            for (int i = 0; i < NT; i++) {                                                             \
-                const __m512 b = _mm512_set1_ps(v[i * ci + k]);                                        \
-                acc[i][0] = _mm512_fmadd_ps(b, u0, acc[i][0]);                                         \
-                acc[i][1] = _mm512_fmadd_ps(b, u1, acc[i][1]);                                         \
-                acc[i][2] = _mm512_fmadd_ps(b, u2, acc[i][2]);                                         \
-                acc[i][3] = _mm512_fmadd_ps(b, u3, acc[i][3]);                                         \
+        for (int c = 0; c < CO_BLOCK; c += PRODUCT_COLUMNS) {                                          \
+            lanes acc[NT][PRODUCT_VECTORS];                                                            \
+            for (int i = 0; i < NT; i++)                                                               \
+                for (int j = 0; j < PRODUCT_VECTORS; j++) acc[i][j] = LANES_ZERO();                    \
+            for (int64_t k = 0; k < ci; k++) {                                                         \
+                const float *uk = u + k * co + c;                                                      \
+                lanes uv[PRODUCT_VECTORS];                                                             \
+                for (int j = 0; j < PRODUCT_VECTORS; j++) uv[j] = LANES_LOAD(uk + LANES * j);          \
+                for (int i = 0; i < NT; i++) {                                                         \
+                    const lanes b = LANES_SET1(v[i * ci + k]);                                         \
+                    for (int j = 0; j < PRODUCT_VECTORS; j++) acc[i][j] = LANES_FMADD(b, uv[j], acc[i][j]); \
+                }                                                                                      \
             }                                                                                          \
+            for (int i = 0; i < NT; i++)                                                               \
+                for (int j = 0; j < PRODUCT_VECTORS; j++) LANES_STORE(m + i * co + c + LANES * j, acc[i][j]); \
         }                                                                                              \
-        for (int i = 0; i < NT; i++)                                                                   \
-            for (int j = 0; j < 4; j++) _mm512_storeu_ps(m + i * co + 16 * j, acc[i][j]);              \
     }
 DEFINE_PRODUCT(1)
 DEFINE_PRODUCT(2)
@@ -163,9 +178,10 @@ typedef void (*product_kernel)(float *, const float *, const float *, int64_t, i
 static const product_kernel PRODUCTS[GROUP + 1] = {NULL, product_1, product_2, product_3, product_4, product_5,
                                                    product_6};
 
-/* The max of a 2 × 2 window (16 channels) and where it is: the first in row-major order among
+/* The max of a 2 × 2 window (LANES channels) and where it is: the first in row-major order among
  * equal values, a NaN taking the place (torch's max_pool2d); `first` is the index of the top-left
  * position, `width` z's row length. */
+#if EPRUN_AVX512
 static inline void pool_window(float *pooled, int64_t *indices, lanes v00, lanes v01, lanes v10, lanes v11,
                                int64_t first, int64_t width) {
     const lanes candidates[3] = {v01, v10, v11};
@@ -182,8 +198,27 @@ static inline void pool_window(float *pooled, int64_t *indices, lanes v00, lanes
     _mm512_storeu_si512(indices, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(where)));
     _mm512_storeu_si512(indices + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(where, 1)));
 }
+#else
+static inline void pool_window(float *pooled, int64_t *indices, lanes v00, lanes v01, lanes v10, lanes v11,
+                               int64_t first, int64_t width) {
+    const lanes candidates[3] = {v01, v10, v11};
+    const int64_t offsets[3] = {1, width, width + 1};
+    lanes best = v00;
+    __m256 where = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)first));  /* int32 lanes, blended as floats */
+    for (int k = 0; k < 3; k++) {
+        const __m256 take = _mm256_or_ps(_mm256_cmp_ps(candidates[k], best, _CMP_GT_OQ),
+                                         _mm256_cmp_ps(candidates[k], candidates[k], _CMP_UNORD_Q));
+        best = _mm256_blendv_ps(best, candidates[k], take);
+        where = _mm256_blendv_ps(where, _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(first + offsets[k]))), take);
+    }
+    const __m256i at = _mm256_castps_si256(where);
+    _mm256_storeu_ps(pooled, best);
+    _mm256_storeu_si256((__m256i *)indices, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(at)));
+    _mm256_storeu_si256((__m256i *)(indices + 4), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(at, 1)));
+}
+#endif
 
-/* Y = Aᵀ M A for one tile and 16 output channels, then its four 2 × 2 windows pooled into
+/* Y = Aᵀ M A for one tile and LANES output channels, then its four 2 × 2 windows pooled into
  * pooled / indices at (b, 2ty + py, 2tx + px, c0 ..). */
 static void output_transform_pool(float *pooled, int64_t *indices, const float *m, int64_t t, int64_t block,
                                   int64_t b, int64_t ty, int64_t tx, int64_t c0,
@@ -282,13 +317,13 @@ static int conv_pool(float *pooled, int64_t *indices, const float *s, const floa
 }
 #endif
 
-/* 1 if this geometry is computed here (an AVX-512 build): 5 × 5 kernel, stride 1, 2 × 2 pooling
- * (the caller's part), z's sides multiples of 4, ci a multiple of 16, co of 64. */
+/* 1 if this geometry is computed here (an AVX2 or AVX-512 build): 5 × 5 kernel, stride 1, 2 × 2
+ * pooling (the caller's part), z's sides multiples of 4, ci a multiple of 16, co of 64. */
 int eprun_winograd_conv_pool_available(int64_t kernel, int64_t stride, int64_t pool, int64_t hz, int64_t wz,
                                        int64_t ci, int64_t co) {
-#if EPRUN_WINOGRAD_AVX512
+#if EPRUN_AVX2
     return kernel == KERNEL && stride == 1 && pool == 2 && hz > 0 && wz > 0 && hz % TILE == 0 && wz % TILE == 0 &&
-           hz * wz <= INT32_MAX && ci > 0 && ci % LANES == 0 && co > 0 && co % CO_BLOCK == 0;
+           hz * wz <= INT32_MAX && ci > 0 && ci % CI_MULTIPLE == 0 && co > 0 && co % CO_BLOCK == 0;
 #else
     (void)kernel, (void)stride, (void)pool, (void)hz, (void)wz, (void)ci, (void)co;
     return 0;
@@ -303,7 +338,7 @@ int eprun_winograd_conv_pool(float *pooled, int64_t *indices, const float *s, co
                              const int64_t *shape, int threads) {
     const int64_t hz = shape[0] + 2 * shape[4] - (KERNEL - 1), wz = shape[1] + 2 * shape[4] - (KERNEL - 1);
     if (!eprun_winograd_conv_pool_available(KERNEL, 1, 2, hz, wz, shape[2], shape[3])) return -1;
-#if EPRUN_WINOGRAD_AVX512
+#if EPRUN_AVX2
     return conv_pool(pooled, indices, s, u, batch, shape, threads);
 #else
     (void)pooled, (void)indices, (void)s, (void)u, (void)batch, (void)threads;
