@@ -116,6 +116,60 @@ def test_cep_baseline_gives_eprun_parameter_change(name):
     assert rel(ours, theirs) < TOL
 
 
+def vf_mlp(hidden, same_update=False):
+    from eprun.nets.vf_mlp import VectorFieldMLP, VFMLPConfig
+
+    cfg = VFMLPConfig(hidden=list(hidden), initial_angle=30.0, same_update=same_update)
+    return VectorFieldMLP(cfg, (1, 5, 5), 4, torch.Generator().manual_seed(0)).double()
+
+
+@pytest.mark.parametrize("hidden,same_update", [([7], False), ([7, 5], False), ([7, 5], True)])
+def test_vector_field_reference_gives_eprun_vf_cvf_and_bptt(hidden, same_update):
+    """eprun's VF update, C-VF parameter change and BPTT gradient on the vector-field MLP (B ≠ Wᵀ,
+    at 30°) equal the authors' out-of-place formulation (eprun/reference/vector_field.py)."""
+    from eprun import reference
+    from eprun.reference import vector_field
+
+    net = vf_mlp(hidden, same_update)
+    assert reference.for_net(net) is vector_field and reference.for_net(mlp([7])) is baseline
+    x, y = batch(net)
+    twin = copy.deepcopy(net)
+    rule = EP(EPConfig(T=12, K=5, beta=0.3), net, torch.Generator())
+    rule.train_step(x, y)
+    vector_field.ep_train_step(twin, x, y, 12, 5, 0.3)
+    assert rel(grads(net), grads(twin)) < TOL
+    assert rel([rule.evaluate(x, y)[0]], [vector_field.predict(twin, x, 12)]) < TOL
+
+    net, twin = vf_mlp(hidden, same_update), vf_mlp(hidden, same_update)
+    start = [p.detach().clone() for p in net.parameters()]
+    rule = CEP(CEPConfig(T=12, K=5, beta=0.3), net, torch.Generator())
+    rule.attach_optimizer(build_optimizer(OptimConfig(kind="sgd", lr=0.05), net.layer_groups()))
+    rule.train_step(x, y)
+    vector_field.cep_train_step(twin, x, y, 12, 5, 0.3, torch.optim.SGD(twin.parameters(), lr=0.05))
+    assert rel([p.detach() - s for p, s in zip(net.parameters(), start)],
+               [p.detach() - s for p, s in zip(twin.parameters(), start)]) < TOL
+
+    net, twin = vf_mlp(hidden, same_update), vf_mlp(hidden, same_update)
+    BPTT(BPTTConfig(T=10), net, torch.Generator()).train_step(x, y)
+    vector_field.bptt_train_step(twin, x, y, 10)
+    assert rel(grads(net), grads(twin)) < TOL
+
+
+def test_vector_field_cases_run_through_the_cli_with_their_update_checked():
+    tiny = ["-s", "model.hidden=[16]", "-s", "rule.T=4", "-s", "rule.K=2", "-s", "data.batch_size=4",
+            "-s", "data.eval_batch_size=8", "-s", "model.initial_angle=30"]
+    result = CliRunner().invoke(app, ["--threads", "1", "bench", "--quick", "--device", "cpu", "--json",
+                                      "--only", "vf-mlp-1h", "--only", "cvf-mlp-1h", *tiny])
+    assert result.exit_code == 0, result.output
+    rows = {r["case"]: r for r in json.loads(result.stdout)}
+    assert set(rows) == {"vf-mlp-1h", "cvf-mlp-1h"}
+    for r in rows.values():
+        assert r["net"] == "784-16-10 VF" and r["max_relative_update_difference_float64"] < 1e-9
+        assert r["train_ratio"] > 0
+    refused = CliRunner().invoke(app, ["bench", "--only", "vf-mlp-1h", "-s", "model.readout=softmax", *tiny])
+    assert refused.exit_code == 2 and "no reference formulation" in refused.output
+
+
 def test_multiply_add_counts_of_the_dense_net():
     net = mlp([7, 5])  # 25-7-5-4
     B, T, K = 3, 10, 4

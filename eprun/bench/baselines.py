@@ -1,6 +1,7 @@
-"""What each rule is timed against: its step in the papers' formulation, autograd of Φ
-(:mod:`eprun.reference.autograd_ep`), with the recipe's optimiser in torch's default
-implementation, as the reference code builds it."""
+"""What each rule is timed against: its step in the papers' formulation — autograd of Φ
+(:mod:`eprun.reference.autograd_ep`), or on the vector-field MLP, which has no Φ, the authors'
+out-of-place steps (:mod:`eprun.reference.vector_field`) — with the recipe's optimiser in torch's
+default implementation, as the reference code builds it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from eprun.reference import autograd_ep as reference
+from eprun.reference import for_net
 
 
 def plain_optimizer(cfg, layer_groups) -> torch.optim.Optimizer:
@@ -38,6 +39,8 @@ class NoStep:
 
 
 def _ep(net, cfg, optimizer):
+    reference = for_net(net)
+
     def run(x, y):
         reference.ep_train_step(net, x, y, cfg.T, cfg.K, cfg.beta, cfg.estimator)
         optimizer.step()
@@ -45,6 +48,8 @@ def _ep(net, cfg, optimizer):
 
 
 def _bptt(net, cfg, optimizer):
+    reference = for_net(net)
+
     def run(x, y):
         reference.bptt_train_step(net, x, y, cfg.T)
         optimizer.step()
@@ -52,12 +57,15 @@ def _bptt(net, cfg, optimizer):
 
 
 def _cep(net, cfg, optimizer):
+    reference = for_net(net)
+
     def run(x, y):
         reference.cep_train_step(net, x, y, cfg.T, cfg.K, cfg.beta, optimizer, cfg.estimator)
     return run
 
 
 def _free_phase_prediction(net, cfg):
+    reference = for_net(net)
     return lambda x: reference.predict(net, x, cfg.T)
 
 
@@ -86,7 +94,7 @@ class Baseline:
     train: Callable
     predict: Callable
     same_update: bool = True  # the baseline computes eprun's update (checked); False: a different method
-    needs_phi: bool = True  # it differentiates Φ: the net must have one (and a reference Φ)
+    needs_reference: bool = True  # it runs the net's reference formulation (eprun.reference.for_net): one must exist
 
 
 #: rule.kind → its baseline. A rule without an entry here cannot be benchmarked.
@@ -94,5 +102,5 @@ BASELINES: dict[str, Baseline] = {
     "ep": Baseline(_ep, _free_phase_prediction),
     "bptt": Baseline(_bptt, _free_phase_prediction),
     "cep": Baseline(_cep, _free_phase_prediction),
-    "dtp": Baseline(_bp_on_same_net, _forward_prediction, same_update=False, needs_phi=False),
+    "dtp": Baseline(_bp_on_same_net, _forward_prediction, same_update=False, needs_reference=False),
 }

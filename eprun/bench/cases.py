@@ -49,6 +49,16 @@ CASES: dict[str, Case] = {case.name: case for case in [
          rule={"kind": "bptt", "T": 30}),
     Case("cep-mlp-1h", "ernoult2020/cep-1h",
          "784-512-10 C-EP, T=40 K=15, batch 20, SGD at every nudged step", batches=(10, 50), eval_batches=(10, 50)),
+    Case("vf-mlp-1h", "ernoult2020/vf-1h",
+         "784-512-10 vector field (VF), T=40 K=15, batch 20, SGD; baseline: the authors' out-of-place steps",
+         batches=(10, 50), eval_batches=(10, 50)),
+    Case("cvf-mlp-1h", "ernoult2020/cvf-1h",
+         "784-512-10 C-VF, T=40 K=15, batch 20, SGD at every nudged step (one-sided: the baseline cannot share "
+         "the recipe's random-sign draws)", batches=(10, 50), eval_batches=(10, 50),
+         rule={"kind": "cep", "T": 40, "K": 15, "beta": 0.2, "estimator": "one-sided"}),
+    Case("vf-mlp-2h", "ernoult2020/vf-2h",
+         "784-512-512-10 vector field (VF), T=100 K=20, batch 20, SGD", batches=(3, 20), eval_batches=(3, 20),
+         warmup=(1, 3), heavy_on_cpu=True),
     Case("dtp-lenet", "ernoult2022/mnist-lenet-ldrl",
          "LeNet-style conv 16-32 + linear, DTP/L-DRL, 3 feedback iterations per layer, batch 64, SGD; "
          "baseline: BP on the same net (DTP has no Φ: the ratio is BP's cost over DTP's)",

@@ -40,7 +40,7 @@ from eprun.bench.timing import CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, measure_pe
 from eprun.data import dataset_info
 from eprun.errors import EprunError
 from eprun.optim import build_optimizer
-from eprun.reference import autograd_ep as reference
+from eprun import reference
 
 
 def _relative_difference(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
@@ -78,9 +78,10 @@ class CaseSetup:
         except ValueError as exc:
             raise EprunError(f"bench {case.name}: {exc}") from None
         self.baseline = BASELINES[kind]
-        if self.baseline.needs_phi and not reference.supports(self.pristine):
-            raise EprunError(f"bench {case.name}: no autograd-of-Φ baseline for model.kind "
-                             f"{recipe.model.kind!r} (it has no Φ)")
+        if self.baseline.needs_reference and reference.for_net(self.pristine) is None:
+            raise EprunError(f"bench {case.name}: no reference formulation for model.kind {recipe.model.kind!r} "
+                             f"with these settings (autograd of Φ: mlp, energy_mlp, conv; vector field: vf_mlp "
+                             f"with readout: mse and nudged_update: endpoints)")
         self.batch = recipe.data.batch_size
         self.eval_batch = recipe.data.eval_batch_size if case.eval_test else self.batch
 
