@@ -41,6 +41,8 @@ def apply(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     _relax_dtype[0] = torch.bfloat16 if precision == "bf16" else None
+    # cuBLAS may otherwise reduce a bf16 product's split sums in bf16: the policy is float32 accumulation
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     if device.type != "cuda":
         return
     tf32 = precision == "tf32"
@@ -55,8 +57,11 @@ def relax_dtype() -> Optional[torch.dtype]:
 
 
 def record() -> dict:
-    """The switches in force: ``{"cuda_matmul_tf32", "cudnn_tf32", "relax_products"}``."""
+    """The switches in force: ``{"cuda_matmul_tf32", "cudnn_tf32", "cuda_bf16_reduced_precision_reduction",
+    "relax_products"}``."""
     dtype = _relax_dtype[0]
     return {"cuda_matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
             "cudnn_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "cuda_bf16_reduced_precision_reduction": bool(
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
             "relax_products": "float32" if dtype is None else str(dtype).removeprefix("torch.")}

@@ -36,6 +36,10 @@ ROWS = {
     "vf-2h": ("Ernoult et al. 2020, VF-2h", "ernoult2020/vf-2h", 50),
     "cep-1h": ("Ernoult et al. 2020, Fig. 4 table, C-EP-1h", "ernoult2020/cep-1h", 100),
     "cvf-1h": ("Ernoult et al. 2020, Fig. 4 table, C-VF-1h", "ernoult2020/cvf-1h", 100),
+    "p-conv": ("Ernoult et al. 2019, Table 1, P-conv", "ernoult2019/proto-conv", 40),
+    "eb-2h": ("Ernoult et al. 2019, Table 1, EB-2h", "ernoult2019/eb-mlp-2h", 50),
+    "cep-2h": ("Ernoult et al. 2020, Fig. 4 table, C-EP-2h", "ernoult2020/cep-2h", 150),
+    "cvf-2h": ("Ernoult et al. 2020, Fig. 4 table, C-VF-2h", "ernoult2020/cvf-2h", 150),
 }
 
 

@@ -103,7 +103,7 @@ def test_the_precision_policy_is_in_force_and_recorded(setting, tiny_recipe, tmp
     run = Path(result.stdout.strip().splitlines()[-1])
     env = json.loads((run / "env.json").read_text())
     on = setting == "tf32"
-    assert env["precision"] == {"cuda_matmul_tf32": on, "cudnn_tf32": on,
+    assert env["precision"] == {"cuda_matmul_tf32": on, "cudnn_tf32": on, "cuda_bf16_reduced_precision_reduction": False,
                                 "relax_products": "bfloat16" if setting == "bf16" else "float32"}
     assert torch.backends.cudnn.allow_tf32 is on and torch.backends.cuda.matmul.allow_tf32 is on
 
