@@ -16,7 +16,7 @@
 #   epoch   one MNIST epoch of ernoult2019/proto-mlp-1h-adam on CUDA, replayed (MNIST IDX files in
 #           $EPRUN_DATA, default ./data).
 # summary.txt gathers the figures. Each stage has a time limit; all of them together stay under
-# 9 minutes (the limits sum to 540 s).
+# 8 minutes (the limits sum to 465 s).
 set -u
 OUT=${OUT:-gpu-check}
 STAGES=${STAGES:-tests bench triton floor precision epoch}
@@ -30,41 +30,41 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 } > "$OUT/machine.txt" 2>&1
 
-if stage tests; then  # 140 s
-  timeout 140 python -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
+if stage tests; then  # 120 s
+  timeout 120 python -m pytest -q -s -p no:cacheprovider -m cuda tests/test_cuda.py > "$OUT/pytest.txt" 2>&1
   echo "exit code $?" >> "$OUT/pytest.txt"
 fi
 
-if stage bench; then  # 2 × (80 + 25) + 40 = 250 s
+if stage bench; then  # 2 × (70 + 20) + 35 = 215 s
   CASES="--only proto-mlp-1h --only eb-mlp-1h --only cep-mlp-1h --only bptt-mlp-1h --only proto-mlp-3h --only conv-mnist"
   for graphs in auto off; do
-    timeout 80 python -m eprun bench --device cuda --json --batches 30 --warmup 5 $CASES -s train.cuda_graphs=$graphs \
+    timeout 70 python -m eprun bench --device cuda --json --batches 30 --warmup 5 $CASES -s train.cuda_graphs=$graphs \
         > "$OUT/bench-$graphs.json" 2> "$OUT/bench-$graphs.log"
     echo "exit code $?" >> "$OUT/bench-$graphs.log"
-    timeout 25 python -m eprun bench --device cuda --json --batches 100 --warmup 10 --only proto-mlp-1h \
+    timeout 20 python -m eprun bench --device cuda --json --batches 100 --warmup 10 --only proto-mlp-1h \
         -s data.batch_size=500 -s train.cuda_graphs=$graphs > "$OUT/bench-b500-$graphs.json" 2>> "$OUT/bench-$graphs.log"
     echo "exit code $? (batch 500)" >> "$OUT/bench-$graphs.log"
   done
-  timeout 40 python -m eprun bench --device cuda --json --batches 3 --warmup 2 --only conv-cifar10 \
+  timeout 35 python -m eprun bench --device cuda --json --batches 3 --warmup 2 --only conv-cifar10 \
       > "$OUT/bench-cifar-auto.json" 2> "$OUT/bench-cifar.log"
   echo "exit code $?" >> "$OUT/bench-cifar.log"
 fi
 
-if stage triton; then  # 2 × 25 s
+if stage triton; then  # 2 × 20 s
   for batch in 50 500; do
-    EPRUN_TRITON=1 timeout 25 python -m eprun bench --device cuda --json --batches 100 --warmup 10 --only proto-mlp-1h \
+    EPRUN_TRITON=1 timeout 20 python -m eprun bench --device cuda --json --batches 100 --warmup 10 --only proto-mlp-1h \
         -s data.batch_size=$batch > "$OUT/bench-triton-b$batch.json" 2>> "$OUT/bench-triton.log"
     echo "exit code $? (batch $batch)" >> "$OUT/bench-triton.log"
   done
 fi
 
-if stage floor; then  # 20 s
-  timeout 20 python -m benchmarks.gpu_step_floor --batches 1000 > "$OUT/floor.txt" 2>&1
+if stage floor; then  # 15 s
+  timeout 15 python -m benchmarks.gpu_step_floor --batches 1000 > "$OUT/floor.txt" 2>&1
   echo "exit code $?" >> "$OUT/floor.txt"
 fi
 
-if stage precision; then  # 50 s
-  timeout 50 python -m benchmarks.precision_cuda --batches 2 --rounds 1 > "$OUT/precision.txt" 2>&1
+if stage precision; then  # 45 s
+  timeout 45 python -m benchmarks.precision_cuda --batches 1 --rounds 1 > "$OUT/precision.txt" 2>&1
   echo "exit code $?" >> "$OUT/precision.txt"
 fi
 
