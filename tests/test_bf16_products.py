@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from eprun import precision
 from eprun.cli import app
 from eprun.nets.relax_products import RelaxProducts
+from tests.steps import weight_change
 
 runner = CliRunner()
 CPU = torch.device("cpu")
@@ -72,28 +73,12 @@ MODELS = {
 
 
 def update(model: str, prec: str, rule: str = "ep", dtype=torch.float32):
-    """One batch's −Δθ (``.grad``) of a small net from seed-0 weights, with the engine of the last relaxation."""
-    from eprun.assemble import build_network, build_rule
-    from eprun.optim import build_optimizer
-    from eprun.recipe import from_plain
-
-    recipe = from_plain({"name": "t", "seed": 0, "data": {"dataset": "mnist", "batch_size": 6},
-                         "model": MODELS[model], "rule": {"kind": rule, "T": 15, "K": 5, "beta": 0.5},
-                         "optim": {"kind": "sgd", "lr": 0.05}})
-    precision.apply(prec, CPU)
-    net = build_network(recipe, (1, 28, 28), 10, CPU, dtype)
-    rule_ = build_rule(recipe, net)
-    opt = build_optimizer(recipe.optim, net.layer_groups())
-    rule_.attach_optimizer(opt)
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.rand(6, 1, 28, 28, generator=g).to(dtype), torch.randint(0, 10, (6,), generator=g)
-    start = [p.detach().clone() for p in net.parameters()]
-    opt.zero_grad(set_to_none=False)
-    rule_.train_step(x, y)
-    if not rule_.steps_optimizer:
-        opt.step()
-    precision.apply("float32", CPU)
-    return [(p.detach() - s).double() for p, s in zip(net.parameters(), start)], net.last_relax_engine
+    """One batch's weight change of a small net from seed-0 weights (float64), with the engine of the last relaxation."""
+    recipe = {"name": "t", "seed": 0, "data": {"dataset": "mnist", "batch_size": 6},
+              "model": MODELS[model], "rule": {"kind": rule, "T": 15, "K": 5, "beta": 0.5},
+              "optim": {"kind": "sgd", "lr": 0.05}}
+    changes, engine = weight_change(recipe, "cpu", 6, 3, prec, dtype)
+    return [c.double() for c in changes], engine
 
 
 @pytest.mark.parametrize("model,rule,within", [

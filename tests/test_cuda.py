@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from eprun.cli import app
+from tests.steps import weight_change
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -36,33 +37,14 @@ def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def update_on(device: str, kind: str, rule_kind: str = "ep", setting: str = "float32",
               dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """One training step's weight change of a small net of ``kind`` from seed-0 weights on a fixed batch."""
-    from eprun import precision
-    from eprun.assemble import build_network, build_rule
-    from eprun.optim import build_optimizer
-    from eprun.recipe import from_plain
-
     model = {"mlp": {"kind": "mlp", "hidden": [64]}, "energy_mlp": {"kind": "energy_mlp", "hidden": [64]},
              "vf_mlp": {"kind": "vf_mlp", "hidden": [64], "initial_angle": 20.0},
              "conv": {"kind": "conv", "channels": [8, 16]}}[kind]
-    recipe = from_plain({"name": "t", "seed": 0, "device": device, "data": {"dataset": "mnist", "batch_size": 20},
-                         "model": model, "rule": ({"kind": "bptt", "T": 20} if rule_kind == "bptt"
-                                                  else {"kind": rule_kind, "T": 20, "K": 6, "beta": 0.2}),
-                         "optim": {"kind": "sgd", "lr": 0.05}})
-    dev = torch.device(device)
-    precision.apply(setting, dev)
-    net = build_network(recipe, (1, 28, 28), 10, dev, dtype)
-    rule = build_rule(recipe, net)
-    opt = build_optimizer(recipe.optim, net.layer_groups())
-    rule.attach_optimizer(opt)
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.rand(20, 1, 28, 28, generator=g).to(dev, dtype), torch.randint(0, 10, (20,), generator=g).to(dev)
-    start = [p.detach().clone() for p in net.parameters()]
-    opt.zero_grad(set_to_none=False)
-    rule.train_step(x, y)
-    if not rule.steps_optimizer:
-        opt.step()
-    precision.apply("float32", dev)
-    return [(p.detach() - s) for p, s in zip(net.parameters(), start)]
+    recipe = {"name": "t", "seed": 0, "device": device, "data": {"dataset": "mnist", "batch_size": 20},
+              "model": model, "rule": ({"kind": "bptt", "T": 20} if rule_kind == "bptt"
+                                       else {"kind": rule_kind, "T": 20, "K": 6, "beta": 0.2}),
+              "optim": {"kind": "sgd", "lr": 0.05}}
+    return weight_change(recipe, device, 20, 5, setting, dtype)[0]
 
 
 @pytest.mark.parametrize("kind", ["mlp", "energy_mlp", "vf_mlp"])
