@@ -35,4 +35,4 @@ def weight_change(recipe_dict: dict, device: str, batch: int, data_seed: int, se
             opt.step()
     finally:
         precision.apply("float32", dev)
-    return [p.detach() - s for p, s in zip(net.parameters(), start)], getattr(net, "last_relax_engine", "")
+    return [p.detach() - s for p, s in zip(net.parameters(), start)], net.last_relax_engine

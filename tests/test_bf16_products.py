@@ -53,6 +53,22 @@ def test_a_product_takes_rounded_operands_and_is_rounded_once():
     assert torch.allclose(again, c.expand(7, 40), atol=1e-5)
 
 
+def test_bf16_products_reuse_their_buffers_step_after_step():
+    """A dense step in bf16 allocates nothing: the rounded state and the product go into one buffer
+    per shape, the same memory every step."""
+    g = torch.Generator().manual_seed(2)
+    s, w, c = torch.rand(4, 30, generator=g), torch.randn(30, 8, generator=g), torch.randn(8, generator=g)
+    products = RelaxProducts(torch.bfloat16)
+    w16, out = products.weight(w), torch.empty(4, 8)
+    products.addmm(c, s, w16, 0.5, out)
+    kept = {key: b.data_ptr() for key, b in products._buffers.items()}
+    first = out.clone()
+    for _ in range(5):
+        products.addmm(c, s, w16, 0.5, out)
+    assert {key: b.data_ptr() for key, b in products._buffers.items()} == kept and len(kept) == 2
+    assert torch.equal(out, first)
+
+
 def test_float32_products_are_torchs_own():
     g = torch.Generator().manual_seed(1)
     s, w, c = torch.rand(5, 30, generator=g), torch.randn(30, 8, generator=g), torch.randn(8, generator=g)

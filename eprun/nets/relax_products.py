@@ -14,7 +14,8 @@ change during one), the state at every product. The convolutions of a conv net's
 same way (:meth:`RelaxProducts.conv2d`, :meth:`RelaxProducts.conv_transpose2d`).
 
 The compiled CPU kernels and the Triton kernel compute in float32; :attr:`RelaxProducts.exact`
-is what they check before they run.
+is what they check before they run. In bf16 the rounded state and the dense products go into
+buffers kept for the relaxation (one per shape), so a step of a dense net allocates nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class RelaxProducts:
 
     def __init__(self, dtype: Optional[torch.dtype] = None):
         self.dtype = dtype
+        self._buffers: dict[tuple, torch.Tensor] = {}  # (role, shape) → a ``dtype`` buffer reused every step
 
     @classmethod
     def of_run(cls) -> "RelaxProducts":
@@ -52,21 +54,35 @@ class RelaxProducts:
             return w
         return w.detach().to(self.dtype)
 
+    def _buffer(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        key = (role, tuple(shape))
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(shape, dtype=self.dtype, device=like.device)
+        return buffer
+
     def operand(self, s: torch.Tensor) -> torch.Tensor:
-        """A state as a product takes it: itself, or rounded to ``dtype``."""
-        return s if self.dtype is None else s.to(self.dtype)
+        """A state as a product takes it: itself, or rounded to ``dtype`` (into a buffer that the
+        next call with this shape overwrites: consume it before)."""
+        if self.dtype is None or s.dtype == self.dtype:
+            return s
+        return self._buffer("operand", s.shape, s).copy_(s)
+
+    def _product(self, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """bf16(bf16(s) @ w) into its buffer."""
+        return torch.mm(self.operand(s), w, out=self._buffer("product", (s.shape[0], w.shape[1]), s))
 
     def addmm(self, const: torch.Tensor, s: torch.Tensor, w: torch.Tensor, alpha: float, out: torch.Tensor) -> torch.Tensor:
         """out ← const + α·(s @ w), w prepared by :meth:`weight`."""
         if self.dtype is None:
             return torch.addmm(const, s, w, alpha=alpha, out=out)
-        return torch.add(const, torch.mm(s.to(self.dtype), w), alpha=alpha, out=out)
+        return torch.add(const, self._product(s, w), alpha=alpha, out=out)
 
     def addmm_(self, out: torch.Tensor, s: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """out += α·(s @ w), w prepared by :meth:`weight`."""
         if self.dtype is None:
             return out.addmm_(s, w, alpha=alpha)
-        return out.add_(torch.mm(s.to(self.dtype), w), alpha=alpha)
+        return out.add_(self._product(s, w), alpha=alpha)
 
     def conv2d(self, s: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
         """W ⋆ s without bias (w prepared by :meth:`weight`); in ``dtype`` where rounded: the

@@ -66,10 +66,24 @@ def relax(net, x, state, steps, beta=0.0, y=None):
     return state
 
 
+def _zero_state(net, x):
+    """s_0 = 0 for every layer."""
+    return [x.new_zeros(x.shape[0], size) for size in net.sizes[1:]]
+
+
 def free_phase(net, x, T):
     """s* after T steps from s_0 = 0."""
     with torch.no_grad():
-        return relax(net, x, [x.new_zeros(x.shape[0], size) for size in net.sizes[1:]], T)
+        return relax(net, x, _zero_state(net, x), T)
+
+
+def _signed_beta(net, beta: float, estimator: str) -> float:
+    """β with the estimator's sign (one-sided or negative: the reference has no other), after
+    checking the net is one this formulation covers."""
+    _check(net)
+    if estimator not in ("one-sided", "positive", "negative"):
+        raise ValueError(f"estimator {estimator!r}: the vector-field reference has one-sided and negative")
+    return -abs(beta) if estimator == "negative" else beta
 
 
 def _write_vf_update_(net, x, state_a, state_b, beta) -> None:
@@ -92,10 +106,7 @@ def _write_vf_update_(net, x, state_a, state_b, beta) -> None:
 
 def ep_train_step(net, x, y, T, K, beta, estimator="one-sided"):
     """One VF training step (free phase, K nudged steps, the end-point update into ``.grad``); returns s*."""
-    _check(net)
-    if estimator not in ("one-sided", "positive", "negative"):
-        raise ValueError(f"estimator {estimator!r}: the vector-field reference has one-sided and negative")
-    beta = -abs(beta) if estimator == "negative" else beta
+    beta = _signed_beta(net, beta, estimator)
     s_star = free_phase(net, x, T)
     with torch.no_grad():
         nudged = relax(net, x, s_star, K, beta, y)
@@ -106,10 +117,7 @@ def ep_train_step(net, x, y, T, K, beta, estimator="one-sided"):
 def cep_train_step(net, x, y, T, K, beta, optimizer, estimator="one-sided"):
     """One C-VF step: the free phase with θ fixed, then K nudged steps, each from θ_k and followed by
     ``optimizer.step()`` on (1/β)·V(s_k, s_{k+1}). Returns s*."""
-    _check(net)
-    if estimator not in ("one-sided", "positive", "negative"):
-        raise ValueError(f"estimator {estimator!r}: the vector-field reference has one-sided and negative")
-    beta = -abs(beta) if estimator == "negative" else beta
+    beta = _signed_beta(net, beta, estimator)
     s_star = free_phase(net, x, T)
     cur = s_star
     with torch.no_grad():
@@ -126,7 +134,7 @@ def bptt_train_step(net, x, y, T):
     """∂(mean ½‖y − s^N_T‖²)/∂θ into ``.grad`` (set afresh), autograd through T steps; returns s_T."""
     _check(net)
     with torch.enable_grad():
-        state = relax(net, x, [x.new_zeros(x.shape[0], size) for size in net.sizes[1:]], T)
+        state = relax(net, x, _zero_state(net, x), T)
         net.zero_grad()
         target = F.one_hot(y, net.num_classes).to(state[-1].dtype)
         (0.5 * ((state[-1] - target) ** 2).sum(dim=1)).mean().backward()
