@@ -163,3 +163,20 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     r = load_recipe(write(tmp_path, GOOD.replace("lr: [0.01, 0.005]", "lr: [1e-2, 5e-3]")), ["rule.beta=1e-1"])
     assert r.optim.lr == [0.01, 0.005] and r.rule.beta == 0.1
     assert "rule.T: expected an integer, got '1e3'" in error_of(tmp_path, GOOD.replace("T: 8", "T: 1e3"))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "energy_mlp", "vf_mlp", "ff_mlp"])
+def test_dense_chains_check_their_sizes_and_scales_alike(kind):
+    """Every fully connected net checks ``hidden`` and ``weight_scale`` with the same words."""
+    from eprun.nets import NETWORKS
+
+    config = NETWORKS[kind].Config
+
+    def problems(**keys):
+        return dict(config(kind=kind, **keys).check())
+
+    assert problems(hidden=[8, 4], weight_scale=[1.0, 0.5, 2.0]) == {}
+    assert problems(hidden=[]).get("hidden", "").startswith("needs at least one hidden layer size, e.g. [")
+    assert problems(hidden=[0])["hidden"].startswith("must be between 1 and")
+    assert problems(hidden=[8, 4], weight_scale=[1.0, 0.5])["weight_scale"] == (
+        "a list needs one entry per weight layer (3 for hidden=[8, 4]), got 2")

@@ -26,6 +26,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from eprun.limits import MAX_UNITS, magnitude, within
 from eprun.schema import Section
 
 
@@ -218,3 +219,18 @@ class ModelConfig(Section):
     subclasses this and declares its keys, ``kind`` first."""
 
     kind: str
+
+
+def dense_chain_problems(hidden: list[int], weight_scale, example: str):
+    """(key, problem) pairs for the keys every chain of fully connected layers has: ``hidden``
+    (at least one size, each in [1, MAX_UNITS]) and ``weight_scale`` (one number, or one per
+    weight layer: len(hidden) + 1). ``example`` is the hidden sizes an error message suggests."""
+    yield from magnitude("weight_scale", weight_scale)
+    if not hidden:
+        yield "hidden", f"needs at least one hidden layer size, e.g. {example}"
+    for size in hidden:
+        yield from within("hidden", size, 1, MAX_UNITS)
+    n_layers = len(hidden) + 1
+    if isinstance(weight_scale, list) and len(weight_scale) != n_layers:
+        yield "weight_scale", (f"a list needs one entry per weight layer ({n_layers} for hidden={hidden}), "
+                               f"got {len(weight_scale)}")

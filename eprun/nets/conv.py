@@ -274,21 +274,29 @@ class ConvNet(LayeredNetwork):
         static input only (autograd-friendly)."""
         return self._pool(0, self._conv(0, x))
 
-    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor],
-                input_term: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[torch.Tensor]:
-        """∂Φ/∂s^n = bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down term, per layer;
-        ``input_term``, if given, is :meth:`input_term` of x, computed once instead of at every call."""
-        layers = [x] + list(state)
-        grads = []
+    def _bottom_up(self, layers: list[torch.Tensor], input_term: tuple[torch.Tensor, torch.Tensor | None] | None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """For n = 1 … N the bottom-up term P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W_{n−1} s^{n−1} + b_n
+        above the convolutions), ``layers`` = [x, s¹, …]; and the argmax of every pool (index n−1 for
+        P_{n−1}; None past the convolutions), which the top-down terms unpool through."""
+        terms = []
         indices = [None] * len(layers)
-        for n in range(1, len(layers)):  # bottom-up, remembering the argmax of every pool
+        for n in range(1, len(layers)):
             if n == 1 and input_term is not None:
                 g, indices[0] = input_term
             elif n - 1 < self.n_conv:
                 g, indices[n - 1] = self._pool(n - 1, self._conv(n - 1, layers[n - 1]))
             else:
                 g = self.flatten(layers[n - 1]) @ self.weights[n - 1].T + self.biases[n - 1]
-            grads.append(g)
+            terms.append(g)
+        return terms, indices
+
+    def dphi_ds(self, x: torch.Tensor, state: list[torch.Tensor],
+                input_term: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """∂Φ/∂s^n = bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down term, per layer;
+        ``input_term``, if given, is :meth:`input_term` of x, computed once instead of at every call."""
+        layers = [x] + list(state)
+        grads, indices = self._bottom_up(layers, input_term)
         for n in range(1, len(layers) - 1):  # top-down from s^{n+1} into s^n
             above = layers[n + 1]
             if n < self.n_conv:  # W_nᵀ ⋆ P_nᵀ(s^{n+1})

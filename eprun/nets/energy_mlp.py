@@ -66,9 +66,8 @@ import torch
 from torch import nn
 
 from eprun import stopping
-from eprun.limits import MAX_UNITS, magnitude, within
 from eprun.nets.activations import ActivationName
-from eprun.nets.base import ModelConfig
+from eprun.nets.base import ModelConfig, dense_chain_problems
 from eprun.nets.dense import dense_weight_products
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
@@ -92,21 +91,11 @@ class EnergyMLPConfig(ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
-        yield from magnitude("weight_scale", self.weight_scale)
-        if not self.hidden:
-            yield "hidden", "needs at least one hidden layer size, e.g. [512]"
-        for size in self.hidden:
-            yield from within("hidden", size, 1, MAX_UNITS)
+        yield from dense_chain_problems(self.hidden, self.weight_scale, "[512]")
         if not 0.0 < self.dt <= 1.0:
             yield "dt", f"the step size ε must be in (0, 1], got {self.dt}"
         if self.readout != "mse":
             yield "readout", "the energy-based net supports only the MSE read-out (readout: mse)"
-        n_layers = len(self.hidden) + 1
-        if isinstance(self.weight_scale, list) and len(self.weight_scale) != n_layers:
-            yield "weight_scale", (
-                f"a list needs one entry per weight layer ({n_layers} for hidden={self.hidden}), "
-                f"got {len(self.weight_scale)}"
-            )
 
 
 class EnergyMLP(LayeredNetwork):

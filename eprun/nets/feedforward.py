@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eprun.limits import MAX_CHANNELS, MAX_UNITS, magnitude, within
-from eprun.nets.base import ModelConfig, Network
+from eprun.nets.base import ModelConfig, Network, dense_chain_problems
 from eprun.nets.conv_lists import ConvLayerLists
 from eprun.nets.parameters import per_layer, uniform_parameter
 
@@ -56,14 +56,7 @@ class FFMLPConfig(ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
-        yield from magnitude("weight_scale", self.weight_scale)
-        if not self.hidden:
-            yield "hidden", "needs at least one hidden layer size, e.g. [256]"
-        for size in self.hidden:
-            yield from within("hidden", size, 1, MAX_UNITS)
-        n = len(self.hidden) + 1
-        if isinstance(self.weight_scale, list) and len(self.weight_scale) != n:
-            yield "weight_scale", f"a list needs one entry per weight layer ({n}), got {len(self.weight_scale)}"
+        yield from dense_chain_problems(self.hidden, self.weight_scale, "[256]")
 
 
 @dataclass

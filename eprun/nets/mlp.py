@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from eprun.native import dense as native_dense
-from eprun.limits import MAX_UNITS, magnitude, within
 from eprun.nets.activations import ActivationName
-from eprun.nets.base import ModelConfig
+from eprun.nets.base import ModelConfig, dense_chain_problems
 from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
 from eprun.nets.dense_relax import ep_phases_dense, relax_dense_
 from eprun.nets.layered import LayeredNetwork
@@ -50,17 +49,7 @@ class MLPConfig(ModelConfig):
     weight_scale: Union[float, list[float]] = 1.0
 
     def check(self):
-        yield from magnitude("weight_scale", self.weight_scale)
-        if not self.hidden:
-            yield "hidden", "needs at least one hidden layer size, e.g. [512]"
-        for size in self.hidden:
-            yield from within("hidden", size, 1, MAX_UNITS)
-        n_layers = len(self.hidden) + 1
-        if isinstance(self.weight_scale, list) and len(self.weight_scale) != n_layers:
-            yield "weight_scale", (
-                f"a list needs one entry per weight layer ({n_layers} for hidden={self.hidden}), "
-                f"got {len(self.weight_scale)}"
-            )
+        yield from dense_chain_problems(self.hidden, self.weight_scale, "[512]")
 
 
 class PrototypicalMLP(LayeredNetwork):

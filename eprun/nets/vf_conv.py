@@ -148,16 +148,7 @@ class VectorFieldConvNet(ConvNet):
         """Bottom-up P_{n−1}(W_{n−1} ⋆ s^{n−1} + b_n) (or W s + b) + top-down with B_n, per layer (no Φ
         here); ``input_term``, if given, is :meth:`input_term` of x, computed once."""
         layers = [x] + list(state)
-        out = []
-        indices = [None] * len(layers)
-        for n in range(1, len(layers)):  # bottom-up, remembering the argmax of every pool (forward W)
-            if n == 1 and input_term is not None:
-                g, indices[0] = input_term
-            elif n - 1 < self.n_conv:
-                g, indices[n - 1] = self._pool(n - 1, self._conv(n - 1, layers[n - 1]))
-            else:
-                g = self.flatten(layers[n - 1]) @ self.weights[n - 1].T + self.biases[n - 1]
-            out.append(g)
+        out, indices = self._bottom_up(layers, input_term)  # forward W, remembering every pool's argmax
         for n in range(1, len(layers) - 1):  # top-down from s^{n+1} into s^n through B_n
             above = layers[n + 1]
             if n < self.n_conv:  # B_nᵀ ⋆ P_nᵀ(s^{n+1})
