@@ -8,6 +8,14 @@ RUNS_ROOT holds one folder per (row, seed), named ``<recipe with / as _>-seed<S>
 run directory inside (what ``eprun train RECIPE -s seed=S --out RUNS_ROOT/<folder>`` writes). A run
 still training or stopped early is reported with the epoch it reached.
 
+The JSON files are the lasting record (runs/ is not kept with the repository and a machine may
+lose it): a seed recorded there as finished at the published length whose run folder is not
+under RUNS_ROOT stays as recorded, a run folder replaces its seed's record, and a recorded seed
+that had not finished and has no folder any more is dropped (its run is gone; a new run of that
+seed will take its place). A row whose seeds are all as recorded keeps its JSON and plot. The
+plot is drawn from the records: per epoch the validation error and the epoch's running training
+error (its training records' accuracy, weighted by their samples).
+
 Errors are percentages of the test set: ``100 · (1 − test_accuracy)``; the mean and the sample
 standard deviation (n − 1) are over the seeds that finished. For target propagation runs (those
 that log ``alignment`` events, ``train.alignment_every``) each seed also gets, per epoch, the mean
@@ -87,8 +95,40 @@ def seed_record(run_dir: Path) -> dict:
         "wall_time_s": summary.get("wall_time_s"),
         "samples_per_s": summary.get("samples_per_s"),
         "val_error_pct_per_epoch": [[e, round(100 * (1 - a), 2)] for e, a in val],
-        "angles_deg_per_epoch": angles_per_epoch(info.metrics),
-    }, info.metrics
+        "train_error_pct_per_epoch": train_error_per_epoch(metrics),
+        "angles_deg_per_epoch": angles_per_epoch(metrics),
+    }
+
+
+def train_error_per_epoch(metrics: list[dict]) -> list[list[float]]:
+    """[[epoch, running training error %], …]: per epoch the mean accuracy of its ``train`` records
+    weighted by their ``samples`` (a record at fractional epoch e belongs to epoch ⌈e⌉)."""
+    sums: dict[int, list[float]] = {}
+    for m in metrics:
+        if m.get("event") != "train" or m.get("accuracy") is None:
+            continue
+        epoch, weight = max(1, -int(-m["epoch"] // 1)), m.get("samples") or 1
+        total = sums.setdefault(epoch, [0.0, 0.0])
+        total[0] += weight * m["accuracy"]
+        total[1] += weight
+    return [[e, round(100 * (1 - a / n), 2)] for e, (a, n) in sorted(sums.items())]
+
+
+def curve_records(seed: dict) -> list[dict]:
+    """A seed's per-epoch curves as metrics records (``eval``/val and ``train`` events), for the plot."""
+    return ([{"event": "eval", "split": "val", "epoch": e, "accuracy": 1 - err / 100}
+             for e, err in seed.get("val_error_pct_per_epoch", [])]
+            + [{"event": "train", "epoch": e, "accuracy": 1 - err / 100}
+               for e, err in seed.get("train_error_pct_per_epoch", [])])
+
+
+def merge_seeds(recorded: list[dict], from_runs: list[dict], published_epochs: int) -> list[dict]:
+    """The row's seeds: each run's record, and the recorded seeds without a run that finished at
+    the published length (see the module docstring), in seed order."""
+    by_seed = {s["seed"]: s for s in recorded if s["status"] == "finished"
+               and s["epochs_completed"] == published_epochs and s["test_error_pct"] is not None}
+    by_seed.update({s["seed"]: s for s in from_runs})
+    return [by_seed[k] for k in sorted(by_seed)]
 
 
 def summarise(root: Path) -> list[dict]:
@@ -97,14 +137,17 @@ def summarise(root: Path) -> list[dict]:
         prefix = recipe.replace("/", "_")
         folders = sorted(p for p in root.glob(f"{prefix}-seed*") if p.is_dir()
                          and re.fullmatch(rf"{re.escape(prefix)}-seed\d+", p.name))
-        seeds, curves = [], []
+        from_runs = []
         for folder in folders:
             runs = sorted(d for d in folder.iterdir() if (d / "recipe.yaml").is_file())
             if runs:
-                record, metrics = seed_record(runs[-1])
-                seeds.append(record)
-                curves.append(metrics)
+                from_runs.append(seed_record(runs[-1]))
+        recorded_file = OUT / f"{row_id}.json"
+        recorded = json.loads(recorded_file.read_text())["seeds"] if recorded_file.is_file() else []
+        seeds = merge_seeds(recorded, from_runs, epochs)
         if not seeds:
+            recorded_file.unlink(missing_ok=True)
+            (OUT / f"{row_id}.png").unlink(missing_ok=True)
             continue
         done = [s["test_error_pct"] for s in seeds
                 if s["status"] == "finished" and s["epochs_completed"] == epochs and s["test_error_pct"] is not None]
@@ -113,10 +156,12 @@ def summarise(root: Path) -> list[dict]:
                "test_error_pct_mean": round(statistics.fmean(done), 2) if done else None,
                "test_error_pct_std": round(statistics.stdev(done), 2) if len(done) > 1 else None,
                "seeds": seeds}
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / f"{row_id}.json").write_text(json.dumps(row, indent=2) + "\n")
-        plots.plot_groups([(f"{row_id} ({recipe})", curves)], OUT / f"{row_id}.png")
         rows.append(row)
+        if seeds == recorded:  # nothing new: the record and its plot stay as they are
+            continue
+        OUT.mkdir(parents=True, exist_ok=True)
+        recorded_file.write_text(json.dumps(row, indent=2) + "\n")
+        plots.plot_groups([(f"{row_id} ({recipe})", [curve_records(s) for s in seeds])], OUT / f"{row_id}.png")
     return rows
 
 
