@@ -25,13 +25,19 @@ def seed(number, status="finished", epochs=30, test=2.5):
             "val_error_pct_per_epoch": [[e, 3.0] for e in range(1, epochs + 1)]}
 
 
-def test_a_run_replaces_its_seed_and_finished_records_without_runs_stay(summary):
-    recorded = [seed(0), seed(1, test=3.0), seed(2, status="interrupted", epochs=4, test=None),
-                seed(3, epochs=20)]  # seed 3 finished a shorter run: not the published length
+def test_a_run_replaces_its_seed_and_records_without_runs_stay(summary):
+    recorded = [seed(0), seed(1, test=3.0), seed(2, status="interrupted", epochs=4, test=None)]
     from_runs = [seed(1, status="running", epochs=7, test=None)]
-    merged = summary.merge_seeds(recorded, from_runs, published_epochs=30)
-    assert [(s["seed"], s["status"], s["epochs_completed"]) for s in merged] == [(0, "finished", 30),
-                                                                                  (1, "running", 7)]
+    merged = summary.merge_seeds(recorded, from_runs)
+    assert [(s["seed"], s["status"], s["epochs_completed"]) for s in merged] == [
+        (0, "finished", 30), (1, "running", 7), (2, "lost", 4)]
+
+
+def test_an_unfinished_seed_is_projected_at_its_measured_speed(summary):
+    running = {**seed(0, status="running", epochs=10, test=None), "samples_per_s": 550}
+    assert summary.hours_left(running, 50) == 40 * 55_000 / 550 / 3600
+    assert "1.1 h of training to epoch 50 at 550 samples/s" in summary.projection(running, 50)
+    assert summary.projection({**seed(1), "samples_per_s": 550}, 30) == ""
 
 
 def test_the_running_training_error_weights_records_by_samples(summary):
@@ -42,25 +48,54 @@ def test_the_running_training_error_weights_records_by_samples(summary):
     assert summary.train_error_per_epoch(metrics) == [[1, 17.5], [2, 4.0]]
 
 
-def test_rows_without_runs_keep_their_finished_seeds_and_drop_the_lost_ones(summary, tmp_path):
+def test_rows_without_runs_keep_their_seeds_and_their_plots(summary, tmp_path):
     out = summary.OUT
     out.mkdir()
-    kept = {"row": "p-1h", "seeds": [seed(0), seed(1)], "n_full_length": 2}
-    (out / "p-1h.json").write_text(json.dumps(kept))
+    finished = {"row": "p-1h", "seeds": [seed(0), seed(1, test=3.5)]}
+    (out / "p-1h.json").write_text(json.dumps(finished))
     (out / "p-1h.png").write_bytes(b"recorded plot")
-    lost = {"row": "p-3h", "seeds": [seed(0, status="interrupted", epochs=2, test=None)]}
-    (out / "p-3h.json").write_text(json.dumps(lost))
-    (out / "p-3h.png").write_bytes(b"partial plot")
-    partly = {"row": "cvf-1h", "seeds": [seed(0, epochs=100), seed(1, status="running", epochs=1, test=None)]}
+    partly = {"row": "cvf-1h", "seeds": [seed(0, epochs=100), seed(1, status="running", epochs=3, test=None)]}
     (out / "cvf-1h.json").write_text(json.dumps(partly))
+    (out / "cvf-1h.png").write_bytes(b"recorded curves")
 
     rows = summary.summarise(tmp_path / "no-runs-here")
 
     assert [r["row"] for r in rows] == ["p-1h", "cvf-1h"]
-    assert json.loads((out / "p-1h.json").read_text()) == kept  # untouched, plot too
-    assert (out / "p-1h.png").read_bytes() == b"recorded plot"
-    assert not (out / "p-3h.json").exists() and not (out / "p-3h.png").exists()
+    p1h = json.loads((out / "p-1h.json").read_text())
+    assert p1h["seeds"] == finished["seeds"]
+    assert (p1h["n_full_length"], p1h["test_error_pct_mean"], p1h["test_error_pct_std"]) == (2, 3.0, 0.71)
     cvf = json.loads((out / "cvf-1h.json").read_text())
-    assert [s["seed"] for s in cvf["seeds"]] == [0]
+    assert [(s["seed"], s["status"], s["epochs_completed"]) for s in cvf["seeds"]] == [(0, "finished", 100),
+                                                                                      (1, "lost", 3)]
     assert cvf["n_full_length"] == 1 and cvf["test_error_pct_mean"] == 2.5
-    assert (out / "cvf-1h.png").stat().st_size > 0
+    assert (out / "p-1h.png").read_bytes() == b"recorded plot"
+    assert (out / "cvf-1h.png").read_bytes() == b"recorded curves"
+    assert "seed 1: — (3 ep, lost)" in summary.table(rows)
+
+
+def test_a_run_folder_updates_its_row_and_redraws_the_plot(summary, tmp_path):
+    out = summary.OUT
+    out.mkdir()
+    (out / "vf-2h.json").write_text(json.dumps({"row": "vf-2h", "seeds": [
+        seed(0, epochs=50, test=2.4), seed(1, status="running", epochs=29, test=None)]}))
+    (out / "vf-2h.png").write_bytes(b"old plot")
+    run = tmp_path / "runs" / "ernoult2020_vf-2h-seed1" / "vf-2h-20261205-034829"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: vf-2h\nseed: 1\n")
+    (run / "summary.json").write_text(json.dumps({
+        "status": "running", "epochs_completed": 2, "samples_per_s": 750.0, "best_val_accuracy": 0.96}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [
+        {"event": "train", "epoch": 1.0, "accuracy": 0.9, "samples": 100},
+        {"event": "eval", "split": "val", "epoch": 1, "accuracy": 0.94},
+        {"event": "train", "epoch": 2.0, "accuracy": 0.95, "samples": 100},
+        {"event": "eval", "split": "val", "epoch": 2, "accuracy": 0.96}]))
+
+    rows = summary.summarise(tmp_path / "runs")
+
+    vf = json.loads((out / "vf-2h.json").read_text())
+    assert [r["row"] for r in rows] == ["vf-2h"]
+    assert [(s["seed"], s["status"], s["epochs_completed"]) for s in vf["seeds"]] == [(0, "finished", 50),
+                                                                                     (1, "running", 2)]
+    assert vf["seeds"][1]["val_error_pct_per_epoch"] == [[1, 6.0], [2, 4.0]]
+    assert vf["seeds"][1]["train_error_pct_per_epoch"] == [[1, 10.0], [2, 5.0]]
+    assert (out / "vf-2h.png").read_bytes()[:4] == b"\x89PNG"
