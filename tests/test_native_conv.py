@@ -132,14 +132,21 @@ def _three_conv_layers(activation):
     return ConvNet(cfg, (3, 32, 32), 4, torch.Generator().manual_seed(0))
 
 
-def _relaxed(net, monkeypatch, compiled, steps=6, beta=0.0, order="sync", **schedule):
-    monkeypatch.setenv("EPRUN_NATIVE", "auto" if compiled else "0")
-    native.reset()
+def _start(net):
+    """The input, target and initial state the relaxations below start from."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, *net.input_shape, generator=g)
     target = net.target(torch.tensor([0, 3, 1]), x)
     state = [torch.rand(3, *shape, generator=g) for shape in net.state_shapes]
     state[0][:, :, :2] = 0.0  # saturated units: exact zeros on the way up and down
+    return x, target, state
+
+
+def _relaxed(net, monkeypatch, compiled, steps=6, beta=0.0, order="sync", start=None, **schedule):
+    monkeypatch.setenv("EPRUN_NATIVE", "auto" if compiled else "0")
+    native.reset()
+    x, target, state = start if start is not None else _start(net)
+    state = [s.clone() for s in state]
     ids = [id(s) for s in state]
     with torch.no_grad():
         drive = net.input_drive(x)
@@ -155,14 +162,22 @@ def _relaxed(net, monkeypatch, compiled, steps=6, beta=0.0, order="sync", **sche
 @pytest.mark.parametrize("make", [_mnist_like, _three_conv_layers])
 def test_relax_with_the_compiled_term_matches_the_torch_path(make, activation, order, beta, monkeypatch):
     """Free and nudged, both schedules, the hard sigmoids (clamp fused into the kernel) and the
-    logistic one (applied after it), a compiled term into the first layer or into a middle one."""
+    logistic one (applied after it), a compiled term into the first layer or into a middle one.
+
+    Six steps, each from the torch path's state of the step before: the step maps are compared,
+    not trajectories. Over several steps the two paths' rounding (float32 sums in another order)
+    can decide a near-tie of a max-pooling window the other way, and from then on the top-down
+    term goes to another unit (seen on the three-layer net on an AVX-512 machine: 1e-6 apart
+    for four steps, 2e-2 after the fifth)."""
     net = make(activation)
-    ours, engine = _relaxed(net, monkeypatch, True, beta=beta, order=order)
-    assert engine == "torch+native"
-    theirs, engine = _relaxed(net, monkeypatch, False, beta=beta, order=order)
-    assert engine == "torch"
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    x, target, state = _start(net)
+    for _ in range(6):
+        ours, engine = _relaxed(net, monkeypatch, True, steps=1, beta=beta, order=order, start=(x, target, state))
+        assert engine == "torch+native"
+        state, engine = _relaxed(net, monkeypatch, False, steps=1, beta=beta, order=order, start=(x, target, state))
+        assert engine == "torch"
+        for a, b in zip(ours, state):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 @needs_kernel
