@@ -5,8 +5,7 @@ table of docs/reproductions/README.md between its ``<!-- rows -->`` markers.
     python scripts/summarise_reproductions.py RUNS_ROOT
 
 RUNS_ROOT holds one folder per (row, seed), named ``<recipe with / as _>-seed<S>``, each with the
-run directory inside (what ``eprun train RECIPE -s seed=S --out RUNS_ROOT/<folder>`` writes). A run
-still training or stopped early is reported with the epoch it reached.
+run directory inside (what ``eprun train RECIPE -s seed=S --out RUNS_ROOT/<folder>`` writes).
 
 The JSON files are the lasting record (runs/ is not kept with the repository and a machine may
 lose it): a seed recorded there whose run folder is not under RUNS_ROOT stays as recorded, marked
@@ -193,8 +192,8 @@ def table(rows: list[dict]) -> str:
 
 
 def projection(seed: dict, published_epochs: int) -> str:
-    """"; 3.2 h of training to epoch 50 at 752 samples/s" for a seed short of the published
-    length with a measured speed, else ""."""
+    """"; H h of training to epoch E at S samples/s" (``hours_left`` at the seed's measured
+    speed S) for a seed short of the published length E, else ""."""
     hours = hours_left(seed, published_epochs)
     if hours is None:
         return ""

@@ -167,8 +167,7 @@ def test_relax_with_the_compiled_term_matches_the_torch_path(make, activation, o
     Six steps, each from the torch path's state of the step before: the step maps are compared,
     not trajectories. Over several steps the two paths' rounding (float32 sums in another order)
     can decide a near-tie of a max-pooling window the other way, and from then on the top-down
-    term goes to another unit (seen on the three-layer net on an AVX-512 machine: 1e-6 apart
-    for four steps, 2e-2 after the fifth)."""
+    term goes to another unit (docs/reliability.md, "Compiled and torch conv relaxations")."""
     net = make(activation)
     x, target, state = _start(net)
     for _ in range(6):
