@@ -6,7 +6,7 @@ find where and how a run diverged.
                                        [--epochs 1] [--batches N] [-s KEY=VALUE ...]
 
 The run's recipe, data split and checkpoint are restored as ``eprun train --resume`` restores them
-(same shuffling, same draws), so the batches are the run's own; ``-s`` overrides recipe keys
+(same shuffling, same augmentation and noise draws), so the batches are the run's own; ``-s`` overrides recipe keys
 (e.g. ``-s optim.weight_decay=1e-4``, ``-s rule.feedback_lr=[0.004,0.1]``) to replay the same
 batches under other settings (they hold over the optimiser settings stored in the checkpoint);
 ``--checkpoint none`` starts from the run's initial weights (its recipe and seed) and ``--epochs``
@@ -71,12 +71,17 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from eprun import runner, runs
+    from eprun.data.augment import augment
     from eprun.recipe import load_recipe
+    from eprun.rules.dtp import DTP
 
     recipe = load_recipe(args.run / runs.RECIPE_FILE, overrides=args.set)
     device = torch.device("cpu")
     splits = runner.load_data(recipe, device)
     exp = runner.assemble(recipe, splits, device)
+    if not isinstance(exp.rule, DTP):
+        parser.error(f"{args.run}: rule.kind is {recipe.rule.kind}; this script replays target propagation runs "
+                     f"(dtp, drl, vanilla_dtp, tp); for EP runs use scripts/replay_epoch.py")
     if args.checkpoint == "none":
         pos = runner.Position()
         print(f"from the initial weights of {args.run}" + (f"; overrides {args.set}" if args.set else ""))
@@ -108,7 +113,7 @@ def main(argv=None):
                 break
             done += 1
             idx = order[b * bs:(b + 1) * bs]
-            x, y = splits.train.x[idx], splits.train.y[idx]
+            x, y = augment(splits.train.x[idx], recipe.data.augment, exp.augment), splits.train.y[idx]
             rule.prepare_batch()
             exp.optimizer.zero_grad(set_to_none=False)
             logits, loss = rule.train_step(x, y)

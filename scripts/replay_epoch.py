@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
 
     from eprun import runner, runs
+    from eprun.data.augment import augment
     from eprun.recipe import load_recipe
 
     recipe = load_recipe(args.run / runs.RECIPE_FILE)
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     bs = recipe.data.batch_size
     for b in range(pos.batch, runner.batches_per_epoch(recipe, len(splits.train))):
         idx = order[b * bs:(b + 1) * bs]
-        x, y = splits.train.x[idx], splits.train.y[idx]
+        x, y = augment(splits.train.x[idx], recipe.data.augment, exp.augment), splits.train.y[idx]
         rule.prepare_batch()
         exp.optimizer.zero_grad(set_to_none=False)
         _, loss = rule.train_step(x, y)

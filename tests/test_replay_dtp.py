@@ -57,3 +57,17 @@ def test_replay_from_a_mid_run_checkpoint_and_with_overrides(tmp_path, capsys):
     assert "restored" in capsys.readouterr().out
     slower = replay.main([str(one_epoch), "--checkpoint", "last", "-s", "train.epochs=2", "-s", "optim.lr=0.001"])
     assert not torch.equal(slower.net.layers[0].weight, exp.net.layers[0].weight)
+
+
+def test_replay_of_an_augmented_run_draws_the_runs_augmentation(tmp_path):
+    """Random crops and flips come from the run's own augmentation generator, restored with it."""
+    recipe = tmp_path / "tiny-dtp.yaml"
+    recipe.write_text(DTP_RECIPE)
+    augmented = ["-s", "data.augment.random_crop_padding=1", "-s", "data.augment.horizontal_flip=true"]
+    result = CliRunner().invoke(app, ["--threads", "1", "train", str(recipe), "--out", str(tmp_path / "runs"), "-q",
+                                      *augmented])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+
+    exp = load_script().main([str(run), "--checkpoint", "none", "--epochs", "2"])
+    assert_same_weights(exp.net, run / "checkpoints" / "last.pt")
