@@ -1,14 +1,19 @@
-"""C-EP's nudged phase on its two paths, side by side in one process: the input drive recomputed
-and every weight stepped at every nudged step, against the drive followed through x̃x̃ᵀ with
-W_0 and b_1 updated once (``rules/cep.py``, "Cost").
+"""C-EP's nudged phase on its paths, side by side in one process (``rules/cep.py``, "Cost"):
+
+* ``recomputed``: the input drive recomputed and every weight stepped at every nudged step;
+* ``input followed``: the drive followed through x̃x̃ᵀ, W_0 and b_1 updated once, the other
+  weights stepped at every nudged step (the vector-field nets' path);
+* ``factored``: every weight held as θ* plus its increments in factored form and written once
+  (``eprun/nets/dense_cep.py``; the prototypical net's path where it applies).
 
     python -m benchmarks.cep_paths [--case cep-mlp-1h] [--batches 30] [--rounds 5] [-s KEY=VALUE ...]
 
-Both paths start from the case's initial weights and train on the same seeded random batches,
+Every path starts from the case's initial weights and trains on the same seeded random batches,
 alternating rounds; each figure is the best round's training samples/s. Also printed: the
-relative difference of the two paths' weight changes over one batch from the initial weights,
-in float32 and in float64 (over many batches the float32 trajectories of either path part from
-the float64 one as fast as from each other: rounding, amplified by training). Returns the figures.
+relative difference of each faster path's weight change from the recomputed one's over one
+batch from the initial weights, in float32 and in float64 (over many batches the float32
+trajectories of any two paths part from the float64 one as fast as from each other: rounding,
+amplified by training). A path that does not apply to the case's net is left out. Returns the figures.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import math
 import time
 
 import torch
+
+from eprun.nets.base import EPNetwork
 
 
 def main(argv=None) -> dict:
@@ -35,41 +42,59 @@ def main(argv=None) -> dict:
                       torch.float32)
     pool = setup.data(args.batches, setup.batch, "cep-paths")
     sides = {}
-    for name, follow in (("recomputed", False), ("followed", True)):
+    for name in PATHS:
         net, rule, train = setup.eprun_side()
-        if not follow:
-            rule.follows_input_drive = lambda: False
-        assert rule.follows_input_drive() is follow, f"{args.case}: the {name} path does not apply here"
-        sides[name] = (net, train, [])
+        if _choose(name, net, rule):
+            sides[name] = (net, train, [])
+    assert "recomputed" in sides and len(sides) > 1, f"{args.case}: no faster C-EP path applies here"
     for _ in range(args.rounds):
         for name, (net, train, times) in sides.items():
             begin = time.perf_counter()
             for x, y in pool:
                 train(x, y)
             times.append(time.perf_counter() - begin)
-    differences = {str(dtype).removeprefix("torch."): _one_batch_difference(setup, pool[0], dtype)
-                   for dtype in (torch.float32, torch.float64)}
+    differences = {name: {str(dtype).removeprefix("torch."): _one_batch_difference(setup, pool[0], dtype, name)
+                          for dtype in (torch.float32, torch.float64)}
+                   for name in sides if name != "recomputed"}
     samples = args.batches * setup.batch
     results = {"case": args.case, "threads": torch.get_num_threads(), "batch": setup.batch,
                "samples_per_s": {name: samples / min(times) for name, (_, _, times) in sides.items()},
                "relative_difference_of_one_update": differences}
     rates = results["samples_per_s"]
     print(f"{args.case} ({setup.pristine.describe()}, batch {setup.batch}, {results['threads']} thread(s), "
-          f"best of {args.rounds} rounds of {args.batches} batches): recomputed {rates['recomputed']:,.0f}, "
-          f"followed {rates['followed']:,.0f} samples/s ({rates['followed'] / rates['recomputed']:.2f}×); "
-          f"one batch's updates differ by {differences['float32']:.1e} in float32, "
-          f"{differences['float64']:.1e} in float64 (relative)")
+          f"best of {args.rounds} rounds of {args.batches} batches), samples/s:")
+    for name, rate in rates.items():
+        line = f"  {name:>15}: {rate:,.0f} ({rate / rates['recomputed']:.2f}×)"
+        if name in differences:
+            d = differences[name]
+            line += f"; one batch's update differs by {d['float32']:.1e} (float32), {d['float64']:.1e} (float64)"
+        print(line)
     return results
 
 
-def _one_batch_difference(setup, batch, dtype) -> float:
-    """‖Δθ_followed − Δθ_recomputed‖ / ‖Δθ_recomputed‖ over one training step from the initial weights."""
+PATHS = ("recomputed", "input followed", "factored")
+
+
+def _choose(name: str, net, rule) -> bool:
+    """Make ``rule`` take path ``name``; False where that path does not apply to the net."""
+    if not rule.follows_input_drive():
+        return name == "recomputed"
+    if name == "recomputed":
+        rule.follows_input_drive = lambda: False
+    elif name == "input followed":
+        net.continual_nudged_phase_ = lambda *args: False
+    elif type(net).continual_nudged_phase_ is EPNetwork.continual_nudged_phase_:
+        return False  # the net offers no factored phase
+    return True
+
+
+def _one_batch_difference(setup, batch, dtype, name: str) -> float:
+    """‖Δθ_path − Δθ_recomputed‖ / ‖Δθ_recomputed‖ over one training step from the initial weights."""
     x, y = batch
     moved = []
-    for follow in (True, False):
+    for path in (name, "recomputed"):
         net, rule, train = setup.eprun_side(dtype)
-        if not follow:
-            rule.follows_input_drive = lambda: False
+        _choose(path, net, rule)
         start = [p.detach().clone() for p in net.parameters()]
         train(x.to(dtype), y)
         moved.append([p.detach() - s for p, s in zip(net.parameters(), start)])

@@ -311,14 +311,18 @@ def test_engines_script_times_torch_and_every_build_the_cpu_runs(monkeypatch):
         assert figures["us_per_step"] > 0 and figures["max_abs_difference_from_torch"] < 1e-4
 
 
-def test_cep_paths_script_times_both_paths_and_finds_them_equal():
-    """benchmarks/cep_paths.py on a small C-EP net: both nudged-phase paths timed, and one batch's
-    updates from the same weights agree to float32 rounding (float64: to its rounding)."""
+def test_cep_paths_script_times_the_three_paths_and_finds_them_equal():
+    """benchmarks/cep_paths.py on a small two-hidden-layer C-EP net: the three nudged-phase paths
+    timed, and one batch's updates from the same weights agree to float32 rounding (float64: to
+    its rounding)."""
     from benchmarks import cep_paths
 
-    result = cep_paths.main(["--batches", "2", "--rounds", "1", "-s", "model.hidden=[32]", "-s", "rule.T=5",
+    result = cep_paths.main(["--batches", "2", "--rounds", "1", "-s", "model.hidden=[32,16]",
+                             "-s", "optim.lr=[0.0056,0.0028,0.001]", "-s", "rule.T=5",
                              "-s", "rule.K=3"])
-    assert set(result["samples_per_s"]) == {"recomputed", "followed"}
+    assert set(result["samples_per_s"]) == {"recomputed", "input followed", "factored"}
     assert all(rate > 0 for rate in result["samples_per_s"].values())
-    assert result["relative_difference_of_one_update"]["float32"] < 1e-4
-    assert result["relative_difference_of_one_update"]["float64"] < 1e-10
+    assert set(result["relative_difference_of_one_update"]) == {"input followed", "factored"}
+    for difference in result["relative_difference_of_one_update"].values():
+        assert 0.0 < difference["float32"] < 1e-4  # the paths are distinct code, equal up to rounding
+        assert difference["float64"] < 1e-10

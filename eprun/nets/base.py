@@ -12,6 +12,7 @@ Two levels, as two abstract base classes:
 Optional capabilities are class attributes with a default (``has_phi``, ``relax_schedules``,
 ``nudge_scale``, ``softmax_readout``, ``linear_input_drive``, ``accumulates_nudged_steps``) or methods with a default that says "not offered"
 (:meth:`EPNetwork.ep_phases` returns None, :meth:`EPNetwork.input_term` returns None,
+:meth:`EPNetwork.continual_nudged_phase_` returns False,
 :meth:`Network.monitor` returns ``{}``). Callers read these; they never probe a net with
 ``hasattr``. A new net subclasses one of the two and is registered in
 :data:`eprun.nets.NETWORKS` (docs/extending.md).
@@ -176,6 +177,13 @@ class EPNetwork(Network):
         (s*, s^β, per-example loss at s*, (mean steps free, mean steps nudged)), the same steps
         as two calls of :meth:`relax`; None where no such engine applies (the default)."""
         return None
+
+    def continual_nudged_phase_(self, x: torch.Tensor, drive: torch.Tensor, free: list[torch.Tensor], steps: int,
+                                beta: float, target: torch.Tensor, y: torch.Tensor, rate) -> bool:
+        """C-EP's nudged phase with plain SGD at ``rate(p)`` per parameter, run by a faster engine
+        that leaves every parameter as the step-by-step rule does (``rules/cep.py``): True if it
+        ran, False where the net offers none (the default)."""
+        return False
 
     # ------------------------------------------------------------------ updates
 

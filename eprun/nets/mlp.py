@@ -32,10 +32,12 @@ from eprun.native import dense as native_dense
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig, dense_chain_problems
 from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
+from eprun.nets.dense_cep import continual_nudged_phase_dense_
 from eprun.nets.dense_relax import ep_phases_dense, relax_dense_
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, parameters_in
 from eprun.nets.products import add_outer_, linear
+from eprun.nets.relax_products import RelaxProducts
 
 
 @dataclass
@@ -194,6 +196,17 @@ class PrototypicalMLP(LayeredNetwork):
         weights = parameters_in(self.weights)[1:]
         return ep_phases_dense(self, drive, labels, free_steps, nudged_steps, beta, [None] + weights, weights + [None],
                                **schedule)
+
+    @torch.no_grad()
+    def continual_nudged_phase_(self, x: torch.Tensor, drive: torch.Tensor, free: list[torch.Tensor], steps: int,
+                                beta: float, target: torch.Tensor, y: torch.Tensor, rate) -> bool:
+        """C-EP's nudged phase with every weight held as θ* plus its increments in factored form
+        (:mod:`eprun.nets.dense_cep`: Φ is linear in θ, so the increments telescope); float32
+        products only (the run's precision, :class:`~eprun.nets.relax_products.RelaxProducts`)."""
+        if not RelaxProducts.of_run().exact:
+            return False
+        continual_nudged_phase_dense_(self, self.flatten(x), drive, free, steps, beta, target, y, rate)
+        return True
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None, input_term: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -61,11 +61,18 @@ and since x̃ is clamped the K increments of W_0 telescope, Σ_k Δ_k = s¹* −
     W_0 −= (η_W/(βB)) (s¹* − s¹_K)ᵀ x̃,   b_1 −= (η_b/(βB)) Σ_b (s¹* − s¹_K)      (once, at the end)
 
 The states and the final weights are those of the step-by-step loop in exact arithmetic (the
-float32 sums differ in rounding; ``tests/test_cep.py`` holds the two paths together). The other
-layers are still updated at every step, by the SGD step written out (θ −= η·grad). Anything
-else — momentum, Adam, weight decay, or a data-parallel run, whose drive also moves with the
-other ranks' examples — takes the loop that recomputes the drive and steps every weight at every
-step.
+float32 sums differ in rounding; ``tests/test_cep.py`` holds the paths together). The other
+layers are still updated at every step, by the SGD step written out (θ −= η·grad).
+
+Every layer, where Φ is linear in θ (the prototypical MLP: ∂Φ/∂W_n = s^{n+1}s^{nᵀ} whatever
+θ is). Then every weight's increments telescope, not only W_0's, so θ_k = θ* + γ(∂Φ/∂θ(s_k) −
+∂Φ/∂θ(s*)) at every step and a step's products with θ_k split into the products with θ* and
+B × B Gram matrices of the states: :meth:`~eprun.nets.base.EPNetwork.continual_nudged_phase_`,
+:mod:`eprun.nets.dense_cep` for the maths. No weight is written until the end. A vector-field
+net's W_n and B_n (n ≥ 1) do not telescope (their pre-synaptic units move), so it takes the
+input-followed path. Anything else — momentum, Adam, weight decay, or a data-parallel run, whose
+drive also moves with the other ranks' examples — takes the loop that recomputes the drive and
+steps every weight at every step. The paths' speeds: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -157,7 +164,13 @@ class CEP(EP):
         logits, loss = net.logits(free).clone(), net.loss(free, y)
         beta = self._batch_beta()
         if self.follows_input_drive():
-            self._nudged_phase_following_drive(x, y, target, drive, free, beta)
+            # every weight as θ* plus factored increments where the net offers it, else W_0 and b_1 alone
+            if net.continual_nudged_phase_(x, drive, free, cfg.K, beta, target, y, self._learning_rate):
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        grad_of(p).zero_()  # the promise below: every .grad zero on return
+            else:
+                self._nudged_phase_following_drive(x, y, target, drive, free, beta)
             return logits, loss
         cur, nxt = free, [s.clone() for s in free]  # s_k and s_{k+1}, swapped each step
         for k in range(cfg.K):

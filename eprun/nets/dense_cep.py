@@ -1,0 +1,131 @@
+"""C-EP's nudged phase on the prototypical dense chain, every weight held as θ* plus its
+increments in factored form (``rules/cep.py`` chooses it; the module docstring there has the rule).
+
+The rule, plain SGD with rate η per parameter, B examples, S^m_k the B × |s^m| state of layer m
+at nudged step k (S^0 = x̃, the clamped input), S^m_0 = s*::
+
+    s_{k+1} = F(x, s_k, θ_k, β)
+    W_n ← W_n + (η_n/β)·(1/B)(S^{n+1ᵀ}_{k+1} S^n_{k+1} − S^{n+1ᵀ}_k S^n_k)       ∂Φ/∂W_n = s^{n+1} s^{nᵀ}
+    b_n ← b_n + (η'_n/β)·(1/B) 1ᵀ(S^n_{k+1} − S^n_k)
+
+Φ = Σ_n s^{n+1}·(W_n s^n + b_{n+1}) is linear in θ, so ∂Φ/∂θ does not depend on θ and the
+increments telescope whatever θ_k is: with γ_n = η_n/(βB), γ'_n = η'_n/(βB),
+
+    W_{n,k} = W_n* + γ_n (S^{n+1ᵀ}_k S^n_k − S^{n+1ᵀ}_0 S^n_0),   b_{n,k} = b_n* + γ'_n 1ᵀ(S^n_k − S^n_0)
+
+A step's products with θ_k then split into the products with θ* (fixed for the whole phase)
+and B × B matrices. The increments are written with the states' changes D^m = S^m_k − S^m_0,
+not as the difference of the two large products S^{n+1ᵀ}_k S^n_k and S^{n+1ᵀ}_0 S^n_0, whose
+cancellation would cost float32 digits::
+
+    S^{n+1ᵀ}_k S^n_k − S^{n+1ᵀ}_0 S^n_0 = D^{n+1ᵀ} S^n_k + S^{n+1ᵀ}_0 D^n
+
+With E^m = S^m_k D^{mᵀ}, C^m = S^m_k S^{mᵀ}_0 (E^0 = 0, C^0 = x̃x̃ᵀ: the input is clamped) and
+𝟙 the B × B matrix of ones, the pre-activation of layer n at step k is::
+
+    S^{n−1}_k W_{n−1,k}ᵀ + S^{n+1}_k W_{n,k} + b_{n,k}
+      = S^{n−1}_k W_{n−1}*ᵀ + S^{n+1}_k W_n* + b_n*                                  (θ*'s step)
+      + [γ_{n−1} E^{n−1} + γ_n E^{n+1}] S^n_k + [γ_{n−1} C^{n−1} + γ_n C^{n+1} + γ'_n 𝟙] D^n
+
+(no n+1 terms at the top layer; S^0 W_0*ᵀ + b_1* is the input drive, computed once per
+batch). A step costs the products with W* of the free phase's step plus B × B work, where
+writing θ_k out costs, per weight, an outer product of its size to form the increment and
+passes over it to apply it. The weights are written once, at the end::
+
+    W_n += γ_n (D^{n+1ᵀ} S^n_K + S^{n+1ᵀ}_0 D^n),   b_n += γ'_n 1ᵀ D^n        (D at k = K)
+
+The states and weights are those of the step-by-step rule in exact arithmetic (float32 sums
+differ in rounding); ``tests/test_cep.py`` holds the two together in float64 at large rates
+and, against float64, in float32. A softmax read-out (outside Φ) gets its exact gradient at
+s* and one SGD step after the first nudged step, where the step-by-step rule applies it.
+
+Layout: per layer a (3B × |s^m|) buffer holding [S^m_k ; D^m ; S^m_0]: the state is its first
+block (written in place by the step), one product of S^m_k with its last two blocks gives
+[E^m | C^m], and one product of a coefficient [P | Q] with its first two gives P S^m_k + Q D^m.
+Two such sets alternate, as in :func:`~eprun.nets.dense_relax.relax_dense_`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from eprun import stopping
+from eprun.nets.dense import dense_constants
+from eprun.nets.parameters import grad_of, parameters_in
+
+
+@torch.no_grad()
+def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, free: list[torch.Tensor],
+                                  steps: int, beta: float, target: torch.Tensor, y: torch.Tensor,
+                                  rate: Callable[[nn.Parameter], float]) -> None:
+    """C-EP's ``steps`` nudged steps from s* = ``free`` with plain SGD at ``rate(p)`` per parameter,
+    on ``net`` (a :class:`~eprun.nets.mlp.PrototypicalMLP`): every weight, bias and read-out
+    parameter updated in place as the step-by-step rule leaves it (module docstring).
+
+    ``x_in``: x̃ flattened; ``drive``: a·(x̃W_0*ᵀ + b_1*) + c (the net's ``input_drive``);
+    ``target``: the one-hot labels ``y``. ``free`` is left as it was."""
+    a = net.act.scale
+    weights, biases = parameters_in(net.weights), parameters_in(net.biases)
+    n_layers = len(free)
+    batch = x_in.shape[0]
+    gamma = [rate(w) / (beta * batch) for w in weights]  # γ_n of W_n: s^n → s^{n+1}
+    gamma_b = [rate(b) / (beta * batch) for b in biases]  # γ'_{n+1} of b_{n+1} (its layer's group)
+    zeros_ones = torch.cat([x_in.new_zeros(batch, batch), x_in.new_ones(batch, batch)], dim=1)  # [0 | 𝟙]
+    coef_in = torch.mm(x_in, x_in.T).mul_(gamma[0]).add_(1.0, alpha=gamma_b[0])  # γ_0 C⁰ + γ'_1 𝟙 (E⁰ = 0)
+    coef_in = torch.cat([torch.zeros_like(coef_in), coef_in], dim=1)
+    bias_coef = [zeros_ones * g for g in gamma_b]  # [0 | γ'_n 𝟙]
+    const = dense_constants(net, drive, n_layers, beta, target)  # θ*'s: the drive, a·b_n* + c, a·β·y
+    # W_n*ᵀ laid out for S^n_k W_n*ᵀ: a product with a transposed operand is slower (docs/performance.md)
+    bottom_up = [None] + [w.T.contiguous() for w in weights[1:]]
+
+    def blocks(s: torch.Tensor) -> torch.Tensor:
+        return torch.cat([s, torch.zeros_like(s), s])  # [S^m_0 ; D^m = 0 ; S^m_0], k = 0
+
+    sets = [[blocks(s) for s in free] for _ in range(2)]  # two sets alternate
+    views = [[(y[:batch], y[batch:2 * batch], y[:2 * batch], y[batch:]) for y in ys] for ys in sets]
+    first = [y[2 * batch:] for y in sets[0]]  # S^m_0 (the same in both sets)
+    grams = [x_in.new_empty(batch, 2 * batch) for _ in free]  # [E^m | C^m]
+    coefs = [x_in.new_empty(batch, 2 * batch) for _ in free]
+    readout = [p for p in net.parameters() if all(p is not q for q in weights + biases)]
+    if readout:  # the read-out's exact gradient at s*, applied after the first step
+        for p in readout:
+            grad_of(p).zero_()
+        net.accumulate_readout_grad_(free, y)
+    for k in range(steps):
+        stopping.check()
+        cur, nxt = views[k % 2], views[(k + 1) % 2]  # per layer (S_k, D, [S_k ; D], [D ; S_0])
+        for (s, _, _, last_two), g in zip(cur, grams):
+            torch.mm(s, last_two.T, out=g)  # S^m_k [D^m ; S^m_0]ᵀ = [E^m | C^m]
+        for i in range(n_layers):  # layer n = i + 1: below it W_i (γ[i]) and b_{i+1} (γ_b[i]), above it W_{i+1}
+            out, above = nxt[i][0], i + 1 < n_layers
+            if i == 0:
+                coef = torch.add(coef_in, grams[1], alpha=gamma[1], out=coefs[0]) if above else coef_in
+                out.copy_(const[0])
+            else:  # γ_{n−1}[E|C]^{n−1} + [0 | γ'_n 𝟙] (+ γ_n[E|C]^{n+1} below)
+                coef = torch.add(bias_coef[i], grams[i - 1], alpha=gamma[i], out=coefs[i])
+                torch.addmm(const[i], cur[i - 1][0], bottom_up[i], alpha=a, out=out)  # a·S^{n−1}_k W_{n−1}*ᵀ + a·b_n* + c
+                if above:
+                    coef.add_(grams[i + 1], alpha=gamma[i + 1])
+            if above:
+                out.addmm_(cur[i + 1][0], weights[i + 1], alpha=a)  # a·S^{n+1}_k W_n*
+            out.addmm_(coef, cur[i][2], alpha=a)  # a·(P S^n_k + Q D^n): the increments so far
+            if not above:
+                net.nudge_(out, cur[i][0], beta, target)
+            net.act.apply_to_affine_(out)
+        for (s, d, _, _), s0 in zip(nxt, first):
+            torch.sub(s, s0, out=d)  # D^m at k + 1
+        if k == 0:
+            for p in readout:  # θ_1 = θ_0 − η·∂ℓ/∂θ(s*) for the read-out
+                p.add_(p.grad, alpha=-rate(p))
+                p.grad.zero_()
+    end = views[steps % 2]
+    # the K increments at once: W_n += γ_n (D^{n+1ᵀ} S^n_K + S^{n+1ᵀ}_0 D^n), b_n += γ'_n 1ᵀD^n
+    weights[0].addmm_(end[0][1].T, x_in, alpha=gamma[0])
+    for n in range(1, n_layers):
+        weights[n].addmm_(end[n][1].T, end[n - 1][0], alpha=gamma[n])
+        weights[n].addmm_(first[n].T, end[n - 1][1], alpha=gamma[n])
+    for n in range(n_layers):
+        biases[n].add_(end[n][1].sum(dim=0), alpha=gamma_b[n])
