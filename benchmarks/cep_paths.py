@@ -3,8 +3,10 @@
 * ``recomputed``: the input drive recomputed and every weight stepped at every nudged step;
 * ``input followed``: the drive followed through x̃x̃ᵀ, W_0 and b_1 updated once, the other
   weights stepped at every nudged step (the vector-field nets' path);
-* ``factored``: every weight held as θ* plus its increments in factored form and written once
-  (``eprun/nets/dense_cep.py``; the prototypical net's path where it applies).
+* ``engine``: the net's own nudged phase (``continual_nudged_phase_``): on the prototypical net
+  every weight held as θ* plus its increments in factored form and written once
+  (``eprun/nets/dense_cep.py``), on the vector-field net every weight stepped in place in the
+  layout its product reads (``eprun/nets/vf_cep.py``).
 
     python -m benchmarks.cep_paths [--case cep-mlp-1h] [--batches 30] [--rounds 5] [-s KEY=VALUE ...]
 
@@ -72,7 +74,7 @@ def main(argv=None) -> dict:
     return results
 
 
-PATHS = ("recomputed", "input followed", "factored")
+PATHS = ("recomputed", "input followed", "engine")
 
 
 def _choose(name: str, net, rule) -> bool:
@@ -84,7 +86,7 @@ def _choose(name: str, net, rule) -> bool:
     elif name == "input followed":
         net.continual_nudged_phase_ = lambda *args: False
     elif type(net).continual_nudged_phase_ is EPNetwork.continual_nudged_phase_:
-        return False  # the net offers no factored phase
+        return False  # the net offers no nudged phase of its own
     return True
 
 

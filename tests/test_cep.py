@@ -95,18 +95,19 @@ def reference_cep(net, x, y, lrs, T, K, beta):
 
 def take_path(rule, path: str, monkeypatch) -> None:
     """Make a C-EP rule with plain SGD take one of its nudged-phase paths (rules/cep.py, "Cost"):
-    ``factored`` (every weight as θ* plus factored increments, the prototypical net's),
-    ``input followed`` (W_0 and b_1 followed through x̃x̃ᵀ, the others stepped) or ``recomputed``."""
+    ``engine`` (the net's own ``continual_nudged_phase_``: the prototypical net's factored
+    increments, the vector-field net's weights stepped in place), ``input followed`` (W_0 and
+    b_1 followed through x̃x̃ᵀ, the others stepped) or ``recomputed``."""
     assert rule.follows_input_drive()
     if path == "recomputed":
         monkeypatch.setattr(rule, "follows_input_drive", lambda: False)
     elif path == "input followed":
         monkeypatch.setattr(rule.net, "continual_nudged_phase_", lambda *args: False)
     else:
-        assert path == "factored" and isinstance(rule.net, PrototypicalMLP)
+        assert path == "engine"
 
 
-PATHS = [("mlp", "factored"), ("mlp", "input followed"), ("vf", "input followed")]
+PATHS = [("mlp", "engine"), ("mlp", "input followed"), ("vf", "engine"), ("vf", "input followed")]
 
 
 @pytest.mark.parametrize("kind, path", PATHS + [("mlp", "recomputed"), ("vf", "recomputed")])
@@ -319,23 +320,25 @@ def test_the_faster_paths_equal_recomputing(kind, path, hidden, dtype, bound, mo
     assert 0.0 < relative_error({k: faster[k] - start[k] for k in start}, update) < bound
 
 
-def test_the_rule_takes_the_factored_path_on_the_prototypical_net_only_in_float32_products(monkeypatch):
-    """Plain SGD on the prototypical net: the factored phase runs (and leaves every .grad zero);
-    in bf16 products it does not apply, and the input-followed path runs instead; the
-    vector-field net has no factored phase."""
+def test_the_rule_takes_the_nets_engine_in_float32_products_and_without_tied_updates(monkeypatch):
+    """Plain SGD: the net's own nudged phase runs (and the rule leaves every .grad zero) on the
+    prototypical and the vector-field net; in bf16 products it does not apply, nor to a
+    vector-field net with ``same_update``, and the input-followed path runs instead."""
     from eprun import precision
 
     x, y = batch()
     calls = []
-    for kind, dtype in (("mlp", None), ("mlp", torch.bfloat16), ("vf", None)):
+    for kind, dtype, tied in (("mlp", None, False), ("mlp", torch.bfloat16, False), ("vf", None, False),
+                              ("vf", torch.bfloat16, False), ("vf", None, True)):
         net = make_net(kind).float()
+        net.same_update = tied
         original = net.continual_nudged_phase_
         monkeypatch.setattr(net, "continual_nudged_phase_", lambda *args: calls.append(original(*args)) or calls[-1])
         monkeypatch.setattr(precision, "relax_dtype", lambda: dtype)
         rule = cep_rule(net, [0.1, 0.1, 0.1], T=5, K=3)
         rule.train_step(x.float(), y)
         assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
-    assert calls == [True, False, False]
+    assert calls == [True, False, True, False, False]
 
 
 def make_net_like(net):
@@ -465,20 +468,22 @@ def test_factored_update_keeps_float32_precision(hidden, rates, monkeypatch):
         return {k: v.double() - start[k] for k, v in params_of(net).items()}
 
     exact = update(torch.float64, "recomputed")
-    factored = relative_error(update(torch.float32, "factored"), exact)
+    factored = relative_error(update(torch.float32, "engine"), exact)
     followed = relative_error(update(torch.float32, "input followed"), exact)
     assert factored < 1e-3 and factored < 2.0 * followed, (factored, followed)  # 0.7–1.1× measured
 
 
+@pytest.mark.parametrize("kind", ["mlp", "vf"])
 @pytest.mark.parametrize("hidden", [[8], [8, 6, 5]])
 @pytest.mark.parametrize("readout", ["mse", "softmax"])
 @pytest.mark.parametrize("beta", [0.3, -0.3])
-def test_factored_phase_equals_the_written_out_rule_at_any_depth(hidden, readout, beta):
-    """The factored phase on one and three hidden layers (a softmax read-out over one hidden layer
-    leaves a single layer in Φ), either sign of β, at large rates: the written-out rule's weights."""
+def test_the_nets_engine_equals_the_written_out_rule_at_any_depth(kind, hidden, readout, beta):
+    """Each net's own nudged phase on one and three hidden layers (a softmax read-out over one
+    hidden layer leaves a single layer in the dynamics), either sign of β, at large rates: the
+    written-out rule's weights."""
     lrs = [0.4, 0.3, 0.2, 0.1, 0.05][:len(hidden) + 1 + (readout == "softmax")]
     x, y = batch()
-    a, b = make_net("mlp", hidden=hidden, readout=readout), make_net("mlp", hidden=hidden, readout=readout)
+    a, b = make_net(kind, hidden=hidden, readout=readout), make_net(kind, hidden=hidden, readout=readout)
     cep_rule(a, lrs, T=25, K=8, beta=beta).train_step(x, y)
     want = reference_cep(b, x, y, lrs, T=25, K=8, beta=beta)
     got = params_of(a)

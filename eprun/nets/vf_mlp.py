@@ -67,6 +67,8 @@ from eprun.nets.layered import LayeredNetwork
 from eprun.nets.mlp import MLPConfig
 from eprun.nets.parameters import grad_of, parameters_in
 from eprun.nets.products import add_outer_, linear
+from eprun.nets.relax_products import RelaxProducts
+from eprun.nets.vf_cep import continual_nudged_phase_vf_
 
 
 @dataclass
@@ -292,6 +294,17 @@ class VectorFieldMLP(LayeredNetwork):
         bottom_up = [w.T for w in parameters_in(self.weights)]  # s^{n−1} @ W_{n−1}ᵀ = (W_{n−1} s^{n−1})ᵀ
         top_down = [f.T for f in parameters_in(self.feedback)]  # s^{n+1} @ B_nᵀ = (B_n s^{n+1})ᵀ; B_n = feedback[n − 1]
         return relax_dense_(self, const, state, self.scratch_states(state), bottom_up, top_down, steps, beta, target)
+
+    @torch.no_grad()
+    def continual_nudged_phase_(self, x: torch.Tensor, drive: torch.Tensor, free: list[torch.Tensor], steps: int,
+                                beta: float, target: torch.Tensor, y: torch.Tensor, rate) -> bool:
+        """C-VF's nudged phase with W_nᵀ and B_nᵀ held as contiguous copies that each step's increment
+        goes straight into (:mod:`eprun.nets.vf_cep`); not with ``same_update``, and float32
+        products only (the run's precision, :class:`~eprun.nets.relax_products.RelaxProducts`)."""
+        if self.same_update or not RelaxProducts.of_run().exact:
+            return False
+        continual_nudged_phase_vf_(self, self.flatten(x), drive, free, steps, beta, target, y, rate)
+        return True
 
     @torch.no_grad()
     def ep_phases(self, drive: torch.Tensor, labels: torch.Tensor, free_steps: int, nudged_steps: int, beta: float,

@@ -1,0 +1,108 @@
+"""C-VF's nudged phase on the vector-field MLP, every weight stepped in place in the layout its
+product reads (``rules/cep.py`` chooses it; the module docstring there has the rule).
+
+The rule, plain SGD with rate η per parameter, B examples, S^m_k the B × |s^m| state of layer m
+at nudged step k (S^0 = x̃, the clamped input), Δ^m_k = S^m_{k+1} − S^m_k, γ = η/(βB)::
+
+    s_{k+1} = F(x, s_k, θ_k, β)
+    W_n     ← W_n     + γ_{W_n} Δ^{n+1ᵀ}_k S^n_k          post n+1, pre n at s_k
+    B_n     ← B_n     + γ_{B_n} Δ^{nᵀ}_k S^{n+1}_k        post n,   pre n+1 at s_k
+    b_{n+1} ← b_{n+1} + γ_{b_{n+1}} 1ᵀ Δ^{n+1}_k
+
+Unlike C-EP's, these increments do not telescope for n ≥ 1 (the pre-synaptic units move), so
+every step writes W_n and B_n. What the step-by-step loop spends besides that write is avoidable:
+its increment goes into ``.grad`` first (one product), then into the weight (a pass) and
+``.grad`` is zeroed (another), and its products read W_nᵀ and B_nᵀ as transposed operands,
+slower than contiguous ones (docs/performance.md). Here the phase holds W_nᵀ and B_nᵀ as
+contiguous copies, Wᵗ_n and Bᵗ_n, each step's increment goes straight into them::
+
+    Wᵗ_n += γ_{W_n} S^{nᵀ}_k Δ^{n+1}_k,   Bᵗ_n += γ_{B_n} S^{n+1ᵀ}_k Δ^n_k
+
+and they are written back once, at the end. W_0 and b_1 are not written during the phase at all:
+the input is clamped, so their increments telescope and the drive a·(x̃W_0ᵀ + b_1) + c is
+followed through x̃x̃ᵀ (``rules/cep.py``, "Cost")::
+
+    drive_{k+1} = drive_k + a(γ_{W_0} x̃x̃ᵀ + γ_{b_1} 𝟙) Δ^1_k,   then W_0 += γ_{W_0} D^{1ᵀ} x̃, b_1 += γ_{b_1} 1ᵀD^1
+
+with D^1 = S^1_K − S^1_0. The states and weights are those of the step-by-step rule in exact
+arithmetic (float32 sums differ in rounding); ``tests/test_cep.py`` holds the two together. A
+softmax read-out gets its exact gradient at s* and one SGD step after the first nudged step,
+where the step-by-step rule applies it. ``same_update`` (tied W_n and B_nᵀ updates) is not
+offered here: such a net takes the step-by-step loop with the drive followed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from eprun import stopping
+from eprun.nets.dense import dense_constants
+from eprun.nets.parameters import grad_of, parameters_in
+
+
+@torch.no_grad()
+def continual_nudged_phase_vf_(net, x_in: torch.Tensor, drive: torch.Tensor, free: list[torch.Tensor],
+                               steps: int, beta: float, target: torch.Tensor, y: torch.Tensor,
+                               rate: Callable[[nn.Parameter], float]) -> None:
+    """C-VF's ``steps`` nudged steps from s* = ``free`` with plain SGD at ``rate(p)`` per parameter,
+    on ``net`` (a :class:`~eprun.nets.vf_mlp.VectorFieldMLP` without ``same_update``): every
+    weight, bias and read-out parameter updated in place as the step-by-step rule leaves it.
+
+    ``x_in``: x̃ flattened; ``drive``: the net's ``input_drive`` (followed in place: it is the
+    drive at the phase's last weights on return); ``target``: the one-hot labels ``y``. ``free``
+    is left as it was."""
+    a = net.act.scale
+    weights, biases = parameters_in(net.weights), parameters_in(net.biases)
+    feedback = parameters_in(net.feedback)  # feedback[i] = B_{i+1}: layer i + 2 → layer i + 1
+    n_layers = len(free)
+    batch = x_in.shape[0]
+    gamma_w = [rate(w) / (beta * batch) for w in weights]
+    gamma_b = [rate(b) / (beta * batch) for b in biases]
+    gamma_f = [rate(f) / (beta * batch) for f in feedback]
+    follow = torch.mm(x_in, x_in.T).mul_(a * gamma_w[0]).add_(a * gamma_b[0])  # a(γ_{W_0} x̃x̃ᵀ + γ_{b_1} 𝟙)
+    up = [None] + [w.T.contiguous() for w in weights[1:]]  # Wᵗ_i: S^i @ Wᵗ_i into state i (W_0: the drive)
+    down = [f.T.contiguous() for f in feedback]  # Bᵗ_{i+1}: S^{i+2} @ Bᵗ into state i
+
+    cur, nxt = [s.clone() for s in free], [torch.empty_like(s) for s in free]
+    change = [torch.empty_like(s) for s in free]  # Δ^m_k
+    readout = [p for p in net.parameters() if all(p is not q for q in weights + biases + feedback)]
+    if readout:  # the read-out's exact gradient at s*, applied after the first step
+        for p in readout:
+            grad_of(p).zero_()
+        net.accumulate_readout_grad_(free, y)
+    for k in range(steps):
+        stopping.check()
+        const = dense_constants(net, drive, n_layers, beta, target)  # the drive, a·b_n + c (b_n at θ_k), a·β·y
+        for i in range(n_layers):  # s_{k+1} = F(x, s_k, θ_k, β)
+            out = nxt[i]
+            if i == 0:
+                out.copy_(const[0])
+            else:
+                torch.addmm(const[i], cur[i - 1], up[i], alpha=a, out=out)  # a·(W s^{n−1} + b_n) + c
+            if i + 1 < n_layers:
+                out.addmm_(cur[i + 1], down[i], alpha=a)  # a·B_n s^{n+1}
+            else:
+                net.nudge_(out, cur[i], beta, target)
+            net.act.apply_to_affine_(out)
+        for d, new, old in zip(change, nxt, cur):
+            torch.sub(new, old, out=d)  # Δ^m_k
+        # θ_{k+1}: the increments with the pre-synaptic units at s_k
+        for i in range(1, n_layers):
+            up[i].addmm_(cur[i - 1].T, change[i], alpha=gamma_w[i])  # Wᵗ_i += γ S^{iᵀ}_k Δ^{i+1}_k
+            down[i - 1].addmm_(cur[i].T, change[i - 1], alpha=gamma_f[i - 1])  # Bᵗ_i += γ S^{i+1ᵀ}_k Δ^i_k
+            biases[i].add_(change[i].sum(dim=0), alpha=gamma_b[i])
+        drive.addmm_(follow, change[0])  # W_0 and b_1 followed through x̃x̃ᵀ
+        if k == 0:
+            for p in readout:  # θ_1 = θ_0 − η·∂ℓ/∂θ(s*) for the read-out
+                p.add_(p.grad, alpha=-rate(p))
+                p.grad.zero_()
+        cur, nxt = nxt, cur
+    moved = cur[0].sub(free[0])  # D^1 = S^1_K − S^1_0
+    weights[0].addmm_(moved.T, x_in, alpha=gamma_w[0])
+    biases[0].add_(moved.sum(dim=0), alpha=gamma_b[0])
+    for i in range(1, n_layers):
+        weights[i].copy_(up[i].T)
+        feedback[i - 1].copy_(down[i - 1].T)
