@@ -69,8 +69,11 @@ Every layer, where Φ is linear in θ (the prototypical MLP: ∂Φ/∂W_n = s^{n
 ∂Φ/∂θ(s*)) at every step and a step's products with θ_k split into the products with θ* and
 B × B Gram matrices of the states: :meth:`~eprun.nets.base.EPNetwork.continual_nudged_phase_`,
 :mod:`eprun.nets.dense_cep` for the maths. No weight is written until the end. A vector-field
-net's W_n and B_n (n ≥ 1) do not telescope (their pre-synaptic units move), so it takes the
-input-followed path. Anything else — momentum, Adam, weight decay, or a data-parallel run, whose
+net's W_n and B_n (n ≥ 1) do not telescope (their pre-synaptic units move), so they are written
+at every step; its own phase (:mod:`eprun.nets.vf_cep`) writes each increment straight into
+contiguous copies of W_nᵀ and B_nᵀ, the layout the step's products read, instead of through
+``.grad``. Where the net offers no such phase (bf16 products, tied updates) the input-followed
+path runs. Anything else — momentum, Adam, weight decay, or a data-parallel run, whose
 drive also moves with the other ranks' examples — takes the loop that recomputes the drive and
 steps every weight at every step. The paths' speeds: docs/performance.md.
 """
@@ -164,7 +167,7 @@ class CEP(EP):
         logits, loss = net.logits(free).clone(), net.loss(free, y)
         beta = self._batch_beta()
         if self.follows_input_drive():
-            # every weight as θ* plus factored increments where the net offers it, else W_0 and b_1 alone
+            # the net's own phase where it offers one (docstring, "Every layer"), else W_0 and b_1 followed
             if net.continual_nudged_phase_(x, drive, free, cfg.K, beta, target, y, self._learning_rate):
                 for group in opt.param_groups:
                     for p in group["params"]:
