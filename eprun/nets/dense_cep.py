@@ -57,6 +57,26 @@ from eprun.nets.dense import dense_constants
 from eprun.nets.parameters import grad_of, parameters_in
 
 
+def readout_step(net, chain: list[nn.Parameter], free: list[torch.Tensor], y: torch.Tensor,
+                 rate: Callable[[nn.Parameter], float]) -> Callable[[], None]:
+    """The read-out outside the dynamics (softmax; none with MSE) in a C-EP nudged phase: its exact
+    loss gradient at s* into ``.grad`` now, and the SGD step θ_1 = θ_0 − η·∂ℓ/∂θ(s*) that applies
+    it, to be called after the first nudged step (which the step-by-step rule takes with the
+    read-out at θ_0). ``chain``: the parameters of the dynamics; every other one is the read-out's."""
+    readout = [p for p in net.parameters() if all(p is not q for q in chain)]
+    for p in readout:
+        grad_of(p).zero_()
+    if readout:
+        net.accumulate_readout_grad_(free, y)
+
+    def step() -> None:
+        for p in readout:
+            p.add_(p.grad, alpha=-rate(p))
+            p.grad.zero_()
+
+    return step
+
+
 @torch.no_grad()
 def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, free: list[torch.Tensor],
                                   steps: int, beta: float, target: torch.Tensor, y: torch.Tensor,
@@ -89,11 +109,7 @@ def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, 
     first = [y[2 * batch:] for y in sets[0]]  # S^m_0 (the same in both sets)
     grams = [x_in.new_empty(batch, 2 * batch) for _ in free]  # [E^m | C^m]
     coefs = [x_in.new_empty(batch, 2 * batch) for _ in free]
-    readout = [p for p in net.parameters() if all(p is not q for q in weights + biases)]
-    if readout:  # the read-out's exact gradient at s*, applied after the first step
-        for p in readout:
-            grad_of(p).zero_()
-        net.accumulate_readout_grad_(free, y)
+    step_readout = readout_step(net, weights + biases, free, y, rate)
     for k in range(steps):
         stopping.check()
         cur, nxt = views[k % 2], views[(k + 1) % 2]  # per layer (S_k, D, [S_k ; D], [D ; S_0])
@@ -118,9 +134,7 @@ def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, 
         for (s, d, _, _), s0 in zip(nxt, first):
             torch.sub(s, s0, out=d)  # D^m at k + 1
         if k == 0:
-            for p in readout:  # θ_1 = θ_0 − η·∂ℓ/∂θ(s*) for the read-out
-                p.add_(p.grad, alpha=-rate(p))
-                p.grad.zero_()
+            step_readout()
     end = views[steps % 2]
     # the K increments at once: W_n += γ_n (D^{n+1ᵀ} S^n_K + S^{n+1ᵀ}_0 D^n), b_n += γ'_n 1ᵀD^n
     weights[0].addmm_(end[0][1].T, x_in, alpha=gamma[0])

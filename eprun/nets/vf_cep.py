@@ -40,7 +40,8 @@ from torch import nn
 
 from eprun import stopping
 from eprun.nets.dense import dense_constants
-from eprun.nets.parameters import grad_of, parameters_in
+from eprun.nets.dense_cep import readout_step
+from eprun.nets.parameters import parameters_in
 
 
 @torch.no_grad()
@@ -68,11 +69,7 @@ def continual_nudged_phase_vf_(net, x_in: torch.Tensor, drive: torch.Tensor, fre
 
     cur, nxt = [s.clone() for s in free], [torch.empty_like(s) for s in free]
     change = [torch.empty_like(s) for s in free]  # Δ^m_k
-    readout = [p for p in net.parameters() if all(p is not q for q in weights + biases + feedback)]
-    if readout:  # the read-out's exact gradient at s*, applied after the first step
-        for p in readout:
-            grad_of(p).zero_()
-        net.accumulate_readout_grad_(free, y)
+    step_readout = readout_step(net, weights + biases + feedback, free, y, rate)
     for k in range(steps):
         stopping.check()
         const = dense_constants(net, drive, n_layers, beta, target)  # the drive, a·b_n + c (b_n at θ_k), a·β·y
@@ -96,9 +93,7 @@ def continual_nudged_phase_vf_(net, x_in: torch.Tensor, drive: torch.Tensor, fre
             biases[i].add_(change[i].sum(dim=0), alpha=gamma_b[i])
         drive.addmm_(follow, change[0])  # W_0 and b_1 followed through x̃x̃ᵀ
         if k == 0:
-            for p in readout:  # θ_1 = θ_0 − η·∂ℓ/∂θ(s*) for the read-out
-                p.add_(p.grad, alpha=-rate(p))
-                p.grad.zero_()
+            step_readout()
         cur, nxt = nxt, cur
     moved = cur[0].sub(free[0])  # D^1 = S^1_K − S^1_0
     weights[0].addmm_(moved.T, x_in, alpha=gamma_w[0])
