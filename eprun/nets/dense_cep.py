@@ -105,8 +105,8 @@ def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, 
         return torch.cat([s, torch.zeros_like(s), s])  # [S^m_0 ; D^m = 0 ; S^m_0], k = 0
 
     sets = [[blocks(s) for s in free] for _ in range(2)]  # two sets alternate
-    views = [[(y[:batch], y[batch:2 * batch], y[:2 * batch], y[batch:]) for y in ys] for ys in sets]
-    first = [y[2 * batch:] for y in sets[0]]  # S^m_0 (the same in both sets)
+    views = [[(z[:batch], z[batch:2 * batch], z[:2 * batch], z[batch:]) for z in zs] for zs in sets]
+    first = [z[2 * batch:] for z in sets[0]]  # S^m_0 (the same in both sets)
     grams = [x_in.new_empty(batch, 2 * batch) for _ in free]  # [E^m | C^m]
     coefs = [x_in.new_empty(batch, 2 * batch) for _ in free]
     step_readout = readout_step(net, weights + biases, free, y, rate)
@@ -120,7 +120,7 @@ def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, 
             if i == 0:
                 coef = torch.add(coef_in, grams[1], alpha=gamma[1], out=coefs[0]) if above else coef_in
                 out.copy_(const[0])
-            else:  # γ_{n−1}[E|C]^{n−1} + [0 | γ'_n 𝟙] (+ γ_n[E|C]^{n+1} below)
+            else:  # γ_{n−1}[E|C]^{n−1} + [0 | γ'_n 𝟙] (+ γ_n[E|C]^{n+1} under a layer)
                 coef = torch.add(bias_coef[i], grams[i - 1], alpha=gamma[i], out=coefs[i])
                 torch.addmm(const[i], cur[i - 1][0], bottom_up[i], alpha=a, out=out)  # a·S^{n−1}_k W_{n−1}*ᵀ + a·b_n* + c
                 if above:
