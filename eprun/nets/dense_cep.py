@@ -39,10 +39,12 @@ differ in rounding); ``tests/test_cep.py`` holds the two together in float64 at 
 and, against float64, in float32. A softmax read-out (outside Φ) gets its exact gradient at
 s* and one SGD step after the first nudged step, where the step-by-step rule applies it.
 
-Layout: per layer a (3B × |s^m|) buffer holding [S^m_k ; D^m ; S^m_0]: the state is its first
-block (written in place by the step), one product of S^m_k with its last two blocks gives
-[E^m | C^m], and one product of a coefficient [P | Q] with its first two gives P S^m_k + Q D^m.
-Two such sets alternate, as in :func:`~eprun.nets.dense_relax.relax_dense_`.
+The step itself is :func:`~eprun.nets.dense_relax.relax_dense_`'s, one step with θ*'s weights:
+the increments so far enter through the layers' constants, c_n + a·(P S^n_k + Q D^n) in place of
+θ*'s c_n (the drive, a·b_n* + c, a·β·y). Layout: per layer a (3B × |s^m|) buffer holding
+[S^m_k ; D^m ; S^m_0]: the state is its first block (which the step writes), one product of
+S^m_k with its last two blocks gives [E^m | C^m], and one product of a coefficient [P | Q] with
+its first two gives P S^m_k + Q D^m.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from eprun import stopping
 from eprun.nets.dense import dense_constants
+from eprun.nets.dense_relax import relax_dense_
 from eprun.nets.parameters import grad_of, parameters_in
 
 
@@ -99,47 +101,37 @@ def continual_nudged_phase_dense_(net, x_in: torch.Tensor, drive: torch.Tensor, 
     bias_coef = [zeros_ones * g for g in gamma_b]  # [0 | γ'_n 𝟙]
     const = dense_constants(net, drive, n_layers, beta, target)  # θ*'s: the drive, a·b_n* + c, a·β·y
     # W_n*ᵀ laid out for S^n_k W_n*ᵀ: a product with a transposed operand is slower (docs/performance.md)
-    bottom_up = [None] + [w.T.contiguous() for w in weights[1:]]
+    bottom_up, top_down = [None] + [w.T.contiguous() for w in weights[1:]], weights[1:]
 
-    def blocks(s: torch.Tensor) -> torch.Tensor:
-        return torch.cat([s, torch.zeros_like(s), s])  # [S^m_0 ; D^m = 0 ; S^m_0], k = 0
-
-    sets = [[blocks(s) for s in free] for _ in range(2)]  # two sets alternate
-    views = [[(z[:batch], z[batch:2 * batch], z[:2 * batch], z[batch:]) for z in zs] for zs in sets]
-    first = [z[2 * batch:] for z in sets[0]]  # S^m_0 (the same in both sets)
+    blocks = [torch.cat([s, torch.zeros_like(s), s]) for s in free]  # [S^m_k ; D^m ; S^m_0], k = 0
+    state = [z[:batch] for z in blocks]  # S^m_k
+    moved = [z[batch:2 * batch] for z in blocks]  # D^m
+    first = [z[2 * batch:] for z in blocks]  # S^m_0
+    scratch = [torch.empty_like(s) for s in free]
     grams = [x_in.new_empty(batch, 2 * batch) for _ in free]  # [E^m | C^m]
     coefs = [x_in.new_empty(batch, 2 * batch) for _ in free]
+    shifted = [x_in.new_empty(s.shape) for s in free]  # the constants with the increments so far
     step_readout = readout_step(net, weights + biases, free, y, rate)
     for k in range(steps):
-        stopping.check()
-        cur, nxt = views[k % 2], views[(k + 1) % 2]  # per layer (S_k, D, [S_k ; D], [D ; S_0])
-        for (s, _, _, last_two), g in zip(cur, grams):
-            torch.mm(s, last_two.T, out=g)  # S^m_k [D^m ; S^m_0]ᵀ = [E^m | C^m]
+        for s, z, g in zip(state, blocks, grams):
+            torch.mm(s, z[batch:].T, out=g)  # S^m_k [D^m ; S^m_0]ᵀ = [E^m | C^m]
         for i in range(n_layers):  # layer n = i + 1: below it W_i (γ[i]) and b_{i+1} (γ_b[i]), above it W_{i+1}
-            out, above = nxt[i][0], i + 1 < n_layers
-            if i == 0:
-                coef = torch.add(coef_in, grams[1], alpha=gamma[1], out=coefs[0]) if above else coef_in
-                out.copy_(const[0])
-            else:  # γ_{n−1}[E|C]^{n−1} + [0 | γ'_n 𝟙] (+ γ_n[E|C]^{n+1} under a layer)
+            if i == 0:  # γ_0[0|C⁰] + [0 | γ'_1 𝟙]
+                coef = coef_in if n_layers == 1 else torch.add(coef_in, grams[1], alpha=gamma[1], out=coefs[0])
+            else:  # γ_{n−1}[E|C]^{n−1} + [0 | γ'_n 𝟙]
                 coef = torch.add(bias_coef[i], grams[i - 1], alpha=gamma[i], out=coefs[i])
-                torch.addmm(const[i], cur[i - 1][0], bottom_up[i], alpha=a, out=out)  # a·S^{n−1}_k W_{n−1}*ᵀ + a·b_n* + c
-                if above:
-                    coef.add_(grams[i + 1], alpha=gamma[i + 1])
-            if above:
-                out.addmm_(cur[i + 1][0], weights[i + 1], alpha=a)  # a·S^{n+1}_k W_n*
-            out.addmm_(coef, cur[i][2], alpha=a)  # a·(P S^n_k + Q D^n): the increments so far
-            if not above:
-                net.nudge_(out, cur[i][0], beta, target)
-            net.act.apply_to_affine_(out)
-        for (s, d, _, _), s0 in zip(nxt, first):
+                if i + 1 < n_layers:
+                    coef.add_(grams[i + 1], alpha=gamma[i + 1])  # + γ_n[E|C]^{n+1}
+            torch.addmm(const[i], coef, blocks[i][:2 * batch], alpha=a, out=shifted[i])  # c_n + a·(P S^n_k + Q D^n)
+        relax_dense_(net, shifted, state, scratch, bottom_up, top_down, 1, beta, target)  # s_{k+1}, θ*'s products
+        for s, d, s0 in zip(state, moved, first):
             torch.sub(s, s0, out=d)  # D^m at k + 1
         if k == 0:
             step_readout()
-    end = views[steps % 2]
     # the K increments at once: W_n += γ_n (D^{n+1ᵀ} S^n_K + S^{n+1ᵀ}_0 D^n), b_n += γ'_n 1ᵀD^n
-    weights[0].addmm_(end[0][1].T, x_in, alpha=gamma[0])
+    weights[0].addmm_(moved[0].T, x_in, alpha=gamma[0])
     for n in range(1, n_layers):
-        weights[n].addmm_(end[n][1].T, end[n - 1][0], alpha=gamma[n])
-        weights[n].addmm_(first[n].T, end[n - 1][1], alpha=gamma[n])
+        weights[n].addmm_(moved[n].T, state[n - 1], alpha=gamma[n])
+        weights[n].addmm_(first[n].T, moved[n - 1], alpha=gamma[n])
     for n in range(n_layers):
-        biases[n].add_(end[n][1].sum(dim=0), alpha=gamma_b[n])
+        biases[n].add_(moved[n].sum(dim=0), alpha=gamma_b[n])

@@ -18,9 +18,11 @@ contiguous copies, Wᵗ_n and Bᵗ_n, each step's increment goes straight into t
 
     Wᵗ_n += γ_{W_n} S^{nᵀ}_k Δ^{n+1}_k,   Bᵗ_n += γ_{B_n} S^{n+1ᵀ}_k Δ^n_k
 
-and they are written back once, at the end. W_0 and b_1 are not written during the phase at all:
-the input is clamped, so their increments telescope and the drive a·(x̃W_0ᵀ + b_1) + c is
-followed through x̃x̃ᵀ (``rules/cep.py``, "Cost")::
+and they are written back once, at the end. The step itself is
+:func:`~eprun.nets.dense_relax.relax_dense_`'s, one step with those copies; the layers'
+constants a·b_n + c move in place with the biases. W_0 and b_1 are not written during the phase
+at all: the input is clamped, so their increments telescope and the drive a·(x̃W_0ᵀ + b_1) + c
+is followed through x̃x̃ᵀ (``rules/cep.py``, "Cost")::
 
     drive_{k+1} = drive_k + a(γ_{W_0} x̃x̃ᵀ + γ_{b_1} 𝟙) Δ^1_k,   then W_0 += γ_{W_0} D^{1ᵀ} x̃, b_1 += γ_{b_1} 1ᵀD^1
 
@@ -38,9 +40,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from eprun import stopping
 from eprun.nets.dense import dense_constants
 from eprun.nets.dense_cep import readout_step
+from eprun.nets.dense_relax import relax_dense_
 from eprun.nets.parameters import parameters_in
 
 
@@ -67,35 +69,34 @@ def continual_nudged_phase_vf_(net, x_in: torch.Tensor, drive: torch.Tensor, fre
     up = [None] + [w.T.contiguous() for w in weights[1:]]  # Wᵗ_i: S^i @ Wᵗ_i into state i (W_0: the drive)
     down = [f.T.contiguous() for f in feedback]  # Bᵗ_{i+1}: S^{i+2} @ Bᵗ into state i
 
-    cur, nxt = [s.clone() for s in free], [torch.empty_like(s) for s in free]
+    # the constants at θ_0 (the drive, a·b_n + c, a·β·y), moved below with b_n; a constant that is
+    # b_n itself (a = 1, c = 0) moves with it
+    const = dense_constants(net, drive, n_layers, beta, target)
+    owned = [i > 0 and const[i] is not biases[i] for i in range(n_layers)]
+
+    state, scratch = [s.clone() for s in free], [torch.empty_like(s) for s in free]
+    before = [torch.empty_like(s) for s in free]  # S^m_k
     change = [torch.empty_like(s) for s in free]  # Δ^m_k
+    bias_change = [s.new_empty(s.shape[1:]) for s in free]  # 1ᵀΔ^m_k
     step_readout = readout_step(net, weights + biases + feedback, free, y, rate)
     for k in range(steps):
-        stopping.check()
-        const = dense_constants(net, drive, n_layers, beta, target)  # the drive, a·b_n + c (b_n at θ_k), a·β·y
-        for i in range(n_layers):  # s_{k+1} = F(x, s_k, θ_k, β)
-            out = nxt[i]
-            if i == 0:
-                out.copy_(const[0])
-            else:
-                torch.addmm(const[i], cur[i - 1], up[i], alpha=a, out=out)  # a·(W s^{n−1} + b_n) + c
-            if i + 1 < n_layers:
-                out.addmm_(cur[i + 1], down[i], alpha=a)  # a·B_n s^{n+1}
-            else:
-                net.nudge_(out, cur[i], beta, target)
-            net.act.apply_to_affine_(out)
-        for d, new, old in zip(change, nxt, cur):
+        for old, s in zip(before, state):
+            old.copy_(s)
+        relax_dense_(net, const, state, scratch, up, down, 1, beta, target)  # s_{k+1} = F(x, s_k, θ_k, β)
+        for d, new, old in zip(change, state, before):
             torch.sub(new, old, out=d)  # Δ^m_k
         # θ_{k+1}: the increments with the pre-synaptic units at s_k
         for i in range(1, n_layers):
-            up[i].addmm_(cur[i - 1].T, change[i], alpha=gamma_w[i])  # Wᵗ_i += γ S^{iᵀ}_k Δ^{i+1}_k
-            down[i - 1].addmm_(cur[i].T, change[i - 1], alpha=gamma_f[i - 1])  # Bᵗ_i += γ S^{i+1ᵀ}_k Δ^i_k
-            biases[i].add_(change[i].sum(dim=0), alpha=gamma_b[i])
-        drive.addmm_(follow, change[0])  # W_0 and b_1 followed through x̃x̃ᵀ
+            up[i].addmm_(before[i - 1].T, change[i], alpha=gamma_w[i])  # Wᵗ_i += γ S^{iᵀ}_k Δ^{i+1}_k
+            down[i - 1].addmm_(before[i].T, change[i - 1], alpha=gamma_f[i - 1])  # Bᵗ_i += γ S^{i+1ᵀ}_k Δ^i_k
+            torch.sum(change[i], dim=0, out=bias_change[i])
+            biases[i].add_(bias_change[i], alpha=gamma_b[i])
+            if owned[i]:
+                const[i].add_(bias_change[i], alpha=a * gamma_b[i])  # a·b_{n,k+1} + c
+        drive.addmm_(follow, change[0])  # W_0 and b_1 followed through x̃x̃ᵀ (const[0] is the drive)
         if k == 0:
             step_readout()
-        cur, nxt = nxt, cur
-    moved = cur[0].sub(free[0])  # D^1 = S^1_K − S^1_0
+    moved = state[0].sub(free[0])  # D^1 = S^1_K − S^1_0
     weights[0].addmm_(moved.T, x_in, alpha=gamma_w[0])
     biases[0].add_(moved.sum(dim=0), alpha=gamma_b[0])
     for i in range(1, n_layers):
