@@ -403,6 +403,9 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                 exp.shuffle.set_state(pos.epoch_shuffle_state)
             order = torch.randperm(len(train), generator=exp.shuffle).to(train.x.device)
             start = time.perf_counter()
+            # the log window's own speed counts from here: its training time and the samples it
+            # held already (a run resumed mid-window restores them with the checkpoint)
+            window_clock, window_held = pos.train_time_s, window.n
             while pos.batch < n_batches:
                 idx = order[pos.batch * bs:(pos.batch + 1) * bs]
                 x, y = augment(train.x[idx], recipe.data.augment, exp.augment), train.y[idx]
@@ -459,8 +462,11 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     stats = window.flush()
                     elapsed = pos.train_time_s + time.perf_counter() - start
                     stats["samples_per_s"] = (pos.samples + epoch_window.n) / elapsed if elapsed > 0 else 0.0
+                    window_s = elapsed - window_clock
+                    stats["window_samples_per_s"] = (stats["samples"] - window_held) / window_s if window_s > 0 else 0.0
+                    window_clock, window_held = elapsed, 0
                     epoch_float = pos.epoch + pos.batch / n_batches
-                    progress.show(epoch_float, stats["loss"], stats["accuracy"], stats["samples_per_s"])
+                    progress.show(epoch_float, stats["loss"], stats["accuracy"], stats["window_samples_per_s"])
                     stats.update(exp.net.monitor())  # e.g. vector-field nets: angle between B_n and W_nᵀ
                     stats.update(exp.rule.log_stats())  # e.g. EP with tol: steps the phases took
                     log({"event": "train", "epoch": epoch_float, "step": pos.step, **stats})

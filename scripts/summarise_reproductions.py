@@ -13,8 +13,9 @@ lose it): a seed recorded there whose run folder is not under RUNS_ROOT stays as
 its seed's record. The plot is drawn from the records (per epoch the validation error and the
 epoch's running training error: its training records' accuracy, weighted by their samples) when
 some seed of the row has a run folder; otherwise the recorded plot stays. A seed still training
-or stopped early is reported with the epoch it reached and, at its measured speed, the time the
-remaining epochs would take.
+or stopped early is reported with the epoch it reached and, at its measured speed (the median of
+its last log windows' speeds where the run logged them, else its mean), the time the remaining
+epochs would take.
 
 Errors are percentages of the test set: ``100 · (1 − test_accuracy)``; the mean and the sample
 standard deviation (n − 1) are over the seeds that finished. For target propagation runs (those
@@ -94,10 +95,25 @@ def seed_record(run_dir: Path) -> dict:
                                        else round(100 * (1 - summary["train_accuracy"]), 2)),
         "wall_time_s": summary.get("wall_time_s"),
         "samples_per_s": summary.get("samples_per_s"),
+        "recent_samples_per_s": recent_speed(metrics),
         "val_error_pct_per_epoch": [[e, round(100 * (1 - a), 2)] for e, a in val],
         "train_error_pct_per_epoch": train_error_per_epoch(metrics),
         "angles_deg_per_epoch": angles_per_epoch(metrics),
     }
+
+
+#: log windows the recent speed is the median of
+RECENT_WINDOWS = 20
+
+
+def recent_speed(metrics: list[dict]) -> float | None:
+    """The median speed of the last ``RECENT_WINDOWS`` log windows (``window_samples_per_s`` of the
+    ``train`` records), None for a run that logged none. Unlike the run's mean speed it follows
+    the code the run is on now (a run resumed on faster code) and is not pulled down by time the
+    process was held stopped, which counts only in the one window it fell in."""
+    speeds = [m["window_samples_per_s"] for m in metrics
+              if m.get("event") == "train" and m.get("window_samples_per_s")]
+    return statistics.median(speeds[-RECENT_WINDOWS:]) if speeds else None
 
 
 def train_error_per_epoch(metrics: list[dict]) -> list[list[float]]:
@@ -134,10 +150,18 @@ def merge_seeds(recorded: list[dict], from_runs: list[dict]) -> list[dict]:
 TRAIN_SIZE = 55_000
 
 
+def speed_of(seed: dict) -> tuple[float | None, str]:
+    """The speed a projection uses and its name: the recent one (``recent_speed``) where the run
+    logged window speeds, else the run's mean over its training time."""
+    if seed.get("recent_samples_per_s"):
+        return seed["recent_samples_per_s"], "recent"
+    return seed.get("samples_per_s"), "mean"
+
+
 def hours_left(seed: dict, published_epochs: int) -> float | None:
     """Hours of training the epochs left to the published length would take at the seed's
-    measured speed (None for a finished seed or one without a speed)."""
-    speed = seed.get("samples_per_s")
+    measured speed (``speed_of``; None for a finished seed or one without a speed)."""
+    speed, _ = speed_of(seed)
     if seed["status"] == "finished" or not speed:
         return None
     return max(0, published_epochs - seed["epochs_completed"]) * TRAIN_SIZE / speed / 3600
@@ -192,12 +216,13 @@ def table(rows: list[dict]) -> str:
 
 
 def projection(seed: dict, published_epochs: int) -> str:
-    """"; H h of training to epoch E at S samples/s" (``hours_left`` at the seed's measured
-    speed S) for a seed short of the published length E, else ""."""
+    """"; H h of training to epoch E at S samples/s (recent|mean)" (``hours_left`` at the seed's
+    measured speed S, ``speed_of``) for a seed short of the published length E, else ""."""
     hours = hours_left(seed, published_epochs)
     if hours is None:
         return ""
-    return f"; {hours:.1f} h of training to epoch {published_epochs} at {seed['samples_per_s']:,.0f} samples/s"
+    speed, kind = speed_of(seed)
+    return f"; {hours:.1f} h of training to epoch {published_epochs} at {speed:,.0f} samples/s ({kind})"
 
 
 def last_angles(seed: dict) -> str:
@@ -218,10 +243,18 @@ def last_angles(seed: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    rows = summarise(Path(argv[0]))
+    root = Path(argv[0])
+    if not root.is_dir():  # else every recorded seed would be marked lost
+        print(f"RUNS_ROOT {root}: not a folder; give the folder that holds the reproduction runs",
+              file=sys.stderr)
+        return 2
+    rows = summarise(root)
     readme = OUT / "README.md"
     text = readme.read_text()
     start, end = text.index("<!-- rows -->"), text.index("<!-- /rows -->")

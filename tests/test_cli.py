@@ -39,6 +39,10 @@ def test_train_writes_a_complete_run_directory(trained, tmp_path):
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert {r["event"] for r in records} == {"train", "eval"}
     assert [r["split"] for r in records if r["event"] == "eval"] == ["val", "val", "test"]
+    # each log window's own speed: the windows together account for no more than the training time
+    windows = [r for r in records if r["event"] == "train"]
+    assert all(r["window_samples_per_s"] > 0 for r in windows)
+    assert sum(r["samples"] / r["window_samples_per_s"] for r in windows) <= summary["train_time_s"] * (1 + 1e-9)
     env = json.loads((trained / "env.json").read_text())
     assert env["torch"] == torch.__version__
     ckpt = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)

@@ -40,6 +40,23 @@ def test_an_unfinished_seed_is_projected_at_its_measured_speed(summary):
     assert summary.projection({**seed(1), "samples_per_s": 550}, 30) == ""
 
 
+def test_the_projection_follows_the_recent_windows_not_the_run_mean(summary):
+    # a run resumed on faster code, one window holding an hour the process was stopped
+    metrics = ([{"event": "train", "epoch": e / 10, "samples": 4000, "window_samples_per_s": 300.0}
+                for e in range(1, 30)]
+               + [{"event": "train", "epoch": 3 + e / 10, "samples": 4000, "window_samples_per_s": 600.0}
+                  for e in range(1, 20)]
+               + [{"event": "train", "epoch": 5.0, "samples": 4000, "window_samples_per_s": 1.1},
+                  {"event": "train", "epoch": 5.1, "samples": 4000}])
+    assert summary.recent_speed(metrics) == 600.0
+    assert summary.recent_speed([{"event": "train", "epoch": 1.0, "samples": 10}]) is None
+    running = {**seed(0, status="running", epochs=10, test=None), "samples_per_s": 165,
+               "recent_samples_per_s": 600.0}
+    assert summary.hours_left(running, 50) == 40 * 55_000 / 600 / 3600
+    assert summary.projection(running, 50).endswith("at 600 samples/s (recent)")
+    assert summary.projection({**running, "recent_samples_per_s": None}, 50).endswith("at 165 samples/s (mean)")
+
+
 def test_the_running_training_error_weights_records_by_samples(summary):
     metrics = [{"event": "train", "epoch": 0.5, "accuracy": 0.8, "samples": 300},
                {"event": "train", "epoch": 1.0, "accuracy": 0.9, "samples": 100},
@@ -99,3 +116,13 @@ def test_a_run_folder_updates_its_row_and_redraws_the_plot(summary, tmp_path):
     assert vf["seeds"][1]["val_error_pct_per_epoch"] == [[1, 6.0], [2, 4.0]]
     assert vf["seeds"][1]["train_error_pct_per_epoch"] == [[1, 10.0], [2, 5.0]]
     assert (out / "vf-2h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_missing_runs_root_changes_nothing(summary, tmp_path, capsys):
+    summary.OUT.mkdir()
+    (summary.OUT / "README.md").write_text("<!-- rows -->\n<!-- /rows -->\n")
+    assert summary.main([str(tmp_path / "no-such-folder")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert summary.main(["--help"]) == 0
+    assert (summary.OUT / "README.md").read_text() == "<!-- rows -->\n<!-- /rows -->\n"
+    assert sorted(p.name for p in summary.OUT.iterdir()) == ["README.md"]

@@ -19,7 +19,7 @@ from eprun.rules.ep import EP
 from .conftest import crash_at
 
 runner = CliRunner()
-TIMING_KEYS = {"samples_per_s", "wall_time_s", "train_time_s", "resumes"}
+TIMING_KEYS = {"samples_per_s", "window_samples_per_s", "wall_time_s", "train_time_s", "resumes"}
 OUTCOME_KEYS = ("status", "epochs_completed", "best_val_accuracy", "best_epoch", "val_accuracy",
                 "test_accuracy", "test_loss", "train_loss", "train_accuracy")
 SETTINGS = ["-s", "rule.estimator=random-sign", "-s", "train.checkpoint_every=3", "-s", "train.max_batches=10",
