@@ -222,6 +222,7 @@ class Position:
     samples: int = 0
     metrics_records: int = 0
     summary: dict = field(default_factory=dict)
+    val_pending: bool = False  # `epoch`'s training is done, its validation not yet
 
 
 def checkpoint_state(exp: Experiment, pos: Position, window: Window, epoch_window: Window) -> dict:
@@ -240,7 +241,7 @@ def checkpoint_state(exp: Experiment, pos: Position, window: Window, epoch_windo
         "epoch": pos.epoch, "batch": pos.batch, "step": pos.step,
         "epoch_shuffle_state": pos.epoch_shuffle_state,
         "train_time_s": pos.train_time_s, "samples": pos.samples,
-        "metrics_records": pos.metrics_records, "world_size": exp.world.size,
+        "metrics_records": pos.metrics_records, "world_size": exp.world.size, "val_pending": pos.val_pending,
         "window": window.state_dict(), "epoch_window": epoch_window.state_dict(),
         "summary": dict(pos.summary),
     }
@@ -265,7 +266,8 @@ def restore(exp: Experiment, state: dict, window: Window, epoch_window: Window, 
         return Position(epoch=state["epoch"], batch=state["batch"], step=state["step"],
                         epoch_shuffle_state=state["epoch_shuffle_state"],
                         train_time_s=state["train_time_s"], samples=state["samples"],
-                        metrics_records=state["metrics_records"], summary=dict(state["summary"]))
+                        metrics_records=state["metrics_records"], summary=dict(state["summary"]),
+                        val_pending=bool(state.get("val_pending", False)))
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{where}: does not fit this run's network or format ({first})") from None
@@ -396,6 +398,26 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
             pos.metrics_records += 1
             sinks.log(record)
 
+        def end_epoch():
+            """The end of epoch ``pos.epoch`` (its training done and in the summary): its
+            validation, the best and last checkpoints, the summary file, the epoch's line."""
+            if pos.val_pending:
+                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size, world=world, exp=exp)
+                pos.val_pending = False
+                log({"event": "eval", "split": "val", "epoch": pos.epoch, "step": pos.step, **_scores(val)})
+                summary["val_accuracy"] = val["accuracy"]
+                if summary.get("best_val_accuracy") is None or val["accuracy"] > summary["best_val_accuracy"]:
+                    summary.update(best_val_accuracy=val["accuracy"], best_epoch=pos.epoch)
+                    if world.main:
+                        runs.save_checkpoint(run_dir / runs.BEST_CHECKPOINT,
+                                             checkpoint_state(exp, pos, window, epoch_window))
+            save_last()
+            if world.main:
+                runs.write_summary(run_dir, summary)
+            progress.log(_epoch_line(pos.epoch, recipe.train.epochs, summary, summary.get("val_accuracy")))
+
+        if pos.val_pending:  # stopped during the validation of an epoch whose training was kept
+            end_epoch()
         while pos.epoch < recipe.train.epochs:
             if pos.batch == 0:
                 pos.epoch_shuffle_state = exp.shuffle.get_state()
@@ -487,23 +509,13 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
             pos.epoch, pos.batch = pos.epoch + 1, 0
             if exp.net.has_dynamics:  # the engine of the epoch's last relaxation in training (not scoring's)
                 summary["relaxation_engine"] = exp.net.last_relax_engine
-            record = {"epoch": pos.epoch, "step": pos.step}
-            if splits.val is not None:
-                val = evaluate(exp.rule, splits.val, recipe.data.eval_batch_size, world=world, exp=exp)
-                log({"event": "eval", "split": "val", **record, **_scores(val)})
-                summary["val_accuracy"] = val["accuracy"]
-                if summary.get("best_val_accuracy") is None or val["accuracy"] > summary["best_val_accuracy"]:
-                    summary.update(best_val_accuracy=val["accuracy"], best_epoch=pos.epoch)
-                    if world.main:
-                        runs.save_checkpoint(run_dir / runs.BEST_CHECKPOINT,
-                                             checkpoint_state(exp, pos, window, epoch_window))
             summary.update(epochs_completed=pos.epoch, train_accuracy=stats["accuracy"], train_loss=stats["loss"],
                            train_time_s=pos.train_time_s,
                            samples_per_s=pos.samples / pos.train_time_s if pos.train_time_s > 0 else 0.0)
-            save_last()
-            if world.main:
-                runs.write_summary(run_dir, summary)
-            progress.log(_epoch_line(pos.epoch, recipe.train.epochs, stats, summary.get("val_accuracy")))
+            if splits.val is not None:  # the epoch's training is kept whatever stops its validation
+                pos.val_pending = True
+                save_last()
+            end_epoch()
             if stop_agreed:
                 name = signal.Signals(stop.signum or signal.SIGTERM).name
                 summary.update(status="interrupted", interrupted_by=name)
@@ -611,8 +623,15 @@ def _drive(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoch_
     except stopping.StopRequested as exc:  # inside a batch or an evaluation: that work is dropped
         name = signal.Signals(exc.signum).name
         pos.summary.update(status="interrupted", interrupted_by=name)
-        raise Interrupted(f"{name}: stopped during epoch {pos.epoch + 1}, batch {pos.batch + 1}; the run resumes from "
-                          f"its last checkpoint with: eprun train --resume {run_dir}", exc.signum) from None
+        if pos.val_pending:
+            where = f"the validation of epoch {pos.epoch} (its training is kept; the resumed run validates it first)"
+        elif pos.epoch >= exp.recipe.train.epochs:
+            where = "the test scoring (every epoch is kept; the resumed run scores the test set)"
+        else:
+            where = (f"epoch {pos.epoch + 1}, batch {pos.batch + 1} (that batch is dropped; the run resumes "
+                     f"from its last checkpoint)")
+        raise Interrupted(f"{name}: stopped during {where}; resume with: eprun train --resume {run_dir}",
+                          exc.signum) from None
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.exit_code - 128 if isinstance(exc, Interrupted) else signal.SIGINT
         pos.summary.update(status="interrupted", interrupted_by=signal.Signals(signum).name)
@@ -785,9 +804,10 @@ def _scores(result: dict) -> dict:
     return {"loss": result["loss"], "accuracy": result["accuracy"], "n": result["n"]}
 
 
-def _epoch_line(epoch: int, epochs: int, stats: dict, val_acc) -> str:
+def _epoch_line(epoch: int, epochs: int, summary: dict, val_acc) -> str:
     val = f"  val acc {val_acc:.4f}" if val_acc is not None else ""
-    return (f"epoch {epoch}/{epochs}: train loss {stats['loss']:.4f}  train acc {stats['accuracy']:.4f}{val}")
+    return (f"epoch {epoch}/{epochs}: train loss {summary['train_loss']:.4f}  "
+            f"train acc {summary['train_accuracy']:.4f}{val}")
 
 
 # --------------------------------------------------------------------------- fast dev run

@@ -110,6 +110,44 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_recipe, tmp_path, m
     assert_same(outcome(run), reference)
 
 
+def stop_at_evaluation(monkeypatch, n: int) -> None:
+    """SIGTERM this process as the run's n-th evaluation starts; the evaluation's first relaxation
+    step (here: at once) sees the request."""
+    from eprun import runner as run_module, stopping
+
+    real, calls = run_module.evaluate, []
+
+    def evaluating(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+            while stopping.pending() is None:
+                time.sleep(0.001)
+            stopping.check()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", evaluating)
+
+
+@pytest.mark.parametrize("evaluation, said, epoch", [(1, "the validation of epoch 1", 1), (3, "the test scoring", 2)])
+def test_a_stop_during_an_evaluation_keeps_the_epochs_training(evaluation, said, epoch, tiny_recipe, tmp_path,
+                                                               monkeypatch, reference):
+    """The epoch's training is checkpointed before its validation: a stop there loses no batch
+    (the last periodic checkpoint was at step 9 of 10), and the resumed run validates it first."""
+    stop_at_evaluation(monkeypatch, evaluation)
+    result = invoke("train", tiny_recipe, "--out", tmp_path / "int", "-q", *SETTINGS)
+    assert result.exit_code == 143
+    assert f"SIGTERM: stopped during {said}" in result.output, result.output
+    run = next((tmp_path / "int").iterdir())
+    kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (kept["epoch"], kept["batch"], kept["step"]) == (epoch, 0, 10 * epoch)
+    assert kept["val_pending"] is (evaluation == 1)
+    monkeypatch.undo()
+    resumed = invoke("train", "--resume", run, "-q")
+    assert resumed.exit_code == 0, resumed.output
+    assert_same(outcome(run), reference)
+
+
 def test_sigkill_of_a_real_process_then_resume(tiny_recipe, tmp_path, reference):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "eprun", "train", str(tiny_recipe), "--out", str(out), "-q", *SETTINGS,
