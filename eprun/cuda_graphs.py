@@ -213,7 +213,7 @@ def hyperparameters(optimizer: torch.optim.Optimizer) -> tuple:
 
 
 class CapturedTraining:
-    """The training step of :mod:`eprun.runner` as CUDA graphs: ``step(x, y, draw)`` runs one
+    """The training step of :mod:`eprun.runner.loop` as CUDA graphs: ``step(x, y, draw)`` runs one
     batch (zeroed ``.grad``, the rule's step, the scores, the divergence probe, the optimiser
     step) and returns the device scalars (loss sum, number correct)."""
 

@@ -3,7 +3,7 @@
 Each bound is far above what any published recipe uses and keeps every value representable
 where it goes (relaxation steps reach the compiled kernels as 32-bit integers) and every run
 finite: a phase of ``MAX_STEPS`` steps still ends, a layer of ``MAX_UNITS`` units still fits a
-machine's memory check (``eprun.runner``) rather than overflowing a size.
+machine's memory check (``eprun.memory_check``) rather than overflowing a size.
 """
 
 from __future__ import annotations

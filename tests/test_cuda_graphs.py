@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from eprun import cuda_graphs, runner as runner_module
+from eprun.runner import experiment as experiment_module
 
 from .conftest import crash_at
 from .test_resume import SETTINGS, assert_same, invoke, outcome, reference, run_path  # noqa: F401 (fixture)
@@ -88,8 +89,8 @@ def emulate(monkeypatch) -> EmulatedRecorder:
     recorder = EmulatedRecorder()
     monkeypatch.setattr(cuda_graphs, "RECORDER", recorder)
     monkeypatch.setattr(cuda_graphs, "obstacle", lambda device, rule, parallel: rule.capture_obstacle())
-    build = runner_module.build_optimizer
-    monkeypatch.setattr(runner_module, "build_optimizer", lambda cfg, groups, capturable=False: build(cfg, groups))
+    build = experiment_module.build_optimizer
+    monkeypatch.setattr(experiment_module, "build_optimizer", lambda cfg, groups, capturable=False: build(cfg, groups))
     return recorder
 
 

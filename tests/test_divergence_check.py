@@ -1,10 +1,10 @@
-"""The per-batch NaN/Inf check of the training loop (eprun.runner._first_non_finite)."""
+"""The per-batch NaN/Inf check of the training loop (eprun.runner.divergence.first_non_finite)."""
 
 from types import SimpleNamespace
 
 import torch
 
-from eprun.runner import _first_non_finite
+from eprun.runner.divergence import first_non_finite
 
 
 def _experiment():
@@ -16,24 +16,24 @@ def _experiment():
 
 def test_all_finite_is_none():
     exp = _experiment()
-    assert _first_non_finite(exp, torch.ones(5)) is None
+    assert first_non_finite(exp, torch.ones(5)) is None
 
 
 def test_names_where_the_nan_or_inf_is():
     exp = _experiment()
-    assert _first_non_finite(exp, torch.tensor([1.0, float("nan")])) == "the loss (the network's states)"
+    assert first_non_finite(exp, torch.tensor([1.0, float("nan")])) == "the loss (the network's states)"
     exp.net.weight.grad[1, 2] = float("inf")
-    assert _first_non_finite(exp, torch.ones(5)) == "the update of weight"
+    assert first_non_finite(exp, torch.ones(5)) == "the update of weight"
     exp.net.weight.grad.zero_()
     with torch.no_grad():
         exp.net.bias[0] = float("-inf")
-    assert _first_non_finite(exp, torch.ones(5)) == "the parameter bias"
+    assert first_non_finite(exp, torch.ones(5)) == "the parameter bias"
 
 
 def test_nan_and_inf_that_cancel_in_a_sum_are_still_found():
     exp = _experiment()
     exp.net.weight.grad[0, 0], exp.net.weight.grad[0, 1] = float("inf"), float("-inf")  # sum: NaN
-    assert _first_non_finite(exp, torch.ones(5)) == "the update of weight"
+    assert first_non_finite(exp, torch.ones(5)) == "the update of weight"
 
 
 def test_finite_values_whose_sum_overflows_are_not_a_divergence():
@@ -41,4 +41,4 @@ def test_finite_values_whose_sum_overflows_are_not_a_divergence():
     with torch.no_grad():
         exp.net.weight.fill_(3e38)  # every value finite, the sum is +Inf
     assert not torch.isfinite(exp.net.weight.sum())
-    assert _first_non_finite(exp, torch.ones(5)) is None
+    assert first_non_finite(exp, torch.ones(5)) is None

@@ -369,7 +369,7 @@ def test_a_resume_started_while_another_is_under_way_changes_nothing(tiny_recipe
     """The second resumer reaches the run while the first holds it, and is slow to load its data
     (so that, had it read the run before taking the lock, the first would be finished by then):
     it exits 2 at once, and the first's records and weights stay."""
-    from eprun import runner
+    from eprun.runner import resuming
     from tests.test_resume import SETTINGS, assert_same, outcome, run_path
 
     reference = outcome(run_path(invoke("train", tiny_recipe, "--out", tmp_path / "ref", "-q", *SETTINGS)))
@@ -379,13 +379,13 @@ def test_a_resume_started_while_another_is_under_way_changes_nothing(tiny_recipe
     deadline = time.time() + 60
     while time.time() < deadline and not (run / ".lock").exists():
         time.sleep(0.01)
-    load_data = runner.load_data
+    load_data = resuming.load_data
 
     def slow_load_data(*args, **kwargs):
         first.wait(timeout=300)
         return load_data(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "load_data", slow_load_data)
+    monkeypatch.setattr(resuming, "load_data", slow_load_data)
     second = invoke("train", "--resume", run, "-q")
     assert first.wait(timeout=300) == 0
     assert second.exit_code == 2 and "is writing this run" in second.output, second.output

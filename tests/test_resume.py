@@ -113,7 +113,8 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_recipe, tmp_path, m
 def stop_at_evaluation(monkeypatch, n: int) -> None:
     """SIGTERM this process as the run's n-th evaluation starts; the evaluation's first relaxation
     step (here: at once) sees the request."""
-    from eprun import runner as run_module, stopping
+    from eprun import stopping
+    from eprun.runner import loop as run_module
 
     real, calls = run_module.evaluate, []
 
