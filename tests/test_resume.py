@@ -110,6 +110,28 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes(tiny_recipe, tmp_path, m
     assert_same(outcome(run), reference)
 
 
+def test_a_stop_in_an_epochs_last_batch_ends_after_that_epoch(tiny_recipe, tmp_path, monkeypatch, reference,
+                                                              sigterm_on_batch):
+    """A signal during the epoch's last batch: the epoch ends as usual (its checkpoint, its
+    validation), then the run stops and says after which epoch; torch's relaxation stops inside
+    the batch instead, keeping the periodic checkpoint of step 9."""
+    sigterm_on_batch(10)
+    result = invoke("train", tiny_recipe, "--out", tmp_path / "int", "-q", *SETTINGS)
+    assert result.exit_code == 143
+    run = next((tmp_path / "int").iterdir())
+    if "SIGTERM: stopped after epoch 1;" in result.output:
+        steps_kept = 10
+        assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 1
+    else:
+        assert "SIGTERM: stopped during epoch 1, batch 10" in result.output, result.output
+        steps_kept = 9
+    assert f"eprun train --resume {run}" in result.output.replace("\n", "")
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == steps_kept
+    monkeypatch.undo()
+    assert invoke("train", "--resume", run, "-q").exit_code == 0
+    assert_same(outcome(run), reference)
+
+
 def stop_at_evaluation(monkeypatch, n: int) -> None:
     """SIGTERM this process as the run's n-th evaluation starts; the evaluation's first relaxation
     step (here: at once) sees the request."""

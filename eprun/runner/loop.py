@@ -152,10 +152,7 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                     start = time.perf_counter()
                     save_last()
                 if stopping:
-                    name = signal.Signals(stop.signum or signal.SIGTERM).name
-                    summary.update(status="interrupted", interrupted_by=name)
-                    raise Interrupted(f"{name}: stopped at epoch {pos.epoch + 1}, batch {pos.batch}; "
-                                      f"resume with: eprun train --resume {run_dir}", stop.signum)
+                    raise _interrupted(summary, stop, f"at epoch {pos.epoch + 1}, batch {pos.batch}", run_dir)
             pos.train_time_s += time.perf_counter() - start
             stats = epoch_window.flush()
             pos.samples += stats["samples"]
@@ -172,13 +169,18 @@ def run_loop(exp: Experiment, run_dir: Path, pos: Position, window: Window, epoc
                 save_last()
             end_epoch()
             if stop_agreed:
-                name = signal.Signals(stop.signum or signal.SIGTERM).name
-                summary.update(status="interrupted", interrupted_by=name)
-                raise Interrupted(f"{name}: stopped after epoch {pos.epoch}; resume with: "
-                                  f"eprun train --resume {run_dir}", stop.signum)
+                raise _interrupted(summary, stop, f"after epoch {pos.epoch}", run_dir)
         test = evaluate(exp.rule, splits.test, recipe.data.eval_batch_size, world=world, exp=exp)
         log({"event": "eval", "split": "test", "epoch": pos.epoch, "step": pos.step, **_scores(test)})
         summary.update(status="finished", test_accuracy=test["accuracy"], test_loss=test["loss"])
+
+
+def _interrupted(summary: dict, stop: StopSignals, where: str, run_dir: Path) -> Interrupted:
+    """The stop a signal asked for, made at a batch boundary ``where`` after a checkpoint: the
+    summary says so, and the error says how to resume."""
+    name = signal.Signals(stop.signum or signal.SIGTERM).name
+    summary.update(status="interrupted", interrupted_by=name)
+    return Interrupted(f"{name}: stopped {where}; resume with: eprun train --resume {run_dir}", stop.signum)
 
 
 def _scores(result: dict) -> dict:
