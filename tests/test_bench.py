@@ -69,6 +69,8 @@ NETS = {
     "energy-mlp-hard-sigmoid": lambda: energy_mlp([7], activation="hard_sigmoid"),
     "conv": lambda: conv_net(),
     "conv-avg-softmax": lambda: conv_net(pools="avg", readout="softmax", activation="sigmoid"),
+    # the authors' nudge after σ (ernoult2019/proto-conv): the reference follows the net's form
+    "conv-nudge-after-sigma": lambda: conv_net(activation="hard_sigmoid", nudge="post_activation"),
     # no Φ: the authors' out-of-place formulation (eprun/reference/vector_field.py), B at 30° from Wᵀ
     "vf-mlp-1h": lambda: vf_mlp([7]),
     "vf-mlp-2h": lambda: vf_mlp([7, 5]),
@@ -113,7 +115,8 @@ def test_bptt_baseline_gives_eprun_gradient(name):
     assert rel(grads(net), grads(twin)) < TOL
 
 
-@pytest.mark.parametrize("name", ["mlp-1h", "mlp-2h", "conv", "vf-mlp-2h", "vf-mlp-2h-same-update"])
+@pytest.mark.parametrize("name", ["mlp-1h", "mlp-2h", "conv", "conv-nudge-after-sigma", "vf-mlp-2h",
+                                  "vf-mlp-2h-same-update"])
 def test_cep_baseline_gives_eprun_parameter_change(name):
     net = NETS[name]()
     x, y = batch(net)

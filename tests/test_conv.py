@@ -121,6 +121,70 @@ def test_fast_relax_equals_reference_steps(pools, readout, fc, activation):
         close(fast, ref)
 
 
+def make_nudged_after(activation="hard_sigmoid", fc=(5, 3), seed=0):
+    cfg = ConvConfig(channels=[3, 4], kernels=3, paddings=1, pools=["max", "max"], fc=list(fc),
+                     activation=activation, nudge="post_activation")
+    return ConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(seed)).double()
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("order", ["sync", "async"])
+def test_the_nudge_after_sigma_is_the_free_step_plus_beta_times_the_error(activation, order):
+    """``nudge: post_activation``: s^N_{t+1} = σ(z^N) + β(y − s^N_t), the other layers as in a free
+    step (the free step is σ of autograd of Φ, tested above); relax equals step, step by step."""
+    net = make_nudged_after(activation)
+    x, y, state = random_batch(net)
+    target = net.target(y, x)
+    beta = 0.4
+    with torch.no_grad():
+        free = net.step(x, state)
+        nudged = net.step(x, state, beta, target)
+    close(nudged[:-1], free[:-1])
+    close([nudged[-1]], [free[-1] + beta * (target - state[-1])])
+    fast, ref = [s.clone() for s in state], [s.clone() for s in state]
+    net.relax(net.input_drive(x), fast, 3, beta, target, order=order)
+    with torch.no_grad():
+        for _ in range(3):
+            if order == "sync":
+                ref = net.step(x, ref, beta, target)
+            else:  # odd layers from s_t, then even layers from the fresh odd ones; s^N's nudge reads s^N_t
+                odd = net.step(x, ref, beta, target)
+                mixed = [odd[i] if i % 2 == 0 else ref[i] for i in range(len(ref))]
+                even = net.step(x, mixed, beta, target)
+                if (len(ref) - 1) % 2 == 1:  # s^N is even: its nudge reads s^N_t, not the mixed state's
+                    even[-1] = even[-1] - beta * (target - mixed[-1]) + beta * (target - ref[-1])
+                ref = [odd[i] if i % 2 == 0 else even[i] for i in range(len(ref))]
+    close(fast, ref)
+
+
+def test_an_output_below_minus_beta_is_moved_by_the_nudge_only_after_sigma():
+    """Every output unit's z^N far below 0 (a hard sigmoid at 0 whatever the nudge inside it):
+    nudged before σ, s^β = s* at the output, EP's update of the output layer is zero and that of
+    the layers below only the free phase's unfinished relaxation, so training cannot leave that
+    state; nudged after σ, the target unit rises to β/(1 + β) and the output bias is updated."""
+    updates = {}
+    for nudge in ("pre_activation", "post_activation"):
+        cfg = ConvConfig(channels=[3, 4], kernels=3, paddings=1, pools="max", fc=[3], activation="hard_sigmoid",
+                         nudge=nudge)
+        net = ConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(0)).double()
+        with torch.no_grad():
+            net.biases[-1].fill_(-5.0)
+        x, y, _ = random_batch(net)
+        rule = EP(EPConfig(T=30, K=20, beta=0.4), net, torch.Generator().manual_seed(0))
+        net.zero_grad()
+        rule.train_step(x, y)
+        free = net.relax(net.input_drive(x), net.init_state(len(x), like=x), 30)
+        assert torch.all(free[-1] == 0)
+        updates[nudge] = {name: p.grad.abs().max().item() for name, p in net.named_parameters()}
+        nudged = net.relax(net.input_drive(x), [s.clone() for s in free], 20, 0.4, net.target(y, x))
+        if nudge == "post_activation":
+            torch.testing.assert_close(nudged[-1], net.target(y, x) * 0.4 / 1.4, rtol=0, atol=1e-6)
+    pre, post = updates["pre_activation"], updates["post_activation"]
+    assert pre["weights.2"] == pre["biases.2"] == 0.0  # the output layer's: none
+    assert max(pre.values()) < 1e-6  # below it, what the nudged steps still relax (the free phase's residue)
+    assert post["biases.2"] > 0.1
+
+
 def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
     net = make_net()
     for batch in (4, 3, 4):
@@ -167,6 +231,8 @@ def test_config_check_and_scalar_per_layer_values():
     assert {key for key, _ in ConvConfig(channels=[], pools=["max", "max"], fc=[10, -1]).check()} == {
         "channels", "pools", "fc"}
     assert [key for key, _ in ConvConfig(pools=["max", "min"]).check()] == ["pools"]
+    assert [key for key, _ in ConvConfig(nudge="post_activation", readout="softmax", fc=[]).check()] == ["nudge"]
+    assert list(ConvConfig(nudge="post_activation").check()) == []
     assert list(ConvConfig(readout="softmax", fc=[], weight_scale=[1.0, 1.0, 1.0]).check()) == []
 
 

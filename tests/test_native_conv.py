@@ -115,10 +115,11 @@ def test_other_geometries_and_tensors_are_refused_untouched():
 # --------------------------------------------------------------------------- inside ConvNet.relax
 
 
-def _mnist_like(activation, channels=(32, 5), kind="conv"):
+def _mnist_like(activation, channels=(32, 5), kind="conv", nudge="pre_activation"):
     """Ernoult et al. 2019's geometry (5×5 kernels, 28×28 input: the top-down term into the
     32-channel s¹ is compiled) with a narrow second layer."""
-    common = dict(channels=list(channels), kernels=5, paddings=0, pools="max", fc=[4], activation=activation)
+    common = dict(channels=list(channels), kernels=5, paddings=0, pools="max", fc=[4], activation=activation,
+                  nudge=nudge)
     if kind == "vf":
         return VectorFieldConvNet(VFConvConfig(**common, initial_angle=30.0), (1, 28, 28), 4,
                                   torch.Generator().manual_seed(0))
@@ -175,6 +176,21 @@ def test_relax_with_the_compiled_term_matches_the_torch_path(make, activation, o
         assert engine == "torch+native"
         state, engine = _relaxed(net, monkeypatch, False, steps=1, beta=beta, order=order, start=(x, target, state))
         assert engine == "torch"
+        for a, b in zip(ours, state):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["conv", "vf"])
+def test_the_nudge_after_sigma_relaxes_alike_on_both_paths(kind, monkeypatch):
+    """``nudge: post_activation`` on P-conv's geometry: the compiled path's nudged steps are the
+    torch path's (the nudge is added to the output layer after both have computed σ(z^N))."""
+    net = _mnist_like("hard_sigmoid", kind=kind, nudge="post_activation")
+    x, target, state = _start(net)
+    for _ in range(6):
+        ours, engine = _relaxed(net, monkeypatch, True, steps=1, beta=0.5, start=(x, target, state))
+        assert engine == "torch+native"
+        state, _ = _relaxed(net, monkeypatch, False, steps=1, beta=0.5, start=(x, target, state))
         for a, b in zip(ours, state):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 

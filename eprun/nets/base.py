@@ -10,7 +10,7 @@ Two levels, as two abstract base classes:
   dynamics derive from a primitive function Φ, Φ itself as the autograd oracle.
 
 Optional capabilities are class attributes with a default (``has_phi``, ``relax_schedules``,
-``nudge_scale``, ``softmax_readout``, ``linear_input_drive``, ``accumulates_nudged_steps``) or methods with a default that says "not offered"
+``nudge_scale``, ``nudges_after_activation``, ``softmax_readout``, ``linear_input_drive``, ``accumulates_nudged_steps``) or methods with a default that says "not offered"
 (:meth:`EPNetwork.ep_phases` returns None, :meth:`EPNetwork.input_term` returns None,
 :meth:`EPNetwork.continual_nudged_phase_` returns False,
 :meth:`Network.monitor` returns ``{}``). Callers read these; they never probe a net with
@@ -119,6 +119,10 @@ class EPNetwork(Network):
     relax_schedules: ClassVar[bool] = False
     #: c in the nudge c·β·∂(−ℓ)/∂s^N of one step (the energy-based net's ε; 1 elsewhere).
     nudge_scale: float = 1.0
+    #: the nudged phase adds β(y − s^N_t) to the output layer after σ (the conv nets' ``model.nudge:
+    #: post_activation``) rather than β·∂(−ℓ)/∂s^N to its pre-activation: the dynamics are then not
+    #: σ(∂(Φ − βℓ)/∂s) at the output, and a reference of Φ − βℓ must follow the net's form.
+    nudges_after_activation: bool = False
     #: the input drive is a·(x̃ W_0ᵀ + b_1) + c with (x̃, W_0, b_1, a) = :meth:`input_layer` (x),
     #: and the update written for W_0 and b_1 is scale·(s¹_a − s¹_b)ᵀx̃ and scale·Σ_b(s¹_a − s¹_b),
     #: batch mean, with ``accumulate_dphi_dtheta_difference_(…, skip_input_layer=True)`` leaving

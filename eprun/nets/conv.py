@@ -22,6 +22,16 @@ average pooling it spreads s^{n+1}/p² evenly over each window, for "none" it is
 Nudging adds −β ℓ(s^N, y) to Φ exactly as :class:`~eprun.nets.mlp.PrototypicalMLP` does:
 MSE adds β(y − s^N) to the output's pre-activation; with ``readout: softmax`` the read-out is
 outside Φ, the prediction is softmax(W_out s^N + b_out) and the nudge is β W_outᵀ(y − p).
+``nudge: post_activation`` (MSE only) adds it after σ instead, as Ernoult et al. 2019 write the
+second phase, s^β_{t+1} = ∂Φ/∂s(x, s^β_t, θ) − β ∂ℓ/∂s(s^β_t, y) with ∂Φ/∂s read as σ(·), and as
+their conv net steps (``convEP.stepper``: the output's σ(W s + b), then + β(y − s^N_t), no clamp)::
+
+    s^N_{t+1} = σ(z^N) + β(y − s^N_t)
+
+The two differ where the output saturates: with the nudge inside a hard sigmoid, an output unit
+whose z^N stays below −β(1 − s^N) is not moved by the nudge, so s^β = s* there and EP's update of
+every layer is zero; once every output unit of every example is there (as a P-conv run did,
+recipes/README.md), training cannot leave. After σ, the nudge always moves s^N towards y.
 
 Closed-form ∂Φ/∂θ (batch mean), with U_n = P_nᵀ(s^{n+1}) at z_n(s^n)::
 
@@ -88,9 +98,13 @@ class ConvConfig(ConvLayerLists, ModelConfig):
     activation: ActivationName = "hard_sigmoid"
     readout: Literal["mse", "softmax"] = "mse"
     weight_scale: Union[float, list[float]] = 1.0
+    #: where the nudged phase adds β(y − s^N): to the output's pre-activation (Φ − βℓ) or after σ
+    nudge: Literal["pre_activation", "post_activation"] = "pre_activation"
 
     def check(self):
         yield from magnitude("weight_scale", self.weight_scale)
+        if self.nudge == "post_activation" and self.readout != "mse":
+            yield "nudge", "post_activation nudges the output layer s^N after σ: it needs readout: mse"
         if not self.channels:
             yield "channels", "needs at least one conv layer, e.g. [32, 64] (use kind: mlp for none)"
         for size in self.channels:
@@ -364,13 +378,13 @@ class ConvNet(LayeredNetwork):
     def _relax_constants(self, drive: torch.Tensor, n_layers: int, beta: float,
                          target: torch.Tensor | None) -> list[torch.Tensor]:
         """The step-independent part of every z^n: the drive at n = 1, a·b_n + c above it (per
-        channel for conv layers), plus a·β·y at n = N for a nudged MSE read-out."""
+        channel for conv layers), plus a·β·y at n = N for a nudged MSE read-out (nudged before σ)."""
         a, c = self.act.scale, self.act.shift
         const = [drive]
         for n in range(1, n_layers):
             b = self.biases[n] * a + c
             const.append(b.view(-1, 1, 1) if n < self.n_conv else b)
-        if beta != 0.0 and target is not None and not self.softmax_readout:
+        if beta != 0.0 and target is not None and not self.softmax_readout and not self.nudges_after_activation:
             const[-1] = const[-1] + (a * beta) * target
         return const
 
@@ -396,7 +410,8 @@ class ConvNet(LayeredNetwork):
 
             z^n = [drive at n = 1 | a·v_{n−1} + (a·b_n + c) | a·(W_{n−1} s^{n−1}) + (a·b_n + c)]
                   + a·[W_nᵀ ⋆ P_nᵀ(s^{n+1}; i_n) | reshape(W_nᵀ s^{n+1})]   [+ a·β·∂(−ℓ)/∂s^N at n = N]
-            s^n_{t+1} = g(z^n)
+            s^n_{t+1} = g(z^n)                                          [+ β(y − s^N_t) at n = N instead,
+                                                                         with ``nudge: post_activation``]
 
         The constants a·b_n + c and a·β·y are computed once here, not per step; steps alternate
         between ``state`` and a scratch set, so a step allocates no state.
@@ -433,6 +448,7 @@ class ConvNet(LayeredNetwork):
         n_layers, n_conv = len(state), self.n_conv
         batch = state[0].shape[0]
         nudged = beta != 0.0 and target is not None
+        after = nudged and self.nudges_after_activation
         const = self._relax_constants(drive, n_layers, beta, target)
         products = RelaxProducts.of_run()  # train.precision's products (float32 unless bf16)
         weights_t = [products.weight(w.T) if n >= n_conv else None for n, w in enumerate(self.weights)]
@@ -468,9 +484,11 @@ class ConvNet(LayeredNetwork):
                 products.addmm(const[i], self.flatten(src[i - 1]), weights_t[i], a, out)
                 if i + 1 < n_layers:
                     products.addmm_(out, src[i + 1], fc_down[i + 1], a)
-            if nudged and i == n_layers - 1:
+            if nudged and i == n_layers - 1 and not after:
                 self.nudge_(out, cur[i], beta, target)
             self.act.apply_to_affine_(out)
+            if after and i == n_layers - 1:  # σ(z^N) + β(y − s^N_t)
+                out.add_(target, alpha=beta).add_(cur[i], alpha=-beta)
 
         for n in second_convs:  # i_n at s^n_0 for the first half of the first step
             if self.pools[n] == "max":
@@ -498,15 +516,30 @@ class ConvNet(LayeredNetwork):
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None, input_term=None) -> list[torch.Tensor]:
-        """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s).
+        """One step, out of place and autograd-friendly: s_{t+1} = σ(∂Φ/∂s − β ∂ℓ/∂s)
+        (σ(∂Φ/∂s) − β ∂ℓ/∂s with ``nudge: post_activation``).
 
         Used by BPTT (with ``input_term`` computed once per batch) and as the readable
         reference of :meth:`relax`.
         """
-        drive = self.dphi_ds(x, state, input_term)
-        if beta != 0.0 and target is not None:
+        return self.activate_nudged(self.dphi_ds(x, state, input_term), state, beta, target)
+
+    @property
+    def nudges_after_activation(self) -> bool:
+        """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
+        return self.cfg.nudge == "post_activation"
+
+    def activate_nudged(self, drive: list[torch.Tensor], state: list[torch.Tensor], beta: float,
+                        target: torch.Tensor | None) -> list[torch.Tensor]:
+        """σ of every layer's pre-activation ``drive`` at ``state``, nudged (β ≠ 0) before σ, or
+        after it with ``nudge: post_activation``: s^N_{t+1} = σ(z^N) + β(y − s^N_t)."""
+        nudged = beta != 0.0 and target is not None
+        if nudged and not self.nudges_after_activation:
             drive = self.nudged_drive(drive, state, beta, target)
-        return [self.act(d) for d in drive]
+        out = [self.act(d) for d in drive]
+        if nudged and self.nudges_after_activation:
+            out[-1] = out[-1] + beta * (target - state[-1])
+        return out
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
 

@@ -264,14 +264,12 @@ class VectorFieldConvNet(ConvNet):
 
     def step(self, x: torch.Tensor, state: list[torch.Tensor], beta: float = 0.0,
              target: torch.Tensor | None = None, input_term=None) -> list[torch.Tensor]:
-        """One step, out of place and autograd-friendly: s_{t+1} = σ(pre_activations − β ∂ℓ/∂s).
+        """One step, out of place and autograd-friendly: s_{t+1} = σ(pre_activations − β ∂ℓ/∂s)
+        (the nudge after σ with ``nudge: post_activation``, as ConvNet's).
 
         Used by BPTT and as the readable reference of :meth:`relax`.
         """
-        pre = self.pre_activations(x, state, input_term)
-        if beta != 0.0 and target is not None:
-            pre = self.nudged_drive(pre, state, beta, target)
-        return [self.act(p) for p in pre]
+        return self.activate_nudged(self.pre_activations(x, state, input_term), state, beta, target)
 
     # feedforward (forward weights W only), input_drive, init_state, target, logits, loss and
     # accumulate_readout_grad_ are ConvNet's.

@@ -160,14 +160,19 @@ def zero_state(net, x):
 
 
 def step(net, x, state, beta=0.0, y=None, create_graph=False):
-    """One step: the gradient of Φ − βℓ with respect to the states, by autograd, then the transition."""
-    grads = torch.autograd.grad(total_energy(net, x, state, beta, y).sum(), state, create_graph=create_graph)
+    """One step: the gradient of Φ − βℓ with respect to the states, by autograd, then the transition
+    (for a net that ``nudges_after_activation``: σ(∂Φ/∂s), then β(y − s^N) added to the output)."""
+    after = beta != 0.0 and net.nudges_after_activation
+    grads = torch.autograd.grad(total_energy(net, x, state, 0.0 if after else beta, y).sum(), state,
+                                create_graph=create_graph)
     if isinstance(net, EnergyMLP):
         new = [net.eps * g for g in grads]  # ε·∂(Φ − βℓ)/∂s
         if net.cfg.clamp:
             new = [s.clamp(0.0, 1.0) for s in new]
     else:
         new = [net.act(g) for g in grads]  # σ(∂(Φ − βℓ)/∂s)
+    if after:  # σ(∂Φ/∂s^N) + β(y − s^N)
+        new[-1] = new[-1] + beta * (F.one_hot(y, net.num_classes).to(new[-1].dtype) - state[-1])
     if not create_graph:
         new = [s.detach().requires_grad_() for s in new]
     return new
