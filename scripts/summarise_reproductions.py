@@ -4,8 +4,9 @@ table of docs/reproductions/README.md between its ``<!-- rows -->`` markers.
 
     python scripts/summarise_reproductions.py RUNS_ROOT
 
-RUNS_ROOT holds one folder per (row, seed), named ``<recipe with / as _>-seed<S>``, each with the
-run directory inside (what ``eprun train RECIPE -s seed=S --out RUNS_ROOT/<folder>`` writes).
+RUNS_ROOT holds one folder per (row, seed), named ``<recipe with / as _>-seed<S>`` (or the row's
+own ``folder`` where it runs the recipe with other settings), each with the run directory inside
+(what ``eprun train RECIPE -s seed=S --out RUNS_ROOT/<folder>`` writes).
 
 The JSON files are the lasting record (runs/ is not kept with the repository and a machine may
 lose it): a seed recorded there whose run folder is not under RUNS_ROOT stays as recorded, marked
@@ -15,7 +16,7 @@ epoch's running training error: its training records' accuracy, weighted by thei
 some seed of the row has a run folder; otherwise the recorded plot stays. A seed still training
 or stopped early is reported with the epoch it reached and, at its measured speed (the median of
 its last log windows' speeds where the run logged them, else its mean), the time the remaining
-epochs would take.
+epochs would take, unless the row was stopped for good (its ``ended`` says why).
 
 Errors are percentages of the test set: ``100 · (1 − test_accuracy)``; the mean and the sample
 standard deviation (n − 1) are over the seeds that finished. For target propagation runs (those
@@ -32,33 +33,60 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from eprun import plots
 from eprun.runs import open_run
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "reproductions"
 
-#: row id → (paper row, recipe, published length in epochs)
+
+class Row(NamedTuple):
+    """A reproduction row: the paper's row, the recipe and the published length in epochs; the
+    settings its runs add to the recipe (``-s KEY=VALUE``…) and their folder prefix under
+    RUNS_ROOT where they differ from the recipe's own; why its runs were stopped for good, if so."""
+
+    paper_row: str
+    recipe: str
+    epochs: int
+    settings: str = ""
+    folder: str = ""
+    ended: str = ""
+
+    def folder_prefix(self) -> str:
+        return self.folder or self.recipe.replace("/", "_")
+
+    def command(self) -> str:
+        return f"{self.recipe} {self.settings}".strip()
+
+
+#: row id → its Row
 ROWS = {
-    "p-1h": ("Ernoult et al. 2019, Table 1, P-1h", "ernoult2019/proto-mlp-1h", 30),
-    "ep-1h": ("Ernoult et al. 2020, Fig. 4 table, EP-1h", "ernoult2020/ep-1h", 30),
-    "vf-1h": ("Ernoult et al. 2020, VF 1 hidden layer (commands.txt)", "ernoult2020/vf-1h", 30),
-    "eb-1h": ("Ernoult et al. 2019, Table 1, EB-1h", "ernoult2019/eb-mlp-1h", 30),
-    "p-2h": ("Ernoult et al. 2019, Table 1, P-2h (= 2020, EP-2h)", "ernoult2019/proto-mlp-2h", 50),
-    "p-3h": ("Ernoult et al. 2019, Table 1, P-3h", "ernoult2019/proto-mlp-3h", 100),
-    "vf-2h": ("Ernoult et al. 2020, VF-2h", "ernoult2020/vf-2h", 50),
-    "cep-1h": ("Ernoult et al. 2020, Fig. 4 table, C-EP-1h", "ernoult2020/cep-1h", 100),
-    "cvf-1h": ("Ernoult et al. 2020, Fig. 4 table, C-VF-1h", "ernoult2020/cvf-1h", 100),
-    "p-conv": ("Ernoult et al. 2019, Table 1, P-conv", "ernoult2019/proto-conv", 40),
-    "eb-2h": ("Ernoult et al. 2019, Table 1, EB-2h", "ernoult2019/eb-mlp-2h", 50),
-    "cep-2h": ("Ernoult et al. 2020, Fig. 4 table, C-EP-2h", "ernoult2020/cep-2h", 150),
-    "cvf-2h": ("Ernoult et al. 2020, Fig. 4 table, C-VF-2h", "ernoult2020/cvf-2h", 150),
+    "p-1h": Row("Ernoult et al. 2019, Table 1, P-1h", "ernoult2019/proto-mlp-1h", 30),
+    "ep-1h": Row("Ernoult et al. 2020, Fig. 4 table, EP-1h", "ernoult2020/ep-1h", 30),
+    "vf-1h": Row("Ernoult et al. 2020, VF 1 hidden layer (commands.txt)", "ernoult2020/vf-1h", 30),
+    "eb-1h": Row("Ernoult et al. 2019, Table 1, EB-1h", "ernoult2019/eb-mlp-1h", 30),
+    "p-2h": Row("Ernoult et al. 2019, Table 1, P-2h (= 2020, EP-2h)", "ernoult2019/proto-mlp-2h", 50),
+    "p-3h": Row("Ernoult et al. 2019, Table 1, P-3h", "ernoult2019/proto-mlp-3h", 100),
+    "vf-2h": Row("Ernoult et al. 2020, VF-2h", "ernoult2020/vf-2h", 50),
+    "cep-1h": Row("Ernoult et al. 2020, Fig. 4 table, C-EP-1h", "ernoult2020/cep-1h", 100),
+    "cvf-1h": Row("Ernoult et al. 2020, Fig. 4 table, C-VF-1h", "ernoult2020/cvf-1h", 100),
+    "p-conv": Row("Ernoult et al. 2019, Table 1, P-conv", "ernoult2019/proto-conv", 40),
+    # the recipe as it was before it took the authors' nudge after σ (model.nudge, eprun/nets/conv.py)
+    "p-conv-nudge-before-sigma": Row("Ernoult et al. 2019, Table 1, P-conv, nudged before σ", "ernoult2019/proto-conv",
+                                     40, settings="-s model.nudge=pre_activation",
+                                     folder="ernoult2019_proto-conv-pre_activation",
+                                     ended="stopped for good: collapsed in epoch 2, every output unit out of the "
+                                           "nudge's reach (recipes/README.md)"),
+    "eb-2h": Row("Ernoult et al. 2019, Table 1, EB-2h", "ernoult2019/eb-mlp-2h", 50),
+    "cep-2h": Row("Ernoult et al. 2020, Fig. 4 table, C-EP-2h", "ernoult2020/cep-2h", 150),
+    "cvf-2h": Row("Ernoult et al. 2020, Fig. 4 table, C-VF-2h", "ernoult2020/cvf-2h", 150),
     # the MNIST target propagation rows at the authors' code's length (max_epochs: 90); a smaller
     # LeNet-style net than the paper's, whose MNIST net cannot be read from the code (recipes/README.md)
-    "ldrl-mnist": ("Ernoult et al. 2022, L-DRL on MNIST (our conv 16-32 net)", "ernoult2022/mnist-lenet-ldrl", 90),
-    "vanilla-dtp-mnist": ("Ernoult et al. 2022, vanilla DTP on MNIST (our conv 16-32 net)",
-                          "ernoult2022/mnist-lenet-vanilla-dtp", 90),
-    "bp-mnist": ("Ernoult et al. 2022, BP baseline on MNIST (our conv 16-32 net)", "ernoult2022/mnist-lenet-bp", 90),
+    "ldrl-mnist": Row("Ernoult et al. 2022, L-DRL on MNIST (our conv 16-32 net)", "ernoult2022/mnist-lenet-ldrl", 90),
+    "vanilla-dtp-mnist": Row("Ernoult et al. 2022, vanilla DTP on MNIST (our conv 16-32 net)",
+                             "ernoult2022/mnist-lenet-vanilla-dtp", 90),
+    "bp-mnist": Row("Ernoult et al. 2022, BP baseline on MNIST (our conv 16-32 net)", "ernoult2022/mnist-lenet-bp", 90),
 }
 
 
@@ -169,8 +197,8 @@ def hours_left(seed: dict, published_epochs: int) -> float | None:
 
 def summarise(root: Path) -> list[dict]:
     rows = []
-    for row_id, (paper_row, recipe, epochs) in ROWS.items():
-        prefix = recipe.replace("/", "_")
+    for row_id, spec in ROWS.items():
+        prefix, epochs = spec.folder_prefix(), spec.epochs
         folders = sorted(p for p in root.glob(f"{prefix}-seed*") if p.is_dir()
                          and re.fullmatch(rf"{re.escape(prefix)}-seed\d+", p.name))
         from_runs = []
@@ -185,7 +213,8 @@ def summarise(root: Path) -> list[dict]:
             continue
         done = [s["test_error_pct"] for s in seeds
                 if s["status"] == "finished" and s["epochs_completed"] == epochs and s["test_error_pct"] is not None]
-        row = {"row": row_id, "paper_row": paper_row, "recipe": recipe, "published_epochs": epochs,
+        row = {"row": row_id, "paper_row": spec.paper_row, "recipe": spec.command(), "published_epochs": epochs,
+               **({"ended": spec.ended} if spec.ended else {}),
                "n_full_length": len(done),
                "test_error_pct_mean": round(statistics.fmean(done), 2) if done else None,
                "test_error_pct_std": round(statistics.stdev(done), 2) if len(done) > 1 else None,
@@ -194,7 +223,7 @@ def summarise(root: Path) -> list[dict]:
         OUT.mkdir(parents=True, exist_ok=True)
         recorded_file.write_text(json.dumps(row, indent=2) + "\n")
         if from_runs:
-            plots.plot_groups([(f"{row_id} ({recipe})", [curve_records(s) for s in seeds])],
+            plots.plot_groups([(f"{row_id} ({spec.command()})", [curve_records(s) for s in seeds])],
                               OUT / f"{row_id}.png")
     return rows
 
@@ -208,19 +237,22 @@ def table(rows: list[dict]) -> str:
         per_seed = ", ".join(
             f"seed {s['seed']}: {'—' if s['test_error_pct'] is None else format(s['test_error_pct'], '.2f')}"
             f" ({s['epochs_completed']} ep{'' if s['status'] == 'finished' else ', ' + str(s['status'])}"
-            f"{last_angles(s)}{projection(s, r['published_epochs'])})"
+            f"{last_angles(s)}{projection(s, r['published_epochs'], r.get('ended', ''))})"
             for s in r["seeds"])
         lines.append(f"| [{r['row']}]({r['row']}.png) | `{r['recipe']}` | {r['published_epochs']} | "
                      f"{r['n_full_length']} | {mean} | {per_seed} |")
     return "\n".join(lines)
 
 
-def projection(seed: dict, published_epochs: int) -> str:
+def projection(seed: dict, published_epochs: int, ended: str = "") -> str:
     """"; H h of training to epoch E at S samples/s (recent|mean)" (``hours_left`` at the seed's
-    measured speed S, ``speed_of``) for a seed short of the published length E, else ""."""
+    measured speed S, ``speed_of``) for a seed short of the published length E, else ""; for a
+    row stopped for good, "; ENDED" in place of the projection."""
     hours = hours_left(seed, published_epochs)
     if hours is None:
         return ""
+    if ended:
+        return f"; {ended}"
     speed, kind = speed_of(seed)
     return f"; {hours:.1f} h of training to epoch {published_epochs} at {speed:,.0f} samples/s ({kind})"
 

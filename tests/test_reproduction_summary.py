@@ -127,3 +127,32 @@ def test_a_missing_runs_root_changes_nothing(summary, tmp_path, capsys):
     assert summary.main(["--help"]) == 0
     assert (summary.OUT / "README.md").read_text() == "<!-- rows -->\n<!-- /rows -->\n"
     assert sorted(p.name for p in summary.OUT.iterdir()) == ["README.md"]
+
+
+def test_a_row_of_the_recipe_with_other_settings_reads_its_own_folder_and_says_why_it_ended(summary, tmp_path,
+                                                                                            monkeypatch):
+    """The same recipe run with other settings is a row of its own: its runs sit under the row's
+    folder prefix (not the recipe's), its command names the settings, and a row stopped for good
+    says why in place of a projection."""
+    monkeypatch.setattr(summary, "ROWS", {
+        "p-conv": summary.Row("P-conv", "ernoult2019/proto-conv", 40),
+        "p-conv-other": summary.Row("P-conv, other nudge", "ernoult2019/proto-conv", 40,
+                                    settings="-s model.nudge=pre_activation",
+                                    folder="ernoult2019_proto-conv-pre_activation", ended="stopped: collapsed")})
+    for folder, epochs in (("ernoult2019_proto-conv-seed0", 5), ("ernoult2019_proto-conv-pre_activation-seed0", 3)):
+        run = tmp_path / "runs" / folder / "proto-conv-20261205-185945"
+        run.mkdir(parents=True)
+        (run / "recipe.yaml").write_text("name: proto-conv\nseed: 0\n")
+        (run / "summary.json").write_text(json.dumps({"status": "interrupted", "epochs_completed": epochs,
+                                                      "samples_per_s": 180.0}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "split": "val", "epoch": e,
+                                                               "accuracy": 0.97}) + "\n" for e in range(1, epochs + 1)))
+
+    rows = summary.summarise(tmp_path / "runs")
+
+    assert [(r["row"], r["seeds"][0]["epochs_completed"]) for r in rows] == [("p-conv", 5), ("p-conv-other", 3)]
+    assert rows[1]["recipe"] == "ernoult2019/proto-conv -s model.nudge=pre_activation"
+    table = summary.table(rows).splitlines()
+    assert "h of training to epoch 40 at 180 samples/s (mean)" in table[2]
+    assert table[3].endswith("seed 0: — (3 ep, interrupted; stopped: collapsed) |")
+    assert "ended" not in json.loads((summary.OUT / "p-conv.json").read_text())
