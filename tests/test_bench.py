@@ -25,8 +25,8 @@ from eprun.rules.ep import EP, EPConfig
 TOL = 1e-6
 
 
-def mlp(hidden, readout="mse"):
-    return PrototypicalMLP(MLPConfig(hidden=list(hidden), readout=readout), (1, 5, 5), 4,
+def mlp(hidden, readout="mse", nudge="pre_activation"):
+    return PrototypicalMLP(MLPConfig(hidden=list(hidden), readout=readout, nudge=nudge), (1, 5, 5), 4,
                            torch.Generator().manual_seed(0)).double()
 
 
@@ -53,10 +53,10 @@ def grads(net):
     return [p.grad.clone() for p in net.parameters()]
 
 
-def vf_mlp(hidden, same_update=False):
+def vf_mlp(hidden, same_update=False, nudge="pre_activation"):
     from eprun.nets.vf_mlp import VectorFieldMLP, VFMLPConfig
 
-    cfg = VFMLPConfig(hidden=list(hidden), initial_angle=30.0, same_update=same_update)
+    cfg = VFMLPConfig(hidden=list(hidden), initial_angle=30.0, same_update=same_update, nudge=nudge)
     return VectorFieldMLP(cfg, (1, 5, 5), 4, torch.Generator().manual_seed(0)).double()
 
 
@@ -71,10 +71,12 @@ NETS = {
     "conv-avg-softmax": lambda: conv_net(pools="avg", readout="softmax", activation="sigmoid"),
     # the authors' nudge after σ (ernoult2019/proto-conv): the reference follows the net's form
     "conv-nudge-after-sigma": lambda: conv_net(activation="hard_sigmoid", nudge="post_activation"),
+    "mlp-2h-nudge-after-sigma": lambda: mlp([7, 5], nudge="post_activation"),
     # no Φ: the authors' out-of-place formulation (eprun/reference/vector_field.py), B at 30° from Wᵀ
     "vf-mlp-1h": lambda: vf_mlp([7]),
     "vf-mlp-2h": lambda: vf_mlp([7, 5]),
     "vf-mlp-2h-same-update": lambda: vf_mlp([7, 5], same_update=True),
+    "vf-mlp-2h-nudge-after-sigma": lambda: vf_mlp([7, 5], nudge="post_activation"),
 }
 
 
@@ -115,8 +117,8 @@ def test_bptt_baseline_gives_eprun_gradient(name):
     assert rel(grads(net), grads(twin)) < TOL
 
 
-@pytest.mark.parametrize("name", ["mlp-1h", "mlp-2h", "conv", "conv-nudge-after-sigma", "vf-mlp-2h",
-                                  "vf-mlp-2h-same-update"])
+@pytest.mark.parametrize("name", ["mlp-1h", "mlp-2h", "mlp-2h-nudge-after-sigma", "conv", "conv-nudge-after-sigma",
+                                  "vf-mlp-2h", "vf-mlp-2h-same-update", "vf-mlp-2h-nudge-after-sigma"])
 def test_cep_baseline_gives_eprun_parameter_change(name):
     net = NETS[name]()
     x, y = batch(net)

@@ -116,3 +116,46 @@ def test_initialisation_is_seeded():
     for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb)
         assert not torch.equal(pa, pc)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vf_mlp"])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_nudge_after_sigma_is_the_free_step_plus_beta_times_the_error(kind, activation, dtype):
+    """``nudge: post_activation`` (the authors' EPdisc/VFdisc stepper): s^N_{t+1} = σ(z^N) + β(y − s^N_t),
+    the other layers as in a free step; relax runs it on torch (no compiled form), step by step
+    equal to ``step``, and EP's two-phase engine leaves it to relax."""
+    from eprun.nets.vf_mlp import VectorFieldMLP, VFMLPConfig
+
+    if kind == "mlp":
+        net = PrototypicalMLP(MLPConfig(hidden=[7, 5], activation=activation, nudge="post_activation"), (1, 3, 3), 4,
+                              torch.Generator().manual_seed(0))
+    else:
+        net = VectorFieldMLP(VFMLPConfig(hidden=[7, 5], activation=activation, nudge="post_activation",
+                                         initial_angle=30.0), (1, 3, 3), 4, torch.Generator().manual_seed(0))
+    net = net.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 1, 3, 3, generator=g).to(dtype)
+    y = torch.randint(0, 4, (32,), generator=g)
+    state = [torch.rand(32, s, generator=g).to(dtype) for s in net.sizes[1:]]
+    target, beta = net.target(y, x), 0.4
+    with torch.no_grad():
+        free, nudged = net.step(x, state), net.step(x, state, beta, target)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(nudged[:-1], free[:-1]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    torch.testing.assert_close(nudged[-1], free[-1] + beta * (target - state[-1]), rtol=tol, atol=tol)
+    fast, ref = [s.clone() for s in state], [s.clone() for s in state]
+    net.relax(net.input_drive(x), fast, 4, beta, target)
+    assert net.last_relax_engine == "torch"
+    with torch.no_grad():
+        for _ in range(4):
+            ref = net.step(x, ref, beta, target)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert net.ep_phases(net.input_drive(x), y, 5, 3, beta) is None
+
+
+def test_the_nudge_after_sigma_needs_the_mse_readout():
+    assert [key for key, _ in MLPConfig(nudge="post_activation", readout="softmax").check()] == ["nudge"]
+    assert list(MLPConfig(nudge="post_activation").check()) == []

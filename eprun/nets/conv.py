@@ -529,18 +529,6 @@ class ConvNet(LayeredNetwork):
         """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
         return self.cfg.nudge == "post_activation"
 
-    def activate_nudged(self, drive: list[torch.Tensor], state: list[torch.Tensor], beta: float,
-                        target: torch.Tensor | None) -> list[torch.Tensor]:
-        """σ of every layer's pre-activation ``drive`` at ``state``, nudged (β ≠ 0) before σ, or
-        after it with ``nudge: post_activation``: s^N_{t+1} = σ(z^N) + β(y − s^N_t)."""
-        nudged = beta != 0.0 and target is not None
-        if nudged and not self.nudges_after_activation:
-            drive = self.nudged_drive(drive, state, beta, target)
-        out = [self.act(d) for d in drive]
-        if nudged and self.nudges_after_activation:
-            out[-1] = out[-1] + beta * (target - state[-1])
-        return out
-
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
 
     def feedforward(self, x: torch.Tensor) -> list[torch.Tensor]:

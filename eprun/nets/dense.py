@@ -34,7 +34,7 @@ def dense_constants(net, drive: torch.Tensor, n_layers: int, beta: float,
     a, shift = net.act.scale, net.act.shift
     biases = parameters_in(net.biases)[1:n_layers]
     const = [drive] + [b if a == 1.0 and shift == 0.0 else b * a + shift for b in biases]
-    if beta != 0.0 and target is not None and not net.softmax_readout:
+    if beta != 0.0 and target is not None and not net.softmax_readout and not net.nudges_after_activation:
         const[-1] = torch.add(const[-1], target, alpha=a * beta)
     return const
 

@@ -24,7 +24,8 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     """Up to ``steps`` steps of a chain of dense layers, in place on ``state``::
 
         z^i = const_i + a·(s^{i−1} @ bottom_up[i]) + a·(s^{i+1} @ top_down[i])  [+ nudge at the last layer]
-        s^i ← g(z^i)
+        s^i ← g(z^i)                                   [+ β(y − s^N_t) at the last layer instead, for a
+                                                        net that ``nudges_after_activation``: torch only]
 
     (row-major states; ``const_0`` already holds the input drive; a, g from ``net.act``).
     ``scratch`` is a second set of state buffers: steps alternate between the two sets, so a
@@ -51,12 +52,13 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
+    after = nudged and net.nudges_after_activation  # no compiled or Triton form: torch's loop below
     per_example = tol > 0.0 and check_tol_scope(tol_scope) == "example"
     products = RelaxProducts.of_run()
-    if products.exact and (tol == 0.0 or per_example) and relax_native_(
+    if not after and products.exact and (tol == 0.0 or per_example) and relax_native_(
             net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order, tol, check_every):
         return state
-    if products.exact and tol == 0.0 and relax_triton_(net, const, state, bottom_up, top_down, steps,
+    if not after and products.exact and tol == 0.0 and relax_triton_(net, const, state, bottom_up, top_down, steps,
                                                        beta if nudged else 0.0, order):
         return state
     if per_example:  # const[0] is the input drive
@@ -75,9 +77,11 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
             products.addmm(const[i], below[i - 1], bottom_up[i], a, out)
             if i + 1 < n_layers:
                 products.addmm_(out, above[i + 1], top_down[i], a)
-        if nudged and i == n_layers - 1:
+        if nudged and i == n_layers - 1 and not after:
             net.nudge_(out, cur[i], beta, target)
         net.act.apply_to_affine_(out)
+        if after and i == n_layers - 1:  # σ(z^N) + β(y − s^N_t)
+            out.add_(target, alpha=beta).add_(cur[i], alpha=-beta)
 
     first, second = (range(0, n_layers, 2), range(1, n_layers, 2)) if order == "async" else (range(n_layers), ())
     taken = 0
@@ -154,7 +158,7 @@ def ep_phases_dense(net, drive: torch.Tensor, labels: torch.Tensor, free_steps: 
     Returns (s*, s^β, per-example loss at s*, (mean steps of the free phase, of the nudged
     phase)), or None to leave it to ``net.relax`` twice — the same dynamics, step for step."""
     if (net.softmax_readout or net.act.name not in native_dense.ACTIVATION_CODES or beta == 0.0
-            or not RelaxProducts.of_run().exact):
+            or not RelaxProducts.of_run().exact or net.nudges_after_activation):
         return None
     if tol > 0.0 and check_tol_scope(tol_scope) != "example":
         return None

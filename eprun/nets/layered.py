@@ -101,6 +101,18 @@ class LayeredNetwork(EPNetwork):
         else:  # −∂ℓ/∂s^N = y − s^N
             out.add_(s_last, alpha=-a * beta)
 
+    def activate_nudged(self, drive: list[torch.Tensor], state: list[torch.Tensor], beta: float,
+                        target: torch.Tensor | None) -> list[torch.Tensor]:
+        """σ of every layer's pre-activation ``drive`` at ``state``, nudged (β ≠ 0) before σ, or
+        after it for a net that ``nudges_after_activation``: s^N_{t+1} = σ(z^N) + β(y − s^N_t)."""
+        nudged = beta != 0.0 and target is not None
+        if nudged and not self.nudges_after_activation:
+            drive = self.nudged_drive(drive, state, beta, target)
+        out = [self.act(d) for d in drive]
+        if nudged and self.nudges_after_activation:
+            out[-1] = out[-1] + beta * (target - state[-1])
+        return out
+
     def nudged_drive(self, drive: list[torch.Tensor], state: list[torch.Tensor], beta: float,
                      target: torch.Tensor) -> list[torch.Tensor]:
         """``step``'s nudge, out of place: β·∂(−ℓ)/∂s^N added to the last layer's drive (no a:

@@ -11,7 +11,9 @@ Free dynamics ``s_{t+1} = σ(∂Φ/∂s(x, s_t, θ))``, i.e. for every layer at 
     s^n_{t+1} = σ(W_{n−1} s^{n−1}_t + W_nᵀ s^{n+1}_t + b_n)
 
 Nudged dynamics add −β ℓ(s^N, y) to Φ. With the MSE loss ℓ = ½‖y − s^N‖² this adds
-β (y − s^N) to the output layer's pre-activation. With ``readout: softmax`` (Laborieux et al.
+β (y − s^N) to the output layer's pre-activation; ``nudge: post_activation`` adds it after σ
+instead, s^N_{t+1} = σ(z^N) + β(y − s^N_t), as the authors' ``EPdisc.stepper`` does (the two forms:
+:mod:`eprun.nets.conv`). With ``readout: softmax`` (Laborieux et al.
 2021) the last layer of Φ is the last hidden layer and the prediction is
 softmax(W_out s^N + b_out), a read-out outside Φ; the nudge on s^N is β W_outᵀ (y − p).
 
@@ -49,9 +51,14 @@ class MLPConfig(ModelConfig):
     activation: ActivationName = "sigmoid"
     readout: Literal["mse", "softmax"] = "mse"
     weight_scale: Union[float, list[float]] = 1.0
+    #: where the nudged phase adds β(y − s^N): to the output's pre-activation (Φ − βℓ) or after σ, as
+    #: the authors' ``EPdisc.stepper`` does (eprun/nets/conv.py's docstring); after σ runs on torch only
+    nudge: Literal["pre_activation", "post_activation"] = "pre_activation"
 
     def check(self):
         yield from dense_chain_problems(self.hidden, self.weight_scale, "[512]")
+        if self.nudge == "post_activation" and self.readout != "mse":
+            yield "nudge", "post_activation nudges the output layer s^N after σ: it needs readout: mse"
 
 
 class PrototypicalMLP(LayeredNetwork):
@@ -203,7 +210,7 @@ class PrototypicalMLP(LayeredNetwork):
         """C-EP's nudged phase with every weight held as θ* plus its increments in factored form
         (:mod:`eprun.nets.dense_cep`: Φ is linear in θ, so the increments telescope); float32
         products only (the run's precision, :class:`~eprun.nets.relax_products.RelaxProducts`)."""
-        if not RelaxProducts.of_run().exact:
+        if not RelaxProducts.of_run().exact or self.nudges_after_activation:
             return False
         continual_nudged_phase_dense_(self, self.flatten(x), drive, free, steps, beta, target, y, rate)
         return True
@@ -215,10 +222,12 @@ class PrototypicalMLP(LayeredNetwork):
         Used by BPTT (with ``input_term`` computed once per batch) and as the readable
         reference of :meth:`relax`.
         """
-        drive = self.dphi_ds(x, state, input_term)
-        if beta != 0.0 and target is not None:
-            drive = self.nudged_drive(drive, state, beta, target)
-        return [self.act(d) for d in drive]
+        return self.activate_nudged(self.dphi_ds(x, state, input_term), state, beta, target)
+
+    @property
+    def nudges_after_activation(self) -> bool:
+        """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
+        return self.cfg.nudge == "post_activation"
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
 

@@ -301,7 +301,7 @@ class VectorFieldMLP(LayeredNetwork):
         """C-VF's nudged phase with W_nᵀ and B_nᵀ held as contiguous copies that each step's increment
         goes straight into (:mod:`eprun.nets.vf_cep`); not with ``same_update``, and float32
         products only (the run's precision, :class:`~eprun.nets.relax_products.RelaxProducts`)."""
-        if self.same_update or not RelaxProducts.of_run().exact:
+        if self.same_update or not RelaxProducts.of_run().exact or self.nudges_after_activation:
             return False
         continual_nudged_phase_vf_(self, self.flatten(x), drive, free, steps, beta, target, y, rate)
         return True
@@ -323,10 +323,12 @@ class VectorFieldMLP(LayeredNetwork):
         Used by BPTT and as the readable reference of :meth:`relax` (``input_term``, if given, is
         :meth:`input_term` of x: W_0 x + b_1, computed once).
         """
-        pre = self.pre_activations(x, state, input_term)
-        if beta != 0.0 and target is not None:
-            pre = self.nudged_drive(pre, state, beta, target)
-        return [self.act(p) for p in pre]
+        return self.activate_nudged(self.pre_activations(x, state, input_term), state, beta, target)
+
+    @property
+    def nudges_after_activation(self) -> bool:
+        """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
+        return self.cfg.nudge == "post_activation"
 
     def input_term(self, x: torch.Tensor) -> torch.Tensor:
         """W_0 x + b_1: the part of a step that depends on the static input only (autograd-friendly)."""

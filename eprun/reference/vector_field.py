@@ -54,9 +54,12 @@ def step(net, x, state, beta=0.0, y=None):
         z = layers[n - 1] @ net.weights[n - 1].T + net.biases[n - 1]
         if n + 1 < len(layers):
             z = z + layers[n + 1] @ net.backward_weight(n).T
-        if n == len(layers) - 1 and beta != 0.0:
-            z = z + beta * (F.one_hot(y, net.num_classes).to(z.dtype) - layers[n])
+        error = (F.one_hot(y, net.num_classes).to(z.dtype) - layers[n]) if n == len(layers) - 1 and beta != 0.0 else None
+        if error is not None and not net.nudges_after_activation:
+            z = z + beta * error
         new.append(net.act(z))
+        if error is not None and net.nudges_after_activation:  # σ(z^N) + β(y − s^N)
+            new[-1] = new[-1] + beta * error
     return new
 
 
