@@ -63,12 +63,19 @@ class Row(NamedTuple):
 #: row id → its Row
 ROWS = {
     "p-1h": Row("Ernoult et al. 2019, Table 1, P-1h", "ernoult2019/proto-mlp-1h", 30),
+    # the authors' nudge after σ (EPdisc.stepper, VFdisc.stepper; model.nudge, eprun/nets/mlp.py), each
+    # beside its row
+    "p-1h-nudge-after-sigma": Row("Ernoult et al. 2019, Table 1, P-1h, nudged after σ", "ernoult2019/proto-mlp-1h", 30,
+                                  settings="-s model.nudge=post_activation",
+                                  folder="ernoult2019_proto-mlp-1h-post_activation"),
     "ep-1h": Row("Ernoult et al. 2020, Fig. 4 table, EP-1h", "ernoult2020/ep-1h", 30),
-    # the authors' nudge after σ (EPdisc.stepper; model.nudge, eprun/nets/mlp.py), against the row above
     "ep-1h-nudge-after-sigma": Row("Ernoult et al. 2020, Fig. 4 table, EP-1h, nudged after σ", "ernoult2020/ep-1h", 30,
                                    settings="-s model.nudge=post_activation",
                                    folder="ernoult2020_ep-1h-post_activation"),
     "vf-1h": Row("Ernoult et al. 2020, VF 1 hidden layer (commands.txt)", "ernoult2020/vf-1h", 30),
+    "vf-1h-nudge-after-sigma": Row("Ernoult et al. 2020, VF 1 hidden layer, nudged after σ", "ernoult2020/vf-1h", 30,
+                                   settings="-s model.nudge=post_activation",
+                                   folder="ernoult2020_vf-1h-post_activation"),
     "eb-1h": Row("Ernoult et al. 2019, Table 1, EB-1h", "ernoult2019/eb-mlp-1h", 30),
     "p-2h": Row("Ernoult et al. 2019, Table 1, P-2h (= 2020, EP-2h)", "ernoult2019/proto-mlp-2h", 50),
     "p-3h": Row("Ernoult et al. 2019, Table 1, P-3h", "ernoult2019/proto-mlp-3h", 100),
