@@ -179,6 +179,7 @@ class ConvNet(LayeredNetwork):
             raise ValueError("; ".join(problems))
         super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
         self.cfg = cfg
+        self.nudges_after_activation = cfg.nudge == "post_activation"  # model.nudge: β(y − s^N) after σ
         self.n_conv = len(cfg.channels)
         self.strides = cfg.per_conv_layer(cfg.strides)
         self.paddings = cfg.per_conv_layer(cfg.paddings)
@@ -523,11 +524,6 @@ class ConvNet(LayeredNetwork):
         reference of :meth:`relax`.
         """
         return self.activate_nudged(self.dphi_ds(x, state, input_term), state, beta, target)
-
-    @property
-    def nudges_after_activation(self) -> bool:
-        """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
-        return self.cfg.nudge == "post_activation"
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
 

@@ -76,6 +76,7 @@ class PrototypicalMLP(LayeredNetwork):
                  generator: torch.Generator):
         super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
         self.cfg = cfg
+        self.nudges_after_activation = cfg.nudge == "post_activation"  # model.nudge: β(y − s^N) after σ
         init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)
 
     # ------------------------------------------------------------------ structure
@@ -223,11 +224,6 @@ class PrototypicalMLP(LayeredNetwork):
         reference of :meth:`relax`.
         """
         return self.activate_nudged(self.dphi_ds(x, state, input_term), state, beta, target)
-
-    @property
-    def nudges_after_activation(self) -> bool:
-        """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
-        return self.cfg.nudge == "post_activation"
 
     # ------------------------------------------------------------------ feed-forward twin (BP baseline)
 

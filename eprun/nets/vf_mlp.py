@@ -128,6 +128,7 @@ class VectorFieldMLP(LayeredNetwork):
                  generator: torch.Generator):
         super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
         self.cfg = cfg
+        self.nudges_after_activation = cfg.nudge == "post_activation"  # model.nudge: β(y − s^N) after σ
         init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)  # as the MLP: same seed, same W
         self.same_update = bool(cfg.same_update)
         self.accumulates_nudged_steps = cfg.nudged_update == "per_step"
@@ -324,11 +325,6 @@ class VectorFieldMLP(LayeredNetwork):
         :meth:`input_term` of x: W_0 x + b_1, computed once).
         """
         return self.activate_nudged(self.pre_activations(x, state, input_term), state, beta, target)
-
-    @property
-    def nudges_after_activation(self) -> bool:
-        """``model.nudge: post_activation``: the nudged phase adds β(y − s^N_t) after σ."""
-        return self.cfg.nudge == "post_activation"
 
     def input_term(self, x: torch.Tensor) -> torch.Tensor:
         """W_0 x + b_1: the part of a step that depends on the static input only (autograd-friendly)."""
