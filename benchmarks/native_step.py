@@ -25,8 +25,8 @@ import torch
 from eprun.native import build as native_build
 
 P = ctypes.c_void_p
-ARGTYPES = [ctypes.c_int, P, P, P, P, P, P, ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-            ctypes.c_int, ctypes.c_float, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int]
+ARGTYPES = [ctypes.c_int, P, P, P, P, P, P, ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_float, P,
+            ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int]
 
 
 def build(spec: str, directory: Path, index: int) -> ctypes.CDLL:
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         code = library.eprun_relax_dense(
             2, (ctypes.c_int64 * 2)(n0, n1), (P * 2)(*[s.data_ptr() for s in state]),
             (P * 2)(drive.data_ptr(), c1.data_ptr()), (ctypes.c_int * 2)(1, 0), (P * 2)(None, w1.data_ptr()),
-            (P * 2)(w1.data_ptr(), None), 1.0, 0, 0.0, steps, 0, 0.0, 1, None, batch, 1)
+            (P * 2)(w1.data_ptr(), None), 1.0, 0, 0.0, 0.0, None, steps, 0, 0.0, 1, None, batch, 1)
         assert code == 0
         return time.perf_counter() - start, state
 

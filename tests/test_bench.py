@@ -316,6 +316,21 @@ def test_engines_script_times_torch_and_every_build_the_cpu_runs(monkeypatch):
         assert figures["us_per_step"] > 0 and figures["max_abs_difference_from_torch"] < 1e-4
 
 
+def test_nudge_after_sigma_script_times_torch_and_the_kernel(monkeypatch):
+    """benchmarks/nudge_after_sigma.py: a training step of a recipe nudged after σ on torch and on
+    the kernel, and nudged inside σ on the kernel, leaving EPRUN_NATIVE and the thread count as
+    it found them."""
+    from benchmarks import nudge_after_sigma
+
+    monkeypatch.delenv("EPRUN_NATIVE", raising=False)
+    threads = torch.get_num_threads()
+    result = nudge_after_sigma.main(["--recipe", "ernoult2020/ep-1h", "--rounds", "1"])
+    assert torch.get_num_threads() == threads and "EPRUN_NATIVE" not in __import__("os").environ
+    times = result["ernoult2020/ep-1h"]
+    assert set(times) == {label for label, _, _ in nudge_after_sigma.SETTINGS}
+    assert all(len(ms) == 1 and ms[0] > 0 for ms in times.values())
+
+
 def test_cep_paths_script_times_the_three_paths_and_finds_them_equal():
     """benchmarks/cep_paths.py on a small two-hidden-layer C-EP net: the three nudged-phase paths
     timed, and one batch's updates from the same weights agree to float32 rounding (float64: to

@@ -16,13 +16,14 @@ from eprun.rules.cep import CEP, CEPConfig
 from eprun.rules.ep import EP, EPConfig
 
 
-def make_net(kind="mlp", hidden=(8, 6), readout="mse", angle=30.0, scale=0.5, seed=0, activation="sigmoid"):
+def make_net(kind="mlp", hidden=(8, 6), readout="mse", angle=30.0, scale=0.5, seed=0, activation="sigmoid",
+             nudge="pre_activation"):
     if kind == "mlp":
-        cfg = MLPConfig(hidden=list(hidden), readout=readout, weight_scale=scale, activation=activation)
+        cfg = MLPConfig(hidden=list(hidden), readout=readout, weight_scale=scale, activation=activation, nudge=nudge)
         net = PrototypicalMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(seed))
     else:
         cfg = VFMLPConfig(hidden=list(hidden), readout=readout, weight_scale=scale, initial_angle=angle,
-                          activation=activation)
+                          activation=activation, nudge=nudge)
         net = VectorFieldMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(seed))
     return net.double()
 
@@ -494,3 +495,26 @@ def test_the_nets_engine_equals_the_written_out_rule_at_any_depth(kind, hidden, 
     for name in want:
         # float64 rounding, amplified by the large rates: up to 2e-12 on the 3-hidden-layer hard-sigmoid net
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12 if activation == "sigmoid" else 1e-11)
+
+
+@pytest.mark.parametrize("kind, path", PATHS)
+@pytest.mark.parametrize("hidden", [[8], [8, 6, 5]])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid"])
+def test_the_nudge_after_sigma_follows_the_written_out_rule(kind, path, hidden, activation, monkeypatch):
+    """A net nudged after σ (``model.nudge: post_activation``, the output stepped as
+    σ(z^N) + β(y − s^N_k)) on each faster nudged-phase path: the written-out rule's weights,
+    whose ``step`` takes the same form, and not those of the nudge inside σ."""
+    lrs = [0.4, 0.3, 0.2, 0.1][:len(hidden) + 1]
+    x, y = batch()
+    a, b = (make_net(kind, hidden=hidden, activation=activation, nudge="post_activation"),
+            make_net(kind, hidden=hidden, activation=activation, nudge="post_activation"))
+    rule = cep_rule(a, lrs, T=25, K=8, beta=0.3)
+    take_path(rule, path, monkeypatch)
+    rule.train_step(x, y)
+    want = reference_cep(b, x, y, lrs, T=25, K=8, beta=0.3)
+    got = params_of(a)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-11)
+    inside = make_net(kind, hidden=hidden, activation=activation)
+    cep_rule(inside, lrs, T=25, K=8, beta=0.3).train_step(x, y)
+    assert relative_error(got, params_of(inside)) > 1e-6

@@ -23,8 +23,8 @@ def fresh_native_state():
     native.reset()
 
 
-def _net(hidden, activation="sigmoid", readout="mse", in_features=23, classes=6, seed=0):
-    cfg = MLPConfig(hidden=list(hidden), activation=activation, readout=readout, weight_scale=2.0)
+def _net(hidden, activation="sigmoid", readout="mse", in_features=23, classes=6, seed=0, nudge="pre_activation"):
+    cfg = MLPConfig(hidden=list(hidden), activation=activation, readout=readout, weight_scale=2.0, nudge=nudge)
     return PrototypicalMLP(cfg, (in_features,), classes, torch.Generator().manual_seed(seed))
 
 
@@ -44,11 +44,12 @@ def _two_relaxations(net, drive, y, T, K, beta, **schedule):
 @pytest.mark.parametrize("hidden", [[37], [512], [40, 9], [8, 17, 33]])
 @pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
 @pytest.mark.parametrize("order", ["sync", "async"])
-def test_one_call_gives_the_two_relaxations_bit_for_bit(hidden, activation, order):
-    """Free phase from s = 0, nudged phase from s* with a·β·y added to the output constant: the
-    same kernel steps as two calls of ``relax``, so every state is equal to the bit; the loss is
-    ½‖y − s*‖² to rounding."""
-    net = _net(hidden, activation)
+@pytest.mark.parametrize("nudge", ["pre_activation", "post_activation"])
+def test_one_call_gives_the_two_relaxations_bit_for_bit(hidden, activation, order, nudge):
+    """Free phase from s = 0, nudged phase from s* with a·β·y added to the output constant (or,
+    nudged after σ, β(y − s^N) added to σ(z^N)): the same kernel steps as two calls of ``relax``,
+    so every state is equal to the bit; the loss is ½‖y − s*‖² to rounding."""
+    net = _net(hidden, activation, nudge=nudge)
     x, y = _data(11)
     with torch.no_grad():
         drive = net.input_drive(x)

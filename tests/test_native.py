@@ -39,12 +39,13 @@ def torch_only(monkeypatch):
     return use
 
 
-def _net(hidden, activation="sigmoid", readout="mse", seed=0, in_features=23, classes=6, scale=1.0, kind="mlp"):
+def _net(hidden, activation="sigmoid", readout="mse", seed=0, in_features=23, classes=6, scale=1.0, kind="mlp",
+         nudge="pre_activation"):
     g = torch.Generator().manual_seed(seed)
     if kind == "vf":
-        cfg = VFMLPConfig(hidden=list(hidden), activation=activation, readout=readout)
+        cfg = VFMLPConfig(hidden=list(hidden), activation=activation, readout=readout, nudge=nudge)
         return VectorFieldMLP(cfg, (in_features,), classes, g)
-    cfg = MLPConfig(hidden=list(hidden), activation=activation, readout=readout, weight_scale=scale)
+    cfg = MLPConfig(hidden=list(hidden), activation=activation, readout=readout, weight_scale=scale, nudge=nudge)
     return PrototypicalMLP(cfg, (in_features,), classes, g)
 
 
@@ -134,6 +135,71 @@ def test_two_layer_nets_match_torch(hidden, classes, activation, order, torch_on
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=2e-5, rtol=0), float((a - b).abs().max())
     assert float((theirs[-1] - theirs[1]).abs().max()) > 1e-3  # the nudge moved the output
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden, classes, variant", [
+    ([37], 10, ""), ([16], 1, ""), ([40], 17, ""), ([40, 9], 6, ""), ([8, 17, 33], 6, ""),
+    ([40, 9], 6, "EPRUN_NO_BLOCKS"), ([8, 17, 33], 6, "EPRUN_NO_BLOCKS")])
+@pytest.mark.parametrize("activation", ["sigmoid", "hard_sigmoid", "tanh"])
+@pytest.mark.parametrize("order", ["sync", "async"])
+def test_the_nudge_after_sigma_matches_torch(hidden, classes, variant, activation, order, torch_only,
+                                             native_build):
+    """A net nudged after σ (``model.nudge: post_activation``, s^N ← σ(z^N) + β(y − s^N_t)) on
+    every path of the kernel: one pass a step (one hidden layer under ten outputs, or one), pairs
+    (17 outputs; the deeper nets built without blocks), blocks (the deeper nets): free and nudged
+    phases within float32 rounding of the torch path, and (σ' ≠ 1) away from the nudge inside σ."""
+    x, y = _data(9, classes=classes)
+
+    def phases(net):
+        free, engine_free = _relax(net, x, y, 20, 0.0, order)
+        nudged, engine_nudged = _relax(net, x, y, 6, 0.5, order, start=free)
+        return free + nudged, (engine_free, engine_nudged)
+
+    after = _net(hidden, activation, classes=classes, scale=2.0, nudge="post_activation")
+    inside = _net(hidden, activation, classes=classes, scale=2.0)
+    with torch.no_grad():
+        torch_only(False)
+        native_build(*[variant] if variant else [])
+        ours, engines = phases(after)
+        assert engines == ("native", "native")
+        other, _ = phases(inside)
+        torch_only(True)
+        theirs, engines = phases(after)
+        assert engines == ("torch", "torch")
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=2e-5, rtol=0), float((a - b).abs().max())
+    assert float((theirs[-1] - theirs[len(hidden)]).abs().max()) > 1e-3  # the nudge moved the output
+    if activation != "hard_sigmoid":  # inside its linear range the hard sigmoid makes the two forms one
+        assert float((ours[-1] - other[-1]).abs().max()) > 1e-3  # the nudge inside σ moves it otherwise
+
+
+@needs_kernels
+def test_the_nudge_after_sigma_on_the_scalar_loops_and_with_a_tolerance(torch_only, native_build):
+    """The scalar loops (a generic build) follow the nudge after σ too, and each example's early
+    stop (``tol_scope: example``) compares the nudged state, not σ(z) alone, with the last."""
+    net, (x, y) = _net([21, 7], "sigmoid", nudge="post_activation"), _data(6)
+    with torch.no_grad():
+        torch_only(True)
+        theirs, _ = _relax(net, x, y, 12, 0.3, "sync")
+        torch_only(False)
+        native_build(arch="generic")
+        ours, engine = _relax(net, x, y, 12, 0.3, "sync")
+        assert engine == "native"
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        native_build()
+        drive, target = net.input_drive(x), net.target(y, x)
+        start = net.init_state(6, like=x)
+        stopped = net.relax(drive, [s.clone() for s in start], 400, 0.3, target, tol=1e-4, check_every=1,
+                            tol_scope="example")
+        steps = net.last_relax_steps
+        torch_only(True)
+        stopped_torch = net.relax(drive, [s.clone() for s in start], 400, 0.3, target, tol=1e-4, check_every=1,
+                                  tol_scope="example")
+        assert 1 < steps < 400 and abs(steps - net.last_relax_steps) <= 1
+    for a, b in zip(stopped, stopped_torch):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 
 @needs_kernels

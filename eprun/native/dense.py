@@ -6,7 +6,10 @@ The relaxation's layer update, per example (row-major states)::
     s_i ← g(c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) [+ ν·s_i at the output layer])
 
 with the layer's constant c_i (the input drive for i = 0), σ = g(a·x + c), and ν = −a·β the
-MSE nudge (its a·β·y already in the output constant). For the prototypical net U_i = D_{i−1} =
+MSE nudge (its a·β·y already in the output constant); or, for a net that nudges its output
+after σ (``model.nudge: post_activation``), ν = 0, no a·β·y, and at the output layer::
+
+    s_{L−1} ← g(z_{L−1}) + β(y − s_{L−1}) For the prototypical net U_i = D_{i−1} =
 W_i; for the vector-field net D_i = B_{i+1}ᵀ. Every example relaxes independently of the
 others: the kernel runs examples in pairs (in blocks of up to 6 on AVX2 builds, 12 on AVX-512, for
 nets past one hidden layer under a small output; and on AVX-512 one example at a time through one
@@ -37,11 +40,11 @@ MIN_STEPS = 2
 _p = ctypes.POINTER(ctypes.c_void_p)
 _i64, _i32, _f, _v = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 build.declare("eprun_relax_dense", _i32, [
-    _i32, ctypes.POINTER(_i64), _p, _p, ctypes.POINTER(_i32), _p, _p, _f, _i32, _f, _i32, _i32, _f, _i32, _v,
-    _i64, _i32])
+    _i32, ctypes.POINTER(_i64), _p, _p, ctypes.POINTER(_i32), _p, _p, _f, _i32, _f, _f, _v, _i32, _i32, _f, _i32,
+    _v, _i64, _i32])
 build.declare("eprun_ep_dense_phases", _i32, [
-    _i32, ctypes.POINTER(_i64), _p, _p, _p, ctypes.POINTER(_i32), _v, _v, _f, _p, _p, _f, _i32, _i32, _i32, _i32,
-    _f, _i32, _v, _v, _v, _i64, _i32])
+    _i32, ctypes.POINTER(_i64), _p, _p, _p, ctypes.POINTER(_i32), _v, _v, _f, _f, _p, _p, _f, _i32, _i32, _i32,
+    _i32, _f, _i32, _v, _v, _v, _i64, _i32])
 build.declare("eprun_ep_dense_update", _i32, [_i32, ctypes.POINTER(_i64), _v, _p, _p, _p, _p, _v, _f, _i64, _i32])
 build.declare("eprun_add_outer", _i32, [_v, _v, _v, _i64, _i64, _i64, _f, _i32])
 build.declare("eprun_add_outer_available", _i32)
@@ -79,12 +82,14 @@ def pointers(tensors) -> ctypes.Array:
 
 def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: list[torch.Tensor | None],
                 down: list[torch.Tensor | None], scale: float, activation: str, nudge: float, steps: int,
-                order: str, tol: float = 0.0, check_every: int = 1, count_steps: bool = False) -> torch.Tensor | None:
+                order: str, tol: float = 0.0, check_every: int = 1, count_steps: bool = False,
+                after: tuple[float, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Run ``steps`` steps in place on ``state`` (the module's update).
 
     ``constant[i]`` is [batch, n_i] or [n_i]; ``up[i]`` = U_i, [n_i, n_{i−1}] (``up[0]`` is None);
     ``down[i]`` = D_i, [n_{i+1}, n_i] (``down[-1]`` is None); ``nudge`` ν = −a·β (0 when free).
-    The caller checked :func:`supports` for every tensor.
+    ``after`` = (β, y), y [batch, n_{L−1}]: the output nudged after σ instead, s ← g(z) + β(y − s)
+    (``nudge`` then 0). The caller checked :func:`supports` for every tensor, y included.
 
     ``tol`` > 0: each example stops after the first step t (a multiple of ``check_every``) in
     which none of its states moved by ``tol`` or more; the steps each example took are returned
@@ -98,7 +103,8 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
     code = lib.eprun_relax_dense(
         n, array(ctypes.c_int64, [s.shape[1] for s in state]), pointers(state), pointers(constant),
         array(ctypes.c_int, [int(c.dim() == 2) for c in constant]), pointers(up), pointers(down), float(scale),
-        ACTIVATION_CODES[activation], float(nudge), _c_int("steps", steps), int(order == "async"), float(tol),
+        ACTIVATION_CODES[activation], float(nudge), float(after[0]) if after else 0.0,
+        after[1].data_ptr() if after else None, _c_int("steps", steps), int(order == "async"), float(tol),
         _c_int("check_every", check_every), taken.data_ptr() if taken is not None else None, batch,
         parallel.threads_for(lib, batch))
     if code != 0:
@@ -109,13 +115,15 @@ def relax_dense(state: list[torch.Tensor], constant: list[torch.Tensor], up: lis
 def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], constant: list[torch.Tensor],
                     up: list[torch.Tensor | None], down: list[torch.Tensor | None], labels: torch.Tensor,
                     scale: float, activation: str, beta: float, free_steps: int, nudged_steps: int, order: str,
-                    tol: float = 0.0, check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    tol: float = 0.0, check_every: int = 1,
+                    after: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both phases of one-sided EP with the MSE read-out in one call: ``free`` ← s* (``free_steps``
     steps from s = 0 with the constants c_i), ``nudged`` ← s^β (``nudged_steps`` steps from s*
     with a·β·y added to the output constant and ν = −a·β), y the one-hot code of ``labels``
-    (int64, [batch]). ``free`` and ``nudged`` are [batch, n_i] float32 buffers, written whole;
-    the other arguments are those of :func:`relax_dense`, checked by the caller with
-    :func:`supports`. Each row range of the batch runs both phases on one thread: the same
+    (int64, [batch]); with ``after``, the output nudged after σ instead (the constants kept,
+    s ← g(z) + β(y − s) at the output). ``free`` and ``nudged`` are [batch, n_i] float32
+    buffers, written whole; the other arguments are those of :func:`relax_dense`, checked by the
+    caller with :func:`supports`. Each row range of the batch runs both phases on one thread: the same
     steps as two calls of :func:`relax_dense`.
 
     Returns (steps each example took in the free phase, in the nudged phase, [batch] int32;
@@ -129,7 +137,8 @@ def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], consta
     code = lib.eprun_ep_dense_phases(
         n, array(ctypes.c_int64, [s.shape[1] for s in free]), pointers(free), pointers(nudged),
         pointers(constant), array(ctypes.c_int, [int(c.dim() == 2) for c in constant]),
-        nudged_constant.data_ptr(), labels.data_ptr(), float(scale * beta), pointers(up), pointers(down),
+        nudged_constant.data_ptr(), labels.data_ptr(), float(scale * beta), float(beta) if after else 0.0,
+        pointers(up), pointers(down),
         float(scale), ACTIVATION_CODES[activation], _c_int("free_steps", free_steps),
         _c_int("nudged_steps", nudged_steps), int(order == "async"), float(tol), _c_int("check_every", check_every),
         taken[0].data_ptr(), taken[1].data_ptr(), loss.data_ptr(), batch,

@@ -8,6 +8,13 @@
  *     z_i = c_i + a·(U_i s_{i−1}) + a·(D_iᵀ s_{i+1}) + ν·s_i  (ν·s_i at the output layer only)
  *     s_i ← g(z_i)
  *
+ * or, for the output layer of a net nudged after σ (the authors' discrete-time nets), with no
+ * self term and no a·β·y in its constant,
+ *
+ *     s_{L−1} ← g(z_{L−1}) + β(y − s_{L−1}),  computed fma(−β, s_{L−1}, fma(β, y, g(z_{L−1})))
+ *
+ * (y one-hot, so fma(β, y, g) is the rounded g + β·y, as torch's g.add_(y, alpha=β)).
+ *
  * For the prototypical net U_i = D_{i−1} = W_i (the net's weight between s_{i−1} and s_i);
  * for the vector-field net D_i is the feedback matrix B_{i+1}ᵀ.
  *
@@ -107,7 +114,9 @@ static inline __attribute__((always_inline)) void dot4_rows(const int R, float *
 }
 #endif
 
-/* One layer of R examples: out[r] ← g(c[r] + a·(U s_below[r]) + a·(Dᵀ s_above[r]) + ν·self[r]).
+/* One layer of R examples: out[r] ← g(c[r] + a·(U s_below[r]) + a·(Dᵀ s_above[r]) + ν·self[r]),
+ * or with ``target`` not NULL (the output layer nudged after σ; ν = 0) out[r] ← g(…) +
+ * β(target[r] − self[r]), β = ``post_beta``.
  * U [n, n_below] (may be NULL), D [n_above, n] (may be NULL); ``self[r]`` is the layer's current
  * state (may alias ``out[r]``: each value is read before it is overwritten); z[r]: n floats of
  * scratch. Two passes over the layer: the affine part into z, then g from z into out
@@ -116,6 +125,7 @@ static inline __attribute__((always_inline)) void dot4_rows(const int R, float *
  * (a NaN counts as moved), or with tol = 0 if some out[r][j] differs from self[r][j] in any bit. */
 static inline __attribute__((always_inline)) void update_layer(
         const int R, float *const *out, const float *const *c, int64_t n, float a, const int act, float nu,
+        float post_beta, const float *const *target,
         const float *const *self, const float *m_below, const float *const *s_below, int64_t n_below,
         const float *m_above, const float *const *s_above, int64_t n_above, float *const *z, int *moved,
         float tol) {
@@ -180,6 +190,35 @@ static inline __attribute__((always_inline)) void update_layer(
     /* s ← g(z) */
     for (int r = 0; r < R; r++) {
         j = 0;
+        if (target) {  /* s ← g(z) + β(y − self), noting (when moved) as below whether s moved */
+            int any = 0;
+#if EPRUN_AVX2
+            const __m256 vb = _mm256_set1_ps(post_beta), vmb = _mm256_set1_ps(-post_beta);
+            const __m256 sign = _mm256_set1_ps(-0.0f), vtol = _mm256_set1_ps(tol);
+            __m256 far = _mm256_setzero_ps();
+            for (; j + 8 <= n; j += 8) {
+                const __m256 old = _mm256_loadu_ps(self[r] + j);
+                const __m256 g = g8(_mm256_loadu_ps(z[r] + j), act);
+                const __m256 s = _mm256_fmadd_ps(vmb, old, _mm256_fmadd_ps(vb, _mm256_loadu_ps(target[r] + j), g));
+                if (moved && tol == 0.0f)
+                    far = _mm256_or_ps(far, _mm256_castsi256_ps(_mm256_xor_si256(
+                        _mm256_cmpeq_epi32(_mm256_castps_si256(s), _mm256_castps_si256(old)), _mm256_set1_epi32(-1))));
+                else if (moved)
+                    far = _mm256_or_ps(far, _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(s, old)), vtol,
+                                                          _CMP_NLT_UQ));
+                _mm256_storeu_ps(out[r] + j, s);
+            }
+            any = _mm256_movemask_ps(far) != 0;
+#endif
+            for (; j < n; j++) {
+                const float old = self[r][j];
+                const float s = fmaf(-post_beta, old, fmaf(post_beta, target[r][j], g_scalar(z[r][j], act)));
+                if (moved && (tol == 0.0f ? memcmp(&s, &old, sizeof s) != 0 : !(fabsf(s - old) < tol))) any = 1;
+                out[r][j] = s;
+            }
+            if (moved) moved[r] |= any;
+            continue;
+        }
         if (moved && tol == 0.0f) {  /* the same, noting whether some g(z) differs from self in a bit */
             int any = 0;
 #if EPRUN_AVX2
@@ -341,7 +380,8 @@ static inline __attribute__((always_inline)) __mmask16 two_layer_block(
  * steps taken. */
 static inline __attribute__((always_inline)) int relax_two_layers(
         float *h, float *y, const float *c0, const float *c1, int64_t n0, int n1, const float *U, const float *D,
-        float a, const int act, float nu, int steps, int async_order, float tol, int check_every, int exact) {
+        float a, const int act, float nu, float post_beta, const float *target, int steps, int async_order,
+        float tol, int check_every, int exact) {
     const __m512 va = _mm512_set1_ps(a);
     const __mmask16 out_lanes = (__mmask16)((1u << n1) - 1u);
     for (int t = 0; t < steps; t++) {
@@ -364,7 +404,11 @@ static inline __attribute__((always_inline)) int relax_two_layers(
         const __m512 old_y = _mm512_maskz_loadu_ps(out_lanes, y);
         __m512 z = _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(out_lanes, sums), _mm512_maskz_loadu_ps(out_lanes, c1));
         if (nu != 0.0f) z = _mm512_fmadd_ps(_mm512_set1_ps(nu), old_y, z);
-        const __m512 fresh_y = g16(z, act);
+        __m512 fresh_y = g16(z, act);
+        if (target)  /* nudged after σ: g(z) + β(y − s_1) */
+            fresh_y = _mm512_fmadd_ps(_mm512_set1_ps(-post_beta), old_y,
+                                      _mm512_fmadd_ps(_mm512_set1_ps(post_beta),
+                                                      _mm512_maskz_loadu_ps(out_lanes, target), fresh_y));
         if (check) moved |= moved16(fresh_y, old_y, tol, out_lanes);
         _mm512_mask_storeu_ps(y, out_lanes, fresh_y);
         if (check && !moved) return t + 1;
@@ -377,22 +421,23 @@ static inline __attribute__((always_inline)) int relax_two_layers(
  * the registers) */
 static inline __attribute__((always_inline)) void relax_rows_two_layers(
         const int64_t *sizes, float *const *state, const float *const *constant, const int *constant_per_row,
-        const float *const *up, const float *const *down, float a, const int act, float nudge, int steps,
-        int async_order, float tol, int check_every, int exact, int32_t *steps_taken, int64_t row_begin,
-        int64_t row_end) {
+        const float *const *up, const float *const *down, float a, const int act, float nudge, float post_beta,
+        const float *target, int steps, int async_order, float tol, int check_every, int exact,
+        int32_t *steps_taken, int64_t row_begin, int64_t row_end) {
     const int64_t n0 = sizes[0];
     const int n1 = (int)sizes[1];
     for (int64_t row = row_begin; row < row_end; row++) {
         float *h = state[0] + row * n0, *y = state[1] + row * n1;
         const float *c0 = constant[0] + (constant_per_row[0] ? row * n0 : 0);
         const float *c1 = constant[1] + (constant_per_row[1] ? row * n1 : 0);
+        const float *ty = target ? target + row * n1 : NULL;
         int taken;
         if (n1 == 10)  /* ten classes: the loops over the output unrolled, its sums kept in registers */
-            taken = relax_two_layers(h, y, c0, c1, n0, 10, up[1], down[0], a, act, nudge, steps, async_order, tol,
-                                     check_every, exact);
+            taken = relax_two_layers(h, y, c0, c1, n0, 10, up[1], down[0], a, act, nudge, post_beta, ty, steps,
+                                     async_order, tol, check_every, exact);
         else
-            taken = relax_two_layers(h, y, c0, c1, n0, n1, up[1], down[0], a, act, nudge, steps, async_order, tol,
-                                     check_every, exact);
+            taken = relax_two_layers(h, y, c0, c1, n0, n1, up[1], down[0], a, act, nudge, post_beta, ty, steps,
+                                     async_order, tol, check_every, exact);
         if (steps_taken) steps_taken[row] = taken;
     }
 }
@@ -401,26 +446,32 @@ static inline __attribute__((always_inline)) void relax_rows_two_layers(
 #if EPRUN_AVX2
 /* ----------------------------------------------- blocks of examples for wider and deeper nets
  *
- * The sums of block_sums.h, then z = c_i + a·sums [+ ν·s_i], s_i ← g(z), for every example of the
- * block. An example that stops (tol, or a bitwise fixed point with exact) leaves the block, its
+ * The sums of block_sums.h, then z = c_i + a·sums [+ ν·s_i], s_i ← g(z) [+ β(y − s_i) for the output
+ * nudged after σ], for every example of the block. An example that stops (tol, or a bitwise fixed point with exact) leaves the block, its
  * last slot taking its place. */
 typedef struct {
     float *cur[64], *nxt[64];        /* BLOCK_ROWS rows of n_i each */
     const float *c[64][BLOCK_ROWS];  /* each slot's constant of layer i */
     int64_t row[BLOCK_ROWS];         /* each slot's example (row of the batch) */
+    const float *y[BLOCK_ROWS];      /* each slot's target row (the output nudged after σ), or NULL */
 } Block;
 
 /* The first `lanes` (≤ HALF) units of one vector of a layer for one example: z = c + a·sum
- * [+ ν·old], fresh = g(z) stored into out (which may be self: old is read first); returns whether
- * a lane moved (see moved16; only when check). */
+ * [+ ν·old], fresh = g(z) [+ β(y − old) with ``target`` not NULL, β = post_beta] stored into out
+ * (which may be self: old is read first); returns whether a lane moved (see moved16; only when
+ * check). */
 #if EPRUN_AVX512
 static inline int block_vector(float *out, const float *self, const float *c, const float *sum, int64_t lanes,
-                               float a, int act, float nu, int check, float tol) {
+                               float a, int act, float nu, float post_beta, const float *target, int check,
+                               float tol) {
     const __mmask16 m = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1u);
     const __m512 old = _mm512_maskz_loadu_ps(m, self);
     __m512 zz = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_loadu_ps(sum), _mm512_maskz_loadu_ps(m, c));
     if (nu != 0.0f) zz = _mm512_fmadd_ps(_mm512_set1_ps(nu), old, zz);
-    const __m512 fresh = g16(zz, act);
+    __m512 fresh = g16(zz, act);
+    if (target)
+        fresh = _mm512_fmadd_ps(_mm512_set1_ps(-post_beta), old,
+                                _mm512_fmadd_ps(_mm512_set1_ps(post_beta), _mm512_maskz_loadu_ps(m, target), fresh));
     _mm512_mask_storeu_ps(out, m, fresh);
     return check && moved16(fresh, old, tol, m);
 }
@@ -439,25 +490,29 @@ static inline int moved8(__m256 new_values, __m256 old, float tol, __m256i lanes
 }
 
 static inline int block_vector(float *out, const float *self, const float *c, const float *sum, int64_t lanes,
-                               float a, int act, float nu, int check, float tol) {
+                               float a, int act, float nu, float post_beta, const float *target, int check,
+                               float tol) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lanes < 8 ? lanes : 8)),
                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 old = _mm256_maskload_ps(self, m);
     __m256 zz = _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_loadu_ps(sum), _mm256_maskload_ps(c, m));
     if (nu != 0.0f) zz = _mm256_fmadd_ps(_mm256_set1_ps(nu), old, zz);
-    const __m256 fresh = g8(zz, act);
+    __m256 fresh = g8(zz, act);
+    if (target)
+        fresh = _mm256_fmadd_ps(_mm256_set1_ps(-post_beta), old,
+                                _mm256_fmadd_ps(_mm256_set1_ps(post_beta), _mm256_maskload_ps(target, m), fresh));
     _mm256_maskstore_ps(out, m, fresh);
     return check && moved8(fresh, old, tol, m);
 }
 #endif
 
 /* Layer i of the block's R examples, CHUNK units at a time: z = c_i + a·sums [+ ν·s_i], s_i ← g(z)
- * into out (which may be self: each value of self is read before it is written); moved[r] set
+ * [+ β(y[r] − s_i), y not NULL] into out (which may be self: each value of self is read before it is written); moved[r] set
  * when check and example r moved. P: the layer's packed couplings, chunk after chunk
  * (pack_chunk). */
 static void block_layer(int R, float *out, const float *self, const float *below, const float *above, int64_t n,
                         int64_t nb, int64_t na, const float *P, const float *const *c, float a, int act, float nu,
-                        int check, float tol, int *moved) {
+                        float post_beta, const float *const *y, int check, float tol, int *moved) {
     float z[BLOCK_ROWS * CHUNK];
     for (int64_t j = 0; j < n; j += CHUNK, P += CHUNK * (nb + na)) {
         block_sums_any(R, z, below, above, nb, na, P);
@@ -468,7 +523,7 @@ static void block_layer(int R, float *out, const float *self, const float *below
             for (int r = 0; r < R; r++) {
                 const int64_t at = r * n + j + HALF * h;
                 if (block_vector(out + at, self + at, c[r] + j + HALF * h, z + CHUNK * r + HALF * h, lanes, a, act,
-                                 nu, check, tol))
+                                 nu, post_beta, y ? y[r] + j + HALF * h : NULL, check, tol))
                     moved[r] = 1;
             }
         }
@@ -488,6 +543,7 @@ static void block_move(Block *b, int n_layers, const int64_t *sizes, int from, i
         b->c[i][to] = b->c[i][from];
     }
     b->row[to] = b->row[from];
+    b->y[to] = b->y[from];
 }
 
 /* Slot r's states back into the batch's rows, with the steps it took. */
@@ -501,9 +557,10 @@ static void block_return(const Block *b, int n_layers, const int64_t *sizes, flo
 /* relax_rows for any chain of layers, in blocks of examples (see above). */
 static __attribute__((noinline)) int relax_rows_blocked(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
-        const int *constant_per_row, const float *const *P, float a, int act, float nudge, int steps,
-        int async_order, float tol, int check_every, int exact, int32_t *steps_taken, int64_t row_begin,
-        int64_t row_end) {
+        const int *constant_per_row, const float *const *P, float a, int act, float nudge, float post_beta,
+        const float *target, int steps, int async_order, float tol, int check_every, int exact,
+        int32_t *steps_taken, int64_t row_begin, int64_t row_end) {
+    const int64_t n_out = sizes[n_layers - 1];
     int64_t total = 0;
     for (int i = 0; i < n_layers; i++) total += sizes[i];
     float *buffer = (float *)malloc((size_t)(2 * BLOCK_ROWS * total) * sizeof(float));
@@ -521,6 +578,7 @@ static __attribute__((noinline)) int relax_rows_blocked(
         int R = (int)(hi - lo);
         for (int r = 0; r < R; r++) {
             b.row[r] = lo + r;
+            b.y[r] = target ? target + (lo + r) * n_out : NULL;
             for (int i = 0; i < n_layers; i++) {
                 memcpy(b.cur[i] + r * sizes[i], state[i] + (lo + r) * sizes[i], (size_t)sizes[i] * sizeof(float));
                 b.c[i][r] = constant[i] + (constant_per_row[i] ? (lo + r) * sizes[i] : 0);
@@ -534,7 +592,8 @@ static __attribute__((noinline)) int relax_rows_blocked(
                     block_layer(R, async_order ? b.cur[i] : b.nxt[i], b.cur[i], i > 0 ? b.cur[i - 1] : NULL,
                                 i + 1 < n_layers ? b.cur[i + 1] : NULL, sizes[i], below_of(i, sizes),
                                 above_of(i, n_layers, sizes), P[i], b.c[i], a, act,
-                                i == n_layers - 1 ? nudge : 0.0f, check, tol, moved);
+                                i == n_layers - 1 ? nudge : 0.0f, post_beta,
+                                i == n_layers - 1 && target ? b.y : NULL, check, tol, moved);
                 }
             }
             if (!async_order)
@@ -577,8 +636,9 @@ typedef struct {
  * steps. Checked after every step. */
 static inline __attribute__((always_inline)) int relax_examples(
         const int R, Example *ex, const float *const (*c)[64], int n_layers, const int64_t *sizes,
-        const float *const *up, const float *const *down, float a, const int act, float nudge, int first,
-        int steps, int async_order, float tol, int check_every, int exact, int *done) {
+        const float *const *up, const float *const *down, float a, const int act, float nudge, float post_beta,
+        const float *const *target, int first, int steps, int async_order, float tol, int check_every, int exact,
+        int *done) {
     float *z[MAX_R], *out[MAX_R];
     const float *self[MAX_R], *below[MAX_R], *above[MAX_R], *cc[MAX_R];
     for (int r = 0; r < R; r++) z[r] = ex[r].z;
@@ -589,6 +649,7 @@ static inline __attribute__((always_inline)) int relax_examples(
         for (int half = 0; half < (async_order ? 2 : 1); half++) {
             for (int i = async_order ? half : 0; i < n_layers; i += async_order ? 2 : 1) {
                 float nu = (i == n_layers - 1) ? nudge : 0.0f;
+                const float *const *y = (i == n_layers - 1) ? target : NULL;
                 for (int r = 0; r < R; r++) {
                     out[r] = async_order ? ex[r].cur[i] : ex[r].nxt[i];
                     self[r] = ex[r].cur[i];
@@ -596,7 +657,7 @@ static inline __attribute__((always_inline)) int relax_examples(
                     above[r] = i + 1 < n_layers ? ex[r].cur[i + 1] : NULL;
                     cc[r] = c[r][i];
                 }
-                update_layer(R, out, cc, sizes[i], a, act, nu, self,
+                update_layer(R, out, cc, sizes[i], a, act, nu, post_beta, y, self,
                              i > 0 ? up[i] : NULL, below, i > 0 ? sizes[i - 1] : 0,
                              i + 1 < n_layers ? down[i] : NULL, above, i + 1 < n_layers ? sizes[i + 1] : 0, z,
                              check ? moved : NULL, tol);
@@ -629,7 +690,9 @@ static inline __attribute__((always_inline)) int relax_examples(
  *   constant[i]       [batch, n_i] if constant_per_row[i], else [n_i]
  *   up[i]             U_i, [n_i, n_{i−1}], i ≥ 1 (up[0] unused)
  *   down[i]           D_i, [n_{i+1}, n_i], i ≤ L−2 (down[L−1] unused)
- *   nudge             ν = −a·β on the output layer (0 for a free phase)
+ *   nudge             ν = −a·β on the output layer (0 for a free phase, and for a nudge after σ)
+ *   post_beta, target β and y [batch, n_{L−1}] of the output nudged after σ, s ← g(z) + β(y − s);
+ *                     target NULL: no such nudge
  *   async_order       0: sync, 1: even/odd
  *   tol, check_every  tol > 0: each example stops after the first step t, a multiple of
  *                     check_every, in which none of its states moved by tol or more (as the
@@ -642,14 +705,14 @@ static inline __attribute__((always_inline)) int relax_examples(
 static inline __attribute__((always_inline)) int relax_rows(
         int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
         const int *constant_per_row, const float *const *up, const float *const *down, float a, const int act,
-        float nudge, int steps, int async_order, float tol, int check_every, int exact, int32_t *steps_taken,
-        int64_t row_begin, int64_t row_end, const float *const *packed) {
+        float nudge, float post_beta, const float *target, int steps, int async_order, float tol, int check_every,
+        int exact, int32_t *steps_taken, int64_t row_begin, int64_t row_end, const float *const *packed) {
     if (n_layers > 64) return -1;
     if (check_every < 1) check_every = 1;
 #if EPRUN_AVX512
     if (n_layers == 2 && sizes[1] <= FUSED_MAX_OUT) {
-        relax_rows_two_layers(sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps, async_order,
-                              tol, check_every, exact, steps_taken, row_begin, row_end);
+        relax_rows_two_layers(sizes, state, constant, constant_per_row, up, down, a, act, nudge, post_beta, target,
+                              steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
         return 0;
     }
 #endif
@@ -657,14 +720,16 @@ static inline __attribute__((always_inline)) int relax_rows(
     if (uses_blocks(n_layers, sizes)) {
         if (packed)
             return relax_rows_blocked(n_layers, sizes, state, constant, constant_per_row, packed, a, act, nudge,
-                                      steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
+                                      post_beta, target, steps, async_order, tol, check_every, exact, steps_taken,
+                                      row_begin, row_end);
         const float *P[64] = {NULL};
         float *buffer = packing_space(packed_layout(n_layers, sizes, NULL, NULL));
         if (!buffer) return -1;
         packed_layout(n_layers, sizes, buffer, P);
         pack_share(n_layers, sizes, up, down, P, 0, 1);
-        return relax_rows_blocked(n_layers, sizes, state, constant, constant_per_row, P, a, act, nudge, steps,
-                                  async_order, tol, check_every, exact, steps_taken, row_begin, row_end);
+        return relax_rows_blocked(n_layers, sizes, state, constant, constant_per_row, P, a, act, nudge, post_beta,
+                                  target, steps, async_order, tol, check_every, exact, steps_taken, row_begin,
+                                  row_end);
     }
 #else
     (void)packed;
@@ -688,9 +753,12 @@ static inline __attribute__((always_inline)) int relax_rows(
         ex[r].z = base + 2 * total;
     }
     const float *c[MAX_R][64];
+    const float *y[MAX_R];
+    const int64_t n_out = sizes[n_layers - 1];
     for (int64_t row = row_begin; row < row_end; row += MAX_R) {
         int R = row + MAX_R <= row_end ? MAX_R : (int)(row_end - row);
         for (int r = 0; r < R; r++) {
+            y[r] = target ? target + (row + r) * n_out : NULL;
             for (int i = 0; i < n_layers; i++) {
                 memcpy(ex[r].cur[i], state[i] + (row + r) * sizes[i], (size_t)sizes[i] * sizeof(float));
                 c[r][i] = constant[i] + (constant_per_row[i] ? (row + r) * sizes[i] : 0);
@@ -699,15 +767,18 @@ static inline __attribute__((always_inline)) int relax_rows(
         int done[MAX_R] = {0}, taken[MAX_R];
         if (R == 2) {
             taken[0] = taken[1] = relax_examples(2, ex, (const float *const (*)[64])c, n_layers, sizes, up, down,
-                                                 a, act, nudge, 0, steps, async_order, tol, check_every, exact, done);
+                                                 a, act, nudge, post_beta, target ? y : NULL, 0, steps, async_order,
+                                                 tol, check_every, exact, done);
             if (done[0] != done[1]) {  /* one has stopped: the other goes on alone */
                 int r = done[0] ? 1 : 0;
                 taken[r] = relax_examples(1, &ex[r], (const float *const (*)[64])c[r], n_layers, sizes, up, down,
-                                          a, act, nudge, taken[r], steps, async_order, tol, check_every, exact, &done[r]);
+                                          a, act, nudge, post_beta, target ? &y[r] : NULL, taken[r], steps,
+                                          async_order, tol, check_every, exact, &done[r]);
             }
         } else {
             taken[0] = relax_examples(1, ex, (const float *const (*)[64])c, n_layers, sizes, up, down, a, act, nudge,
-                                      0, steps, async_order, tol, check_every, exact, done);
+                                      post_beta, target ? y : NULL, 0, steps, async_order, tol, check_every, exact,
+                                      done);
         }
         if (steps_taken)
             for (int r = 0; r < R; r++) steps_taken[row + r] = taken[r];
@@ -724,16 +795,20 @@ static inline __attribute__((always_inline)) int relax_rows(
  * (pack_share), or NULL for it to pack its own. */
 static int relax_dense_packed(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
                               const int *constant_per_row, const float *const *up, const float *const *down, float a,
-                              int act, float nudge, int steps, int async_order, float tol, int check_every, int exact,
-                              int32_t *steps_taken, int64_t row_begin, int64_t row_end, const float *const *packed) {
+                              int act, float nudge, float post_beta, const float *target, int steps, int async_order,
+                              float tol, int check_every, int exact, int32_t *steps_taken, int64_t row_begin,
+                              int64_t row_end, const float *const *packed) {
     if (act == ACT_LOGISTIC)
         return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_LOGISTIC, nudge,
-                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
+                          post_beta, target, steps, async_order, tol, check_every, exact, steps_taken, row_begin,
+                          row_end, packed);
     if (act == ACT_CLAMP01)
         return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_CLAMP01, nudge,
-                          steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
+                          post_beta, target, steps, async_order, tol, check_every, exact, steps_taken, row_begin,
+                          row_end, packed);
     return relax_rows(n_layers, sizes, state, constant, constant_per_row, up, down, a, ACT_TANH, nudge,
-                      steps, async_order, tol, check_every, exact, steps_taken, row_begin, row_end, packed);
+                      post_beta, target, steps, async_order, tol, check_every, exact, steps_taken, row_begin,
+                      row_end, packed);
 }
 
 /* Couplings packed once for the threads of a parallel call (the block path), or NULL when the
@@ -781,8 +856,8 @@ static void pack_together(int n_layers, const int64_t *sizes, const float *const
  */
 int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, const float *const *constant,
                       const int *constant_per_row, const float *const *up, const float *const *down, float a, int act,
-                      float nudge, int steps, int async_order, float tol, int check_every, int32_t *steps_taken,
-                      int64_t batch, int threads) {
+                      float nudge, float post_beta, const float *target, int steps, int async_order, float tol,
+                      int check_every, int32_t *steps_taken, int64_t batch, int threads) {
     const int exact = FIXED_POINT_STOP;
     const float *P[64] = {NULL};
     const float *const *packed = shared_packing(n_layers, sizes, P);
@@ -799,8 +874,8 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
             if (hi > batch) hi = batch;
             if (lo < hi)
                 failed |= relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act,
-                                             nudge, steps, async_order, tol, check_every, exact, steps_taken, lo, hi,
-                                             packed) != 0;
+                                             nudge, post_beta, target, steps, async_order, tol, check_every, exact,
+                                             steps_taken, lo, hi, packed) != 0;
         }
         return failed ? -1 : 0;
     }
@@ -809,8 +884,8 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
 #if EPRUN_AVX2
     if (packed) pack_share(n_layers, sizes, up, down, packed, 0, 1);
 #endif
-    return relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, steps,
-                              async_order, tol, check_every, exact, steps_taken, 0, batch, packed);
+    return relax_dense_packed(n_layers, sizes, state, constant, constant_per_row, up, down, a, act, nudge, post_beta,
+                              target, steps, async_order, tol, check_every, exact, steps_taken, 0, batch, packed);
 }
 
 /*
@@ -822,24 +897,26 @@ int eprun_relax_dense(int n_layers, const int64_t *sizes, float *const *state, c
  *
  * y is the one-hot code of labels[row]; the output constant of the nudged phase is written into
  * nudged_out_constant [batch, n_{L−1}] (c_{L−1} + a·β at the label, c_{L−1} elsewhere: the sum
- * torch's c + (a·β)·y rounds to). free_loss[row], when not NULL, is the MSE loss at s*,
+ * torch's c + (a·β)·y rounds to). With post_beta = β ≠ 0 the output is nudged after σ instead:
+ * the nudged phase keeps the constants c_i and steps s_{L−1} ← g(z) + β(y − s_{L−1}), y written
+ * into nudged_out_constant. free_loss[row], when not NULL, is the MSE loss at s*,
  * ½ Σ_j (y_j − s*_j)², summed in order j = 0, 1, …. The other arguments are those of
  * eprun_relax_dense; taken_free / taken_nudged (NULL, or [batch] int32) receive each phase's
  * steps. Returns 0, or −1 if scratch memory could not be allocated.
  */
 static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free_state, float *const *nudged_state,
                           const float *const *constant, const int *constant_per_row, float *nudged_out_constant,
-                          const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
-                          float a, int act, int T, int K, int async_order, float tol, int check_every, int exact,
-                          int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t row_begin,
-                          int64_t row_end, const float *const *packed) {
+                          const int64_t *labels, float a_beta, float post_beta, const float *const *up,
+                          const float *const *down, float a, int act, int T, int K, int async_order, float tol,
+                          int check_every, int exact, int32_t *taken_free, int32_t *taken_nudged, float *free_loss,
+                          int64_t row_begin, int64_t row_end, const float *const *packed) {
     if (n_layers > 64 || n_layers < 1) return -1;
     const int out = n_layers - 1;
     const int64_t n_out = sizes[out];
     for (int i = 0; i < n_layers; i++)
         memset(free_state[i] + row_begin * sizes[i], 0, (size_t)((row_end - row_begin) * sizes[i]) * sizeof(float));
-    if (relax_dense_packed(n_layers, sizes, free_state, constant, constant_per_row, up, down, a, act, 0.0f, T,
-                           async_order, tol, check_every, exact, taken_free, row_begin, row_end, packed) != 0)
+    if (relax_dense_packed(n_layers, sizes, free_state, constant, constant_per_row, up, down, a, act, 0.0f, 0.0f,
+                           NULL, T, async_order, tol, check_every, exact, taken_free, row_begin, row_end, packed) != 0)
         return -1;
     for (int i = 0; i < n_layers; i++)
         memcpy(nudged_state[i] + row_begin * sizes[i], free_state[i] + row_begin * sizes[i],
@@ -851,11 +928,16 @@ static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free
         float loss = 0.0f;
         for (int64_t j = 0; j < n_out; j++) {
             const float y = j == labels[row] ? 1.0f : 0.0f;
-            cn[j] = j == labels[row] ? c[j] + a_beta : c[j];
+            if (post_beta != 0.0f) cn[j] = y;
+            else cn[j] = j == labels[row] ? c[j] + a_beta : c[j];
             loss += (y - s[j]) * (y - s[j]);
         }
         if (free_loss) free_loss[row] = 0.5f * loss;
     }
+    if (post_beta != 0.0f)  /* constants as in the free phase; y in nudged_out_constant */
+        return relax_dense_packed(n_layers, sizes, nudged_state, constant, constant_per_row, up, down, a, act, 0.0f,
+                                  post_beta, nudged_out_constant, K, async_order, tol, check_every, exact,
+                                  taken_nudged, row_begin, row_end, packed);
     const float *nudged_constant[64];
     int nudged_per_row[64];
     for (int i = 0; i < n_layers; i++) {
@@ -865,8 +947,8 @@ static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free
     nudged_constant[out] = nudged_out_constant;
     nudged_per_row[out] = 1;
     return relax_dense_packed(n_layers, sizes, nudged_state, nudged_constant, nudged_per_row, up, down, a, act,
-                              -a_beta, K, async_order, tol, check_every, exact, taken_nudged, row_begin, row_end,
-                              packed);
+                              -a_beta, 0.0f, NULL, K, async_order, tol, check_every, exact, taken_nudged, row_begin,
+                              row_end, packed);
 }
 
 /* ep_phases_rows on the whole batch, split into `threads` ranges of whole pairs in one OpenMP
@@ -874,9 +956,10 @@ static int ep_phases_rows(int n_layers, const int64_t *sizes, float *const *free
  * nudged phase starts from states still in that core's cache. */
 int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free_state, float *const *nudged_state,
                           const float *const *constant, const int *constant_per_row, float *nudged_out_constant,
-                          const int64_t *labels, float a_beta, const float *const *up, const float *const *down,
-                          float a, int act, int T, int K, int async_order, float tol, int check_every,
-                          int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t batch, int threads) {
+                          const int64_t *labels, float a_beta, float post_beta, const float *const *up,
+                          const float *const *down, float a, int act, int T, int K, int async_order, float tol,
+                          int check_every, int32_t *taken_free, int32_t *taken_nudged, float *free_loss, int64_t batch,
+                          int threads) {
     const int exact = FIXED_POINT_STOP;
     int failed = 0;
     const float *P[64] = {NULL};
@@ -893,9 +976,9 @@ int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free
             if (hi > batch) hi = batch;
             if (lo < hi)
                 failed |= ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row,
-                                         nudged_out_constant, labels, a_beta, up, down, a, act, T, K, async_order,
-                                         tol, check_every, exact, taken_free, taken_nudged, free_loss, lo, hi,
-                                         packed) != 0;
+                                         nudged_out_constant, labels, a_beta, post_beta, up, down, a, act, T, K,
+                                         async_order, tol, check_every, exact, taken_free, taken_nudged, free_loss,
+                                         lo, hi, packed) != 0;
         }
         return failed ? -1 : 0;
     }
@@ -905,8 +988,8 @@ int eprun_ep_dense_phases(int n_layers, const int64_t *sizes, float *const *free
     if (packed) pack_share(n_layers, sizes, up, down, packed, 0, 1);
 #endif
     failed = ep_phases_rows(n_layers, sizes, free_state, nudged_state, constant, constant_per_row, nudged_out_constant,
-                            labels, a_beta, up, down, a, act, T, K, async_order, tol, check_every, exact, taken_free,
-                            taken_nudged, free_loss, 0, batch, packed);
+                            labels, a_beta, post_beta, up, down, a, act, T, K, async_order, tol, check_every, exact,
+                            taken_free, taken_nudged, free_loss, 0, batch, packed);
     return failed;
 }
 

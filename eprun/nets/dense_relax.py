@@ -25,7 +25,7 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
 
         z^i = const_i + a·(s^{i−1} @ bottom_up[i]) + a·(s^{i+1} @ top_down[i])  [+ nudge at the last layer]
         s^i ← g(z^i)                                   [+ β(y − s^N_t) at the last layer instead, for a
-                                                        net that ``nudges_after_activation``: torch only]
+                                                        net that ``nudges_after_activation``]
 
     (row-major states; ``const_0`` already holds the input drive; a, g from ``net.act``).
     ``scratch`` is a second set of state buffers: steps alternate between the two sets, so a
@@ -47,16 +47,18 @@ def relax_dense_(net, const: list[torch.Tensor], state: list[torch.Tensor], scra
     examples), ``net.last_relax_engine`` "native", "triton" or "torch".
 
     The products are the run's precision's (:class:`~eprun.nets.relax_products.RelaxProducts`);
-    the compiled and Triton kernels run float32 products only.
+    the compiled and Triton kernels run float32 products only; the Triton kernel does not run the
+    nudge after σ.
     """
     a = net.act.scale
     n_layers = len(state)
     nudged = beta != 0.0 and target is not None
-    after = nudged and net.nudges_after_activation  # no compiled or Triton form: torch's loop below
+    after = nudged and net.nudges_after_activation
     per_example = tol > 0.0 and check_tol_scope(tol_scope) == "example"
     products = RelaxProducts.of_run()
-    if not after and products.exact and (tol == 0.0 or per_example) and relax_native_(
-            net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order, tol, check_every):
+    if products.exact and (tol == 0.0 or per_example) and relax_native_(
+            net, const, state, bottom_up, top_down, steps, beta if nudged else 0.0, order, tol, check_every,
+            target if after else None):
         return state
     if not after and products.exact and tol == 0.0 and relax_triton_(net, const, state, bottom_up, top_down, steps,
                                                        beta if nudged else 0.0, order):
@@ -113,19 +115,23 @@ def kernel_matrices(bottom_up: list[torch.Tensor], top_down: list[torch.Tensor])
 
 def relax_native_(net, const: list[torch.Tensor], state: list[torch.Tensor], bottom_up: list[torch.Tensor],
                   top_down: list[torch.Tensor], steps: int, beta: float, order: str, tol: float = 0.0,
-                  check_every: int = 1) -> bool:
+                  check_every: int = 1, after_target: torch.Tensor | None = None) -> bool:
     """Run :func:`relax_dense_`'s steps with the compiled kernel when it applies; return False to
     leave them to torch. The kernel's ν = −a·β on the output layer is the MSE nudge a·β(y − s^N),
-    its a·β·y already in the output layer's constant. ``tol`` > 0 stops each example on its own."""
+    its a·β·y already in the output layer's constant; with ``after_target`` = y (a net that
+    ``nudges_after_activation``) the kernel adds β(y − s^N_t) after σ instead. ``tol`` > 0 stops
+    each example on its own."""
     if (beta != 0.0 and net.softmax_readout) or net.act.name not in native_dense.ACTIVATION_CODES:
         return False
-    if not native_dense.supports(state, *const, steps=steps):  # before the weights are copied for the kernel
+    extra = [] if after_target is None else [after_target]
+    if not native_dense.supports(state, *const, *extra, steps=steps):  # before the weights are copied for the kernel
         return False
     up, down = kernel_matrices(bottom_up, top_down)
     if not native_dense.cpu_float32(*[m for m in up + down if m is not None]):
         return False
-    row_steps = native_dense.relax_dense(state, const, up, down, net.act.scale, net.act.name, -net.act.scale * beta,
-                                         steps, order, tol, check_every)
+    nudge, after = (-net.act.scale * beta, None) if after_target is None else (0.0, (beta, after_target))
+    row_steps = native_dense.relax_dense(state, const, up, down, net.act.scale, net.act.name, nudge, steps, order,
+                                         tol, check_every, after=after)
     net.note_relax(steps if row_steps is None else float(row_steps.float().mean()), "native")
     return True
 
@@ -158,7 +164,7 @@ def ep_phases_dense(net, drive: torch.Tensor, labels: torch.Tensor, free_steps: 
     Returns (s*, s^β, per-example loss at s*, (mean steps of the free phase, of the nudged
     phase)), or None to leave it to ``net.relax`` twice — the same dynamics, step for step."""
     if (net.softmax_readout or net.act.name not in native_dense.ACTIVATION_CODES or beta == 0.0
-            or not RelaxProducts.of_run().exact or net.nudges_after_activation):
+            or not RelaxProducts.of_run().exact):
         return None
     if tol > 0.0 and check_tol_scope(tol_scope) != "example":
         return None
@@ -172,7 +178,7 @@ def ep_phases_dense(net, drive: torch.Tensor, labels: torch.Tensor, free_steps: 
     nudged = [torch.empty_like(s) for s in free]
     taken_free, taken_nudged, loss = native_dense.ep_dense_phases(
         free, nudged, const, up, down, labels, net.act.scale, net.act.name, beta, free_steps, nudged_steps, order,
-        tol, check_every)
+        tol, check_every, after=net.nudges_after_activation)
     steps = (float(taken_free.float().mean()), float(taken_nudged.float().mean())) if tol > 0.0 else (
         float(free_steps), float(nudged_steps))
     net.note_relax(steps[1], "native")

@@ -52,7 +52,7 @@ class MLPConfig(ModelConfig):
     readout: Literal["mse", "softmax"] = "mse"
     weight_scale: Union[float, list[float]] = 1.0
     #: where the nudged phase adds β(y − s^N): to the output's pre-activation (Φ − βℓ) or after σ, as
-    #: the authors' ``EPdisc.stepper`` does (eprun/nets/conv.py's docstring); after σ runs on torch only
+    #: the authors' ``EPdisc.stepper`` does (eprun/nets/conv.py's docstring)
     nudge: Literal["pre_activation", "post_activation"] = "pre_activation"
 
     def check(self):
@@ -211,7 +211,7 @@ class PrototypicalMLP(LayeredNetwork):
         """C-EP's nudged phase with every weight held as θ* plus its increments in factored form
         (:mod:`eprun.nets.dense_cep`: Φ is linear in θ, so the increments telescope); float32
         products only (the run's precision, :class:`~eprun.nets.relax_products.RelaxProducts`)."""
-        if not RelaxProducts.of_run().exact or self.nudges_after_activation:
+        if not RelaxProducts.of_run().exact:
             return False
         continual_nudged_phase_dense_(self, self.flatten(x), drive, free, steps, beta, target, y, rate)
         return True

@@ -302,7 +302,7 @@ class VectorFieldMLP(LayeredNetwork):
         """C-VF's nudged phase with W_nᵀ and B_nᵀ held as contiguous copies that each step's increment
         goes straight into (:mod:`eprun.nets.vf_cep`); not with ``same_update``, and float32
         products only (the run's precision, :class:`~eprun.nets.relax_products.RelaxProducts`)."""
-        if self.same_update or not RelaxProducts.of_run().exact or self.nudges_after_activation:
+        if self.same_update or not RelaxProducts.of_run().exact:
             return False
         continual_nudged_phase_vf_(self, self.flatten(x), drive, free, steps, beta, target, y, rate)
         return True
