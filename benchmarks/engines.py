@@ -13,7 +13,6 @@ of every engine are compared with torch's (float32 rounding). Returns the figure
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -36,8 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
-    from benchmarks.variants import variant
-    from eprun import native
+    from benchmarks.variants import engine, threads_kept, variant
     from eprun.bench.cases import CASES, BenchOptions
     from eprun.bench.measure import CaseSetup
     from eprun.native import build
@@ -48,28 +46,25 @@ def main(argv=None) -> dict:
     flags = build.cpu_flags()
     arches = [a for a in ("generic", "avx2", "avx512") if all(f in flags for f in build.ARCHES[a][1])]
     threads = sorted({1, torch.get_num_threads()})
-    saved_threads, saved_mode = torch.get_num_threads(), os.environ.get("EPRUN_NATIVE")
     results: dict = {"case": args.case, "T": T, "net": net.describe(), "engines": {}}
     print(f"{args.case}: {net.describe()}, free phase T={T}; µs a step (ns an example-step), best of {args.rounds}")
-    try:
+    with threads_kept():
         for batch in args.batches:
             x, _ = setup.data(1, batch, "engines")[0]
             with torch.no_grad():
                 drive = net.input_drive(x)
-                os.environ["EPRUN_NATIVE"] = "0"
-                native.reset()
-                reference = rule.free_phase(drive)
+                with engine("0"):
+                    reference = rule.free_phase(drive)
                 for n in threads:
                     torch.set_num_threads(n)
                     runs = {"torch": None} | {arch: arch for arch in arches}
                     for name, arch in runs.items():
-                        os.environ["EPRUN_NATIVE"] = "0" if arch is None else "auto"
-                        native.reset()
                         if arch is None:
-                            seconds = _best(lambda: rule.free_phase(drive), args.rounds)
-                            state = rule.free_phase(drive)
+                            with engine("0"):
+                                seconds = _best(lambda: rule.free_phase(drive), args.rounds)
+                                state = rule.free_phase(drive)
                         else:
-                            with variant(arch=arch):
+                            with engine("auto"), variant(arch=arch):
                                 seconds = _best(lambda: rule.free_phase(drive), args.rounds)
                                 state = rule.free_phase(drive)
                                 assert net.last_relax_engine == "native"
@@ -81,13 +76,6 @@ def main(argv=None) -> dict:
                         r = results["engines"][key]
                         print(f"  {key:36s} {r['us_per_step']:9.1f} µs ({r['ns_per_example_step']:7.1f} ns)   "
                               f"|Δ| {r['max_abs_difference_from_torch']:.1e}")
-    finally:
-        torch.set_num_threads(saved_threads)
-        if saved_mode is None:
-            os.environ.pop("EPRUN_NATIVE", None)
-        else:
-            os.environ["EPRUN_NATIVE"] = saved_mode
-        native.reset()
     return results
 
 

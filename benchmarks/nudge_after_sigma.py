@@ -11,12 +11,10 @@ the recipe's batch size; rounds alternate the three settings, each figure the be
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-from benchmarks.recipe_step import step_ms
+from benchmarks.recipe_step import recipe_arguments, side_by_side
+from benchmarks.variants import engine, threads_kept
 
 DEFAULT = ["ernoult2020/ep-1h", "ernoult2019/proto-mlp-2h", "ernoult2020/vf-2h", "ernoult2020/cep-1h"]
 SETTINGS = (  # (label, model.nudge, EPRUN_NATIVE)
@@ -27,41 +25,18 @@ SETTINGS = (  # (label, model.nudge, EPRUN_NATIVE)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", action="append")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args(argv)
+    args = recipe_arguments(__doc__.splitlines()[0]).parse_args(argv)
 
-    from eprun import native
     from eprun.catalog import resolve
     from eprun.recipe import load_recipe
 
-    saved, saved_threads = os.environ.get("EPRUN_NATIVE"), torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     results = {}
-    try:
+    with threads_kept():
+        torch.set_num_threads(args.threads)
         for name in args.recipe or DEFAULT:
-            recipes = {nudge: load_recipe(resolve(name), [f"model.nudge={nudge}"]) for _, nudge, _ in SETTINGS}
-            b = recipes["post_activation"].data.batch_size
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.rand(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
-            times = {label: [] for label, _, _ in SETTINGS}
-            for _ in range(args.rounds):
-                for label, nudge, mode in SETTINGS:
-                    os.environ["EPRUN_NATIVE"] = mode
-                    native.reset()
-                    times[label].append(step_ms(recipes[nudge], x, y))
-            results[name] = times
-            print(f"{name}, batch {b}, {args.threads} thread(s): "
-                  + "; ".join(f"{label} {' · '.join(f'{t:.1f}' for t in ts)} ms" for label, ts in times.items()))
-    finally:
-        torch.set_num_threads(saved_threads)
-        if saved is None:
-            os.environ.pop("EPRUN_NATIVE", None)
-        else:
-            os.environ["EPRUN_NATIVE"] = saved
-        native.reset()
+            results[name] = side_by_side(name, {
+                label: (load_recipe(resolve(name), [f"model.nudge={nudge}"]), lambda mode=mode: engine(mode))
+                for label, nudge, mode in SETTINGS}, args.rounds, args.threads)
     return results
 
 

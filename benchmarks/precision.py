@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 
 import torch
 
@@ -34,23 +33,6 @@ def relative(u: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     rel = float((u - ref).norm() / ref.norm())
     cos = float(u @ ref / (u.norm() * ref.norm()))
     return rel, cos
-
-
-@contextlib.contextmanager
-def engine(native_on: bool):
-    from eprun import native
-
-    saved = os.environ.get("EPRUN_NATIVE")
-    os.environ["EPRUN_NATIVE"] = "auto" if native_on else "0"
-    native.reset()
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("EPRUN_NATIVE", None)
-        else:
-            os.environ["EPRUN_NATIVE"] = saved
-        native.reset()
 
 
 @contextlib.contextmanager
@@ -95,6 +77,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from benchmarks.variants import engine
     from eprun.bench.cases import CASES, BenchOptions
     from eprun.bench.measure import CaseSetup
 
@@ -107,9 +90,9 @@ def main(argv=None) -> dict:
     x, y = data[-1]
     names = [f"{kind}{n}" for n in range(len(net.weights)) for kind in ("W", "b")]
     reference = ep_update(net, setup.recipe, x, y, torch.float64)
-    with engine(True):
+    with engine("auto"):
         rows = {"float32, compiled kernels": ep_update(net, setup.recipe, x, y, torch.float32)}
-    with engine(False):
+    with engine("0"):
         rows["float32, torch"] = ep_update(net, setup.recipe, x, y, torch.float32)
         with matmul_precision("medium"):
             rows["float32, matmul precision medium"] = ep_update(net, setup.recipe, x, y, torch.float32)

@@ -42,12 +42,17 @@ def step_ms(recipe, x, y) -> float:
     return best * 1e3
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def recipe_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the scripts that time whole training steps of bundled recipes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--recipe", action="append")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = recipe_arguments(__doc__.splitlines()[0]).parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from benchmarks.variants import variant
@@ -57,18 +62,26 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.recipe or DEFAULT:
         recipe = load_recipe(resolve(name))
-        g = torch.Generator().manual_seed(0)
-        b = recipe.data.batch_size
-        x, y = torch.rand(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
-        times = {"pairs": [], "blocks": []}
-        for _ in range(args.rounds):
-            for label, defines in (("pairs", ("EPRUN_NO_BLOCKS",)), ("blocks", ())):
-                with variant(*defines):
-                    times[label].append(step_ms(recipe, x, y))
-        results[name] = times
-        print(f"{name}, batch {b}, {args.threads} thread(s): "
-              + "; ".join(f"{label} {' · '.join(f'{t:.1f}' for t in ts)} ms" for label, ts in times.items()))
+        results[name] = side_by_side(name, {"pairs": (recipe, lambda: variant("EPRUN_NO_BLOCKS")),
+                                            "blocks": (recipe, lambda: variant())}, args.rounds, args.threads)
     return results
+
+
+def side_by_side(name: str, settings: dict, rounds: int, threads: int) -> dict[str, list[float]]:
+    """``settings``: label → (recipe, a context manager factory for its timing); ``rounds`` rounds
+    alternate them on one batch of random inputs of the first recipe's batch size. Prints and
+    returns each setting's figures (ms)."""
+    b = next(iter(settings.values()))[0].data.batch_size
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g)
+    times = {label: [] for label in settings}
+    for _ in range(rounds):
+        for label, (recipe, setting) in settings.items():
+            with setting():
+                times[label].append(step_ms(recipe, x, y))
+    print(f"{name}, batch {b}, {threads} thread(s): "
+          + "; ".join(f"{label} {' · '.join(f'{t:.1f}' for t in ts)} ms" for label, ts in times.items()))
+    return times
 
 
 if __name__ == "__main__":
