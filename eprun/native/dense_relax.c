@@ -446,9 +446,9 @@ static inline __attribute__((always_inline)) void relax_rows_two_layers(
 #if EPRUN_AVX2
 /* ----------------------------------------------- blocks of examples for wider and deeper nets
  *
- * The sums of block_sums.h, then z = c_i + a·sums [+ ν·s_i], s_i ← g(z) [+ β(y − s_i) for the output
- * nudged after σ], for every example of the block. An example that stops (tol, or a bitwise fixed point with exact) leaves the block, its
- * last slot taking its place. */
+ * The sums of block_sums.h, then z = c_i + a·sums [+ ν·s_i], s_i ← g(z) [+ β(y − s_i) for the
+ * output nudged after σ], for every example of the block. An example that stops (tol, or a
+ * bitwise fixed point with exact) leaves the block, its last slot taking its place. */
 typedef struct {
     float *cur[64], *nxt[64];        /* BLOCK_ROWS rows of n_i each */
     const float *c[64][BLOCK_ROWS];  /* each slot's constant of layer i */
@@ -507,9 +507,9 @@ static inline int block_vector(float *out, const float *self, const float *c, co
 #endif
 
 /* Layer i of the block's R examples, CHUNK units at a time: z = c_i + a·sums [+ ν·s_i], s_i ← g(z)
- * [+ β(y[r] − s_i), y not NULL] into out (which may be self: each value of self is read before it is written); moved[r] set
- * when check and example r moved. P: the layer's packed couplings, chunk after chunk
- * (pack_chunk). */
+ * [+ β(y[r] − s_i), y not NULL] into out (which may be self: each value of self is read before it
+ * is written); moved[r] set when check and example r moved. P: the layer's packed couplings, chunk
+ * after chunk (pack_chunk). */
 static void block_layer(int R, float *out, const float *self, const float *below, const float *above, int64_t n,
                         int64_t nb, int64_t na, const float *P, const float *const *c, float a, int act, float nu,
                         float post_beta, const float *const *y, int check, float tol, int *moved) {
