@@ -18,8 +18,8 @@ def energy_net():
     return EnergyMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(0)).double()
 
 
-def proto_net(activation="sigmoid"):
-    cfg = MLPConfig(hidden=[8, 6], weight_scale=0.5, activation=activation)
+def proto_net(activation="sigmoid", hidden=(8, 6), nudge="pre_activation"):
+    cfg = MLPConfig(hidden=list(hidden), weight_scale=0.5, activation=activation, nudge=nudge)
     return PrototypicalMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(0)).double()
 
 
@@ -44,6 +44,28 @@ def test_prototypical_weight_updates_match_bptt():
     for name, m in result["estimators"]["one-sided"].items():
         if not name.startswith("s"):
             assert m["relative_rmse"] < 0.02 and m["sign_agreement"] >= 0.95, (name, m)
+
+
+@pytest.mark.parametrize("nudge", ["pre_activation", "post_activation"])
+def test_the_first_output_weight_update_against_bptt_for_each_nudge_form(nudge):
+    """At a converged free phase, the first nudged step's update of the output weights:
+    nudged inside σ, (σ(z* + β(y − s*)) − s*) s^{N−1}*ᵀ/β → σ'(z*)(y − s*) s^{N−1}*ᵀ, BPTT's
+    gradient through the last step; nudged after σ, exactly (y − s*) s^{N−1}*ᵀ, BPTT's without
+    the factor σ'(z*) = a·s*(1 − s*) (recipes/README.md, "GDU checks"). One example, so σ' is
+    one factor per output unit."""
+    net = proto_net(hidden=[8], nudge=nudge)
+    x, y = batch()
+    x, y = x[:1], y[:1]
+    ep = gdu.ep_updates(net, x, y, T=300, K=1, beta=1e-7)["weights.1"][0]
+    bptt = gdu.bptt_gradients(net, x, y, T=300, K=1)["weights.1"][0]
+    s_out = gdu.free_phase(net, x, 300)[-1][0]
+    sigma_prime = net.act.scale * s_out * (1 - s_out)
+    assert float(sigma_prime.max()) < 0.9  # a factor the comparison can see
+    if nudge == "pre_activation":
+        torch.testing.assert_close(ep, bptt, rtol=1e-5, atol=1e-10)
+    else:
+        torch.testing.assert_close(ep * sigma_prime[:, None], bptt, rtol=1e-8, atol=1e-12)
+        assert not torch.allclose(ep, bptt, rtol=1e-2, atol=0)
 
 
 def test_o_of_t_state_gradients_equal_naive_reruns():
