@@ -9,12 +9,13 @@ with the layer's constant c_i (the input drive for i = 0), σ = g(a·x + c), and
 MSE nudge (its a·β·y already in the output constant); or, for a net that nudges its output
 after σ (``model.nudge: post_activation``), ν = 0, no a·β·y, and at the output layer::
 
-    s_{L−1} ← g(z_{L−1}) + β(y − s_{L−1}) For the prototypical net U_i = D_{i−1} =
-W_i; for the vector-field net D_i = B_{i+1}ᵀ. Every example relaxes independently of the
-others: the kernel runs examples in pairs (in blocks of up to 6 on AVX2 builds, 12 on AVX-512, for
-nets past one hidden layer under a small output; and on AVX-512 one example at a time through one
-pass a step for one hidden layer under at most 16 outputs) with their states and the couplings in
-cache, products, nudge and σ fused.
+    s_{L−1} ← g(z_{L−1}) + β(y − s_{L−1})
+
+For the prototypical net U_i = D_{i−1} = W_i; for the vector-field net D_i = B_{i+1}ᵀ. Every
+example relaxes independently of the others: the kernel runs examples in pairs (in blocks of up to
+6 on AVX2 builds, 12 on AVX-512, for nets past one hidden layer under a small output; and on
+AVX-512 one example at a time through one pass a step for one hidden layer under at most 16
+outputs) with their states and the couplings in cache, products, nudge and σ fused.
 With a fixed number of steps an example stops computing once a step leaves its state unchanged
 bit for bit: every further step would return that same state, so the result is that of all the
 steps, to the bit.
@@ -123,8 +124,8 @@ def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], consta
     (int64, [batch]); with ``after``, the output nudged after σ instead (the constants kept,
     s ← g(z) + β(y − s) at the output). ``free`` and ``nudged`` are [batch, n_i] float32
     buffers, written whole; the other arguments are those of :func:`relax_dense`, checked by the
-    caller with :func:`supports`. Each row range of the batch runs both phases on one thread: the same
-    steps as two calls of :func:`relax_dense`.
+    caller with :func:`supports`. Each row range of the batch runs both phases on one thread: the
+    same steps as two calls of :func:`relax_dense`.
 
     Returns (steps each example took in the free phase, in the nudged phase, [batch] int32;
     the MSE loss ½‖y − s*_out‖² per example, float32)."""
@@ -138,8 +139,7 @@ def ep_dense_phases(free: list[torch.Tensor], nudged: list[torch.Tensor], consta
         n, array(ctypes.c_int64, [s.shape[1] for s in free]), pointers(free), pointers(nudged),
         pointers(constant), array(ctypes.c_int, [int(c.dim() == 2) for c in constant]),
         nudged_constant.data_ptr(), labels.data_ptr(), float(scale * beta), float(beta) if after else 0.0,
-        pointers(up), pointers(down),
-        float(scale), ACTIVATION_CODES[activation], _c_int("free_steps", free_steps),
+        pointers(up), pointers(down), float(scale), ACTIVATION_CODES[activation], _c_int("free_steps", free_steps),
         _c_int("nudged_steps", nudged_steps), int(order == "async"), float(tol), _c_int("check_every", check_every),
         taken[0].data_ptr(), taken[1].data_ptr(), loss.data_ptr(), batch,
         parallel.threads_for(lib, batch))
