@@ -139,12 +139,13 @@ def test_a_row_of_the_recipe_with_other_settings_reads_its_own_folder_and_says_w
         "p-conv-other": summary.Row("P-conv, other nudge", "ernoult2019/proto-conv", 40,
                                     settings="-s model.nudge=pre_activation",
                                     folder="ernoult2019_proto-conv-pre_activation", ended="stopped: collapsed")})
+    speed = 1000.0  # a made-up mean speed, samples/s
     for folder, epochs in (("ernoult2019_proto-conv-seed0", 5), ("ernoult2019_proto-conv-pre_activation-seed0", 3)):
         run = tmp_path / "runs" / folder / "proto-conv-20261205-185945"
         run.mkdir(parents=True)
         (run / "recipe.yaml").write_text("name: proto-conv\nseed: 0\n")
         (run / "summary.json").write_text(json.dumps({"status": "interrupted", "epochs_completed": epochs,
-                                                      "samples_per_s": 1000.0}))  # a made-up speed
+                                                      "samples_per_s": speed}))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "split": "val", "epoch": e,
                                                                "accuracy": 0.97}) + "\n" for e in range(1, epochs + 1)))
 
@@ -153,6 +154,6 @@ def test_a_row_of_the_recipe_with_other_settings_reads_its_own_folder_and_says_w
     assert [(r["row"], r["seeds"][0]["epochs_completed"]) for r in rows] == [("p-conv", 5), ("p-conv-other", 3)]
     assert rows[1]["recipe"] == "ernoult2019/proto-conv -s model.nudge=pre_activation"
     table = summary.table(rows).splitlines()
-    assert "h of training to epoch 40 at 1,000 samples/s (mean)" in table[2]
+    assert f"h of training to epoch 40 at {speed:,.0f} samples/s (mean)" in table[2]
     assert table[3].endswith("seed 0: — (3 ep, interrupted; stopped: collapsed) |")
     assert "ended" not in json.loads((summary.OUT / "p-conv.json").read_text())
