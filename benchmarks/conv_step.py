@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     from eprun.bench.cases import CASES, BenchOptions
     from eprun.bench.measure import CaseSetup
     from eprun.nets import winograd
-    from eprun.nets.conv_kernels import max_pool_with_indices
+    from eprun.nets.pooling import max_pool_with_indices
 
     setup = CaseSetup(CASES["conv-mnist"], BenchOptions(), torch.device("cpu"), torch.float32)
     net = setup.pristine

@@ -346,3 +346,23 @@ def test_cep_paths_script_times_the_three_paths_and_finds_them_equal():
     for difference in result["relative_difference_of_one_update"].values():
         assert 0.0 < difference["float32"] < 1e-4  # the paths are distinct code, equal up to rounding
         assert difference["float64"] < 1e-10
+
+
+def test_ff_elu_pool_script_times_both_settings_and_puts_the_nets_back():
+    """benchmarks/ff_elu_pool.py: a training step of a target propagation recipe with torch's
+    F.elu and NCHW pooling and with eprun's, nets built inside the first setting taking torch's
+    functions, and the module as it was afterwards."""
+    import torch.nn.functional as F
+
+    from benchmarks import ff_elu_pool
+    from eprun.nets import feedforward
+    from eprun.nets.elu import elu
+    from eprun.nets.pooling import max_pool_with_indices
+
+    with ff_elu_pool.torch_elu_and_pool():
+        layer = feedforward.ConvLayer((1, 8, 8), 2, 3, 1, "max", "elu", 1.0, torch.Generator().manual_seed(0))
+        assert layer.act is F.elu and feedforward.max_pool_with_indices is not max_pool_with_indices
+    result = ff_elu_pool.main(["--recipe", "ernoult2022/mnist-lenet-bp", "--rounds", "1"])
+    assert feedforward.FF_ACTIVATIONS["elu"] is elu and feedforward.max_pool_with_indices is max_pool_with_indices
+    times = result["ernoult2022/mnist-lenet-bp"]
+    assert len(times) == 2 and all(len(ms) == 1 and ms[0] > 0 for ms in times.values())

@@ -370,7 +370,7 @@ def test_max_pool_through_channels_last_is_torchs_bit_for_bit(shape, window):
     """The CPU pooling of large inputs runs on a channels-last copy: the same values and argmax
     indices as F.max_pool2d on the input as it is, with ties (few distinct values) and NaNs, and
     the results contiguous."""
-    from eprun.nets.conv import max_pool_with_indices
+    from eprun.nets.pooling import max_pool_with_indices
 
     g = torch.Generator().manual_seed(0)
     ties = torch.randint(0, 3, shape, generator=g).float()

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from eprun import native
-from eprun.nets.conv import ConvConfig, ConvNet, max_pool_with_indices
+from eprun.nets.conv import ConvConfig, ConvNet
+from eprun.nets.pooling import max_pool_with_indices
 from eprun.nets.vf_conv import VectorFieldConvNet, VFConvConfig
 
 pytestmark = pytest.mark.native  # also run on the forced AVX2 build in CI (.ci/run)

@@ -13,8 +13,7 @@ and through the net's own torch code (the definition) everywhere else:
 * a 5 × 5 convolution with stride 1 and the 2 × 2 max pooling after it by Winograd's
   F(4 × 4, 5 × 5) (:mod:`eprun.nets.winograd`), the pooling fused in.
 
-It also pools large CPU maps through a channels-last copy (:func:`max_pool_with_indices`):
-torch's kernel for that layout gives the same values and indices bit for bit, faster.
+Large CPU maps are pooled through a channels-last copy (:func:`eprun.nets.pooling.max_pool_with_indices`).
 
 Under ``train.precision: bf16`` the compiled kernels (float32) step aside and both operations
 take bfloat16 operands (:class:`~eprun.nets.relax_products.RelaxProducts`): the pooled
@@ -26,28 +25,12 @@ float32 state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from eprun.native import conv as native_conv
 from eprun.nets import winograd
 from eprun.nets.relax_products import RelaxProducts
 
 CLAMPED_ACTIVATIONS = ("hard_sigmoid", "hard_sigmoid_half")  # g = clamp to [0, 1]: the compiled kernel applies it
-CHANNELS_LAST_POOL_MIN = 1 << 14  # elements of z from which the CPU pooling goes through channels-last
-
-
-def max_pool_with_indices(z: torch.Tensor, p: int, keep_channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F.max_pool2d(z, p, p, return_indices=True)``, the same values and indices bit for bit; a
-    large CPU z is pooled in a channels-last copy and the results returned contiguous
-    (``keep_channels_last``: as they come, channels-last)."""
-    if z.device.type == "cpu" and z.dim() == 4 and z.numel() >= CHANNELS_LAST_POOL_MIN:
-        pooled, indices = F.max_pool2d(z.contiguous(memory_format=torch.channels_last), p, p, return_indices=True)
-        if keep_channels_last:
-            return pooled, indices
-        return pooled.contiguous(), indices.contiguous()
-    return F.max_pool2d(z, p, p, return_indices=True)
-
-
 class ConvKernels:
     """For one relaxation of ``net`` on ``state``: which layers take which compiled kernel, their
     prepared weights and buffers, and the three operations of a step with their torch fallbacks.

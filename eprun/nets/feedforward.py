@@ -32,12 +32,14 @@ from torch import nn
 from eprun.limits import MAX_CHANNELS, MAX_UNITS, magnitude, within
 from eprun.nets.base import ModelConfig, Network, dense_chain_problems
 from eprun.nets.conv_lists import ConvLayerLists
+from eprun.nets.elu import elu
 from eprun.nets.parameters import per_layer, uniform_parameter
+from eprun.nets.pooling import max_pool_with_indices
 
 FFActivationName = Literal["elu", "relu", "leaky_relu", "tanh", "sigmoid", "identity"]
 
 FF_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "elu": F.elu,
+    "elu": elu,  # through exp on the CPU (eprun/nets/elu.py)
     "relu": F.relu,
     "leaky_relu": F.leaky_relu,  # slope 0.01 below 0
     "tanh": torch.tanh,
@@ -141,7 +143,7 @@ class ConvLayer(nn.Module):
     def forward_layer(self, h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         a = self.act(F.conv2d(h, self.weight, self.bias, padding=self.padding))
         if self.pool == "max":
-            return F.max_pool2d(a, 2, 2, return_indices=True)
+            return max_pool_with_indices(a, 2)
         return a, None
 
     def feedback(self, u: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
