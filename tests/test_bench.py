@@ -348,21 +348,26 @@ def test_cep_paths_script_times_the_three_paths_and_finds_them_equal():
         assert difference["float64"] < 1e-10
 
 
-def test_ff_elu_pool_script_times_both_settings_and_puts_the_nets_back():
-    """benchmarks/ff_elu_pool.py: a training step of a target propagation recipe with torch's
-    F.elu and NCHW pooling and with eprun's, nets built inside the first setting taking torch's
-    functions, and the module as it was afterwards."""
+def test_target_prop_step_script_times_each_setting_and_puts_the_code_back():
+    """benchmarks/target_prop_step.py: a training step of a target propagation recipe before and
+    after each CPU path; inside the first setting nets take torch's F.elu and L-DRL's loss applies
+    G three times, and everything is as it was afterwards."""
     import torch.nn.functional as F
 
-    from benchmarks import ff_elu_pool
+    from benchmarks import target_prop_step
     from eprun.nets import feedforward
     from eprun.nets.elu import elu
     from eprun.nets.pooling import max_pool_with_indices
+    from eprun.rules.dtp import DTP
 
-    with ff_elu_pool.torch_elu_and_pool():
+    difference, loss = feedforward.FeedforwardNet.feedback_difference, DTP.feedback_loss
+    with target_prop_step.before_both():
         layer = feedforward.ConvLayer((1, 8, 8), 2, 3, 1, "max", "elu", 1.0, torch.Generator().manual_seed(0))
         assert layer.act is F.elu and feedforward.max_pool_with_indices is not max_pool_with_indices
-    result = ff_elu_pool.main(["--recipe", "ernoult2022/mnist-lenet-bp", "--rounds", "1"])
+        assert DTP.feedback_loss is target_prop_step._three_feedbacks_loss
+    result = target_prop_step.main(["--recipe", "ernoult2022/mnist-lenet-bp", "--rounds", "1"])
     assert feedforward.FF_ACTIVATIONS["elu"] is elu and feedforward.max_pool_with_indices is max_pool_with_indices
+    assert feedforward.FeedforwardNet.feedback_difference is difference and DTP.feedback_loss is loss
     times = result["ernoult2022/mnist-lenet-bp"]
-    assert len(times) == 2 and all(len(ms) == 1 and ms[0] > 0 for ms in times.values())
+    assert set(times) == set(target_prop_step.SETTINGS)
+    assert all(len(ms) == 1 and ms[0] > 0 for ms in times.values())

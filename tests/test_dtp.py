@@ -146,6 +146,61 @@ def test_ldrl_aligns_a_linear_network_with_bp_and_vanilla_dtp_does_worse():
     assert vanilla["update_angle_deg/mean"] > ldrl["update_angle_deg/mean"] + 20.0
 
 
+@pytest.mark.parametrize("make", [lambda: mlp(), lambda: conv(), lambda: conv(pools="none"),
+                                  lambda: conv(fc=(6,))])
+def test_feedback_difference_is_the_difference_of_two_feedbacks(make):
+    """G_l(a) − G_l(b) through G_l's linear part equals the two feedbacks subtracted, in value and
+    in V_l's gradient, for dense, pooled and unpooled conv layers and the classifier's; c_l gets
+    no gradient (it cancels)."""
+    net = make()
+    x, _ = batch(net.layers[0].in_shape, 4)
+    with torch.no_grad():
+        hs, indices = net.forward_all(x)
+        noisy, noisy_indices = net.forward_all(x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2),
+                                                                     dtype=x.dtype))
+    for l in range(2, net.depth + 1):
+        layer = net.layers[l - 1]
+        grads = []
+        for difference in (lambda: net.feedback(l, noisy[l], noisy_indices[l - 1]) - net.feedback(l, hs[l], indices[l - 1]),
+                           lambda: net.feedback_difference(l, noisy[l], noisy_indices[l - 1], hs[l], indices[l - 1])):
+            layer.feedback_weight.grad = layer.feedback_bias.grad = None
+            d = difference()
+            (d * torch.randn(d.shape, generator=torch.Generator().manual_seed(3), dtype=d.dtype)).sum().backward()
+            grads.append((d.detach(), layer.feedback_weight.grad.clone(), layer.feedback_bias.grad))
+        (written, written_dv, written_dc), (ours, ours_dv, ours_dc) = grads
+        assert torch.allclose(ours, written, rtol=0, atol=1e-12)
+        assert ours.abs().max() > 1e-3  # the two inputs differ
+        assert torch.allclose(ours_dv, written_dv, rtol=1e-10, atol=1e-12)
+        assert ours_dc is None and written_dc.abs().max() < 1e-9
+
+
+def test_ldrl_loss_is_the_written_out_formula():
+    """The L-DRL loss through G's differences equals −2εᵀ(G(F(h+ε)) − G(h)) + ‖G(h+η) − G(h)‖² written
+    with three feedbacks, for the same noise draws, in value and in V's gradient."""
+    net = conv(fc=(6,))
+    x, _ = batch((2, 9, 11), 4)
+    with torch.no_grad():
+        hs, indices = net.forward_all(x)
+    for l in range(2, net.depth + 1):
+        rule = DTP(DTPConfig(noise=0.2), net, torch.Generator().manual_seed(0))
+        layer = net.layers[l - 1]
+        layer.feedback_weight.grad = None
+        ours = rule.feedback_loss(l, hs, indices)
+        ours.backward()
+        ours_dv = layer.feedback_weight.grad.clone()
+        rule = DTP(DTPConfig(noise=0.2), net, torch.Generator().manual_seed(0))  # the same draws again
+        eps = rule._randn_like(hs[l - 1], 0.2)
+        h_noisy, idx_noisy = net.forward_layer(l, hs[l - 1] + eps)
+        eta = rule._randn_like(hs[l], 0.2)
+        r = net.feedback(l, hs[l], indices[l - 1])
+        written = (-2 * ((net.feedback(l, h_noisy, idx_noisy) - r) * eps).flatten(1).sum(1)
+                   + ((net.feedback(l, hs[l] + eta, indices[l - 1]) - r) ** 2).flatten(1).sum(1)).mean()
+        layer.feedback_weight.grad = None
+        written.backward()
+        assert torch.allclose(ours, written, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(ours_dv, layer.feedback_weight.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_ldrl_loss_gradient_is_the_jacobian_matching_gradient_in_expectation():
     """On a linear layer the L-DRL loss is −2εᵀVWε + ‖Vη‖²: its expected gradient in V is
     2σ²(V − Wᵀ). Averaged over many noise draws the sampled gradient matches it."""

@@ -113,6 +113,14 @@ class DenseLayer(nn.Module):
         r = F.linear(self.act(u), self.feedback_weight, self.feedback_bias)
         return r.view(u.shape[0], *self.in_shape)
 
+    def feedback_input(self, u: torch.Tensor, indices: None) -> torch.Tensor:
+        """σ(u), what V multiplies in G(u) = V σ(u) + c."""
+        return self.act(u)
+
+    def feedback_map(self, v: torch.Tensor) -> torch.Tensor:
+        """V v, G's linear part (no c), reshaped to h's shape."""
+        return F.linear(v, self.feedback_weight).view(v.shape[0], *self.in_shape)
+
 
 class ConvLayer(nn.Module):
     """F(h) = P(σ(W ⋆ h + b)) (stride 1, zero padding p, P = 2×2 max-pool or none);
@@ -147,9 +155,18 @@ class ConvLayer(nn.Module):
         return a, None
 
     def feedback(self, u: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.conv_transpose2d(self.feedback_input(u, indices), self.feedback_weight, self.feedback_bias,
+                                  padding=self.padding)
+
+    def feedback_input(self, u: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        """σ(Pᵀ u), what V ⋆ᵀ acts on in G(u) = V ⋆ᵀ σ(Pᵀ u) + c."""
         if self.pool == "max":
             u = F.max_unpool2d(u, indices, 2, 2, output_size=self.conv_hw)
-        return F.conv_transpose2d(self.act(u), self.feedback_weight, self.feedback_bias, padding=self.padding)
+        return self.act(u)
+
+    def feedback_map(self, v: torch.Tensor) -> torch.Tensor:
+        """V ⋆ᵀ v, G's linear part (no c)."""
+        return F.conv_transpose2d(v, self.feedback_weight, None, padding=self.padding)
 
 
 class FeedforwardNet(Network):
@@ -193,6 +210,17 @@ class FeedforwardNet(Network):
     def feedback(self, l: int, u: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
         """G_l(u), shaped like h_{l−1}; ``indices`` are F_l's pooling indices of the pass it belongs to."""
         return self.layers[l - 1].feedback(u, indices)
+
+    def feedback_difference(self, l: int, a: torch.Tensor, indices_a: Optional[torch.Tensor], b: torch.Tensor,
+                            indices_b: Optional[torch.Tensor]) -> torch.Tensor:
+        """G_l(a) − G_l(b) = V_l (σ(Pᵀa) − σ(Pᵀb)) (⋆ᵀ for a conv layer): G_l is affine in σ(Pᵀu), so
+        the difference is one application of its linear part, in which c_l cancels exactly. The
+        inputs σ(Pᵀ·) do not depend on (V_l, c_l) and are computed without autograd; the result
+        carries V_l's gradient only."""
+        layer = self.layers[l - 1]
+        with torch.no_grad():
+            v = layer.feedback_input(a, indices_a) - layer.feedback_input(b, indices_b)
+        return layer.feedback_map(v)
 
     def forward_all(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
         """[h_0 = x, h_1 … h_N] and [indices of F_1 … F_N] (index l−1 for F_l)."""

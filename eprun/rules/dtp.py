@@ -205,16 +205,18 @@ class DTP(Rule):
         """L-DRL for G_l (batch mean), ε, η ~ N(0, σ_l²)::
 
             −2 εᵀ (G_l(F_l(h_{l−1} + ε)) − G_l(h_l)) + ‖G_l(h_l + η) − G_l(h_l)‖²
-        """
+
+        Both terms see G_l only through differences, each one application of its linear part
+        (:meth:`~eprun.nets.feedforward.FeedforwardNet.feedback_difference`): two transposed
+        products a step where G_l(·) three times would take three, and c_l gets no gradient."""
         net, sigma = self.net, self.noise[l - 2]
         h_below, h, idx = hs[l - 1], hs[l], indices[l - 1]
-        r = net.feedback(l, h, idx)  # G_l(F_l(h_{l−1}))
         eps = self._randn_like(h_below, sigma)
         with torch.no_grad():
             h_noisy, idx_noisy = net.forward_layer(l, h_below + eps)
-        dr = net.feedback(l, h_noisy, idx_noisy) - r
+        dr = net.feedback_difference(l, h_noisy, idx_noisy, h, idx)  # G_l(F_l(h_{l−1} + ε)) − G_l(h_l)
         eta = self._randn_like(h, sigma)
-        dr_eta = net.feedback(l, h + eta, idx) - r
+        dr_eta = net.feedback_difference(l, h + eta, idx, h, idx)  # G_l(h_l + η) − G_l(h_l)
         return (-2.0 * _dot(eps, dr) + _sq_norm(dr_eta)).mean()
 
     def _feedback_step(self, l: int, hs: list[torch.Tensor], indices: list) -> torch.Tensor:
@@ -223,6 +225,9 @@ class DTP(Rule):
         optimizer = self.feedback_optimizers[l - 2]
         optimizer.zero_grad(set_to_none=False)
         loss.backward()
+        for p in self.net.feedback_groups()[l - 2]:
+            if p.grad is None:  # c_l under L-DRL and DRL: a zero gradient, so momentum and decay still apply
+                p.grad = torch.zeros_like(p)
         optimizer.step()
         return loss.detach()
 
@@ -240,11 +245,10 @@ class DTP(Rule):
         t = [None] * (n + 1)
         t[n] = self.output_target(hs[n], y)
         for l in range(n, 1, -1):
-            propagated = net.feedback(l, t[l], indices[l - 1])
-            if self.difference_targets:
-                t[l - 1] = hs[l - 1] + propagated - net.feedback(l, hs[l], indices[l - 1])
+            if self.difference_targets:  # h_{l−1} + G_l(t_l) − G_l(h_l)
+                t[l - 1] = hs[l - 1] + net.feedback_difference(l, t[l], indices[l - 1], hs[l], indices[l - 1])
             else:
-                t[l - 1] = propagated
+                t[l - 1] = net.feedback(l, t[l], indices[l - 1])
         return t
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,8 +365,8 @@ class DRL(DTP):
                 h, _ = net.forward_layer(k, h)
             t = h  # the perturbed output is its own target
             for k in range(net.depth, l, -1):
-                t = hs[k - 1] + net.feedback(k, t, indices[k - 1]) - net.feedback(k, hs[k], indices[k - 1])
-        t_below = hs[l - 1] + net.feedback(l, t, indices[l - 1]) - net.feedback(l, hs[l], indices[l - 1])
+                t = hs[k - 1] + net.feedback_difference(k, t, indices[k - 1], hs[k], indices[k - 1])
+        t_below = hs[l - 1] + net.feedback_difference(l, t, indices[l - 1], hs[l], indices[l - 1])
         return _sq_norm(t_below - noisy_below).mean()
 
 
