@@ -10,7 +10,8 @@ own ``folder`` where it runs the recipe with other settings), each with the run 
 
 The JSON files are the lasting record (runs/ is not kept with the repository and a machine may
 lose it): a seed recorded there whose run folder is not under RUNS_ROOT stays as recorded, marked
-``lost`` if it had not finished (its curve still shows how far it got), and a run folder replaces
+``lost`` if it had not finished (its curve still shows how far it got; it cannot resume, so its
+projection is a fresh run's), and a run folder replaces
 its seed's record. The plot is drawn from the records (per epoch the validation error and the
 epoch's running training error: its training records' accuracy, weighted by their samples) when
 some seed of the row has a run folder; otherwise the recorded plot stays. A seed still training
@@ -199,11 +200,13 @@ def speed_of(seed: dict) -> tuple[float | None, str]:
 
 def hours_left(seed: dict, published_epochs: int) -> float | None:
     """Hours of training the epochs left to the published length would take at the seed's
-    measured speed (``speed_of``; None for a finished seed or one without a speed)."""
+    measured speed (``speed_of``; None for a finished seed or one without a speed). A ``lost``
+    seed cannot resume: it has all the published epochs left, a fresh run."""
     speed, _ = speed_of(seed)
     if seed["status"] == "finished" or not speed:
         return None
-    return max(0, published_epochs - seed["epochs_completed"]) * TRAIN_SIZE / speed / 3600
+    left = published_epochs if seed["status"] == "lost" else max(0, published_epochs - seed["epochs_completed"])
+    return left * TRAIN_SIZE / speed / 3600
 
 
 def summarise(root: Path) -> list[dict]:
@@ -258,13 +261,16 @@ def table(rows: list[dict]) -> str:
 def projection(seed: dict, published_epochs: int, ended: str = "") -> str:
     """"; H h of training to epoch E at S samples/s (recent|mean)" (``hours_left`` at the seed's
     measured speed S, ``speed_of``) for a seed short of the published length E, else ""; for a
-    row stopped for good, "; ENDED" in place of the projection."""
+    ``lost`` seed "; a fresh run: H h of training for E epochs at …"; for a row stopped for good,
+    "; ENDED" in place of the projection."""
     hours = hours_left(seed, published_epochs)
     if hours is None:
         return ""
     if ended:
         return f"; {ended}"
     speed, kind = speed_of(seed)
+    if seed["status"] == "lost":
+        return f"; a fresh run: {hours:.1f} h of training for {published_epochs} epochs at {speed:,.0f} samples/s ({kind})"
     return f"; {hours:.1f} h of training to epoch {published_epochs} at {speed:,.0f} samples/s ({kind})"
 
 

@@ -40,6 +40,17 @@ def test_an_unfinished_seed_is_projected_at_its_measured_speed(summary):
     assert summary.projection({**seed(1), "samples_per_s": 550}, 30) == ""
 
 
+def test_a_lost_seed_is_projected_as_a_fresh_run(summary):
+    """A seed whose run directory is gone cannot resume: its projection is the whole published
+    length at its measured speed, not the epochs it had left."""
+    speed = 550  # a made-up speed
+    lost = {**seed(0, status="lost", epochs=10, test=None), "samples_per_s": speed}
+    assert summary.hours_left(lost, 50) == 50 * 55_000 / speed / 3600
+    assert summary.projection(lost, 50).startswith(f"; a fresh run: {50 * 55_000 / speed / 3600:.1f} h of training "
+                                                   f"for 50 epochs at {speed} samples/s")
+    assert summary.projection(lost, 50, ended="stopped for good") == "; stopped for good"
+
+
 def test_the_projection_follows_the_recent_windows_not_the_run_mean(summary):
     # a run resumed on faster code, one window holding an hour the process was stopped
     metrics = ([{"event": "train", "epoch": e / 10, "samples": 4000, "window_samples_per_s": 300.0}
