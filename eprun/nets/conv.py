@@ -67,9 +67,9 @@ from eprun.limits import MAX_CHANNELS, MAX_KERNEL, MAX_UNITS, magnitude, within
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig, WeightProducts
 from eprun.nets.conv_kernels import ConvKernels
-from eprun.nets.pooling import max_pool_with_indices
 from eprun.nets.conv_lists import ConvLayerLists
 from eprun.nets.early_stop import check_tol_scope, largest_change, relax_each_example
+from eprun.nets.pooling import max_pool_with_indices
 from eprun.nets.relax_products import RelaxProducts
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, per_layer, uniform_parameter

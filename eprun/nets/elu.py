@@ -1,9 +1,9 @@
 """The ELU of the target propagation nets, σ(z) = z for z > 0, e^z − 1 for z ≤ 0 (α = 1).
 
 On the CPU torch computes ``F.elu`` through ``expm1``, which its kernels evaluate one element at
-a time, while ``exp`` runs in vector registers; the ELU's passes are then most of a small
-LeNet's target propagation step (docs/performance.md). So on the CPU it is written through
-``exp``::
+a time, while ``exp`` runs in vector registers; the ELU's passes then take a large share of a
+small LeNet's target propagation step (docs/performance.md). So on the CPU it is written
+through ``exp``::
 
     σ(z)  = max(e^{min(z, 0)} − 1, z)
     σ'(z) = e^{min(z, 0)} = min(σ(z), 0) + 1

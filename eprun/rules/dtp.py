@@ -207,8 +207,9 @@ class DTP(Rule):
             −2 εᵀ (G_l(F_l(h_{l−1} + ε)) − G_l(h_l)) + ‖G_l(h_l + η) − G_l(h_l)‖²
 
         Both terms see G_l only through differences, each one application of its linear part
-        (:meth:`~eprun.nets.feedforward.FeedforwardNet.feedback_difference`): two transposed
-        products a step where G_l(·) three times would take three, and c_l gets no gradient."""
+        (:meth:`~eprun.nets.feedforward.FeedforwardNet.feedback_difference`): V_l is applied twice
+        a noise draw, where G_l on each of the three inputs would apply it three times, and c_l
+        gets no gradient."""
         net, sigma = self.net, self.noise[l - 2]
         h_below, h, idx = hs[l - 1], hs[l], indices[l - 1]
         eps = self._randn_like(h_below, sigma)
