@@ -11,10 +11,8 @@ the recipe's batch size; rounds alternate the three settings, each figure the be
 
 from __future__ import annotations
 
-import torch
-
-from benchmarks.recipe_step import recipe_arguments, side_by_side
-from benchmarks.variants import engine, threads_kept
+from benchmarks.recipe_step import compare_recipes
+from benchmarks.variants import engine
 
 DEFAULT = ["ernoult2020/ep-1h", "ernoult2019/proto-mlp-2h", "ernoult2020/vf-2h", "ernoult2020/cep-1h"]
 SETTINGS = (  # (label, model.nudge, EPRUN_NATIVE)
@@ -25,19 +23,14 @@ SETTINGS = (  # (label, model.nudge, EPRUN_NATIVE)
 
 
 def main(argv=None) -> dict:
-    args = recipe_arguments(__doc__.splitlines()[0]).parse_args(argv)
-
     from eprun.catalog import resolve
     from eprun.recipe import load_recipe
 
-    results = {}
-    with threads_kept():
-        torch.set_num_threads(args.threads)
-        for name in args.recipe or DEFAULT:
-            results[name] = side_by_side(name, {
-                label: (load_recipe(resolve(name), [f"model.nudge={nudge}"]), lambda mode=mode: engine(mode))
-                for label, nudge, mode in SETTINGS}, args.rounds, args.threads)
-    return results
+    def settings_of(name):
+        return {label: (load_recipe(resolve(name), [f"model.nudge={nudge}"]), lambda mode=mode: engine(mode))
+                for label, nudge, mode in SETTINGS}
+
+    return compare_recipes(argv, __doc__.splitlines()[0], DEFAULT, settings_of)
 
 
 if __name__ == "__main__":

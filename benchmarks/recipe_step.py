@@ -67,6 +67,22 @@ def main(argv=None) -> dict:
     return results
 
 
+def compare_recipes(argv, description: str, default: list[str], settings_of) -> dict:
+    """The scripts' common main: parse :func:`recipe_arguments` from ``argv`` and, at the asked
+    thread count (restored afterwards), time :func:`side_by_side` the settings
+    ``settings_of(name)`` gives for each recipe asked (``default`` if none). Returns the figures
+    by recipe."""
+    from benchmarks.variants import threads_kept
+
+    args = recipe_arguments(description).parse_args(argv)
+    results = {}
+    with threads_kept():
+        torch.set_num_threads(args.threads)
+        for name in args.recipe or default:
+            results[name] = side_by_side(name, settings_of(name), args.rounds, args.threads)
+    return results
+
+
 def side_by_side(name: str, settings: dict, rounds: int, threads: int) -> dict[str, list[float]]:
     """``settings``: label → (recipe, a context manager factory for its timing); ``rounds`` rounds
     alternate them on one batch of random inputs of the first recipe's batch size. Prints and

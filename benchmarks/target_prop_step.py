@@ -23,8 +23,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from benchmarks.recipe_step import recipe_arguments, side_by_side
-from benchmarks.variants import threads_kept
+from benchmarks.recipe_step import compare_recipes
 
 DEFAULT = ["ernoult2022/mnist-lenet-ldrl", "ernoult2022/mnist-lenet-vanilla-dtp", "ernoult2022/mnist-lenet-bp"]
 
@@ -86,21 +85,16 @@ SETTINGS = {
 
 
 def main(argv=None) -> dict:
-    args = recipe_arguments(__doc__.splitlines()[0]).parse_args(argv)
-
     from eprun.catalog import resolve
     from eprun.recipe import load_recipe
 
-    results = {}
-    with threads_kept():
-        torch.set_num_threads(args.threads)
-        for name in args.recipe or DEFAULT:
-            recipe = load_recipe(resolve(name))
-            if recipe.rule.kind != "bp":
-                recipe = load_recipe(resolve(name), ["rule.feedback_warmup_iterations=0"])
-            results[name] = side_by_side(name, {label: (recipe, setting) for label, setting in SETTINGS.items()},
-                                         args.rounds, args.threads)
-    return results
+    def settings_of(name):
+        recipe = load_recipe(resolve(name))
+        if recipe.rule.kind != "bp":
+            recipe = load_recipe(resolve(name), ["rule.feedback_warmup_iterations=0"])
+        return {label: (recipe, setting) for label, setting in SETTINGS.items()}
+
+    return compare_recipes(argv, __doc__.splitlines()[0], DEFAULT, settings_of)
 
 
 if __name__ == "__main__":
