@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,35 @@ class FFConvConfig(ConvLayerLists, ModelConfig):
         if isinstance(self.weight_scale, list) and len(self.weight_scale) != n:
             yield "weight_scale", (f"a list needs one entry per weight layer ({n}: {len(self.channels)} conv + "
                                    f"{len(self.fc)} fc + classifier), got {len(self.weight_scale)}")
+
+
+class FeedbackLayer(Protocol):
+    """What :class:`FeedforwardNet` asks of each layer l: F_l, and G_l split as
+    G_l(u) = feedback_map(feedback_input(u, indices)) + c_l, so that a difference of two feedbacks
+    is one application of the linear part (:meth:`FeedforwardNet.feedback_difference`).
+    :class:`DenseLayer` and :class:`ConvLayer` implement it."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    weight: nn.Parameter  # W_l
+    bias: nn.Parameter  # b_l
+    feedback_weight: Optional[nn.Parameter]  # V_l, None until add_feedback
+    feedback_bias: Optional[nn.Parameter]  # c_l
+
+    def add_feedback(self, generator: torch.Generator) -> None:
+        """Draw (V_l, c_l)."""
+
+    def forward_layer(self, h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """h_l = F_l(h_{l−1}) and its pooling indices (None without pooling)."""
+
+    def feedback(self, u: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        """G_l(u), shaped like h_{l−1}."""
+
+    def feedback_input(self, u: torch.Tensor, indices: Optional[torch.Tensor]) -> torch.Tensor:
+        """What G_l's linear part acts on (σ(Pᵀu); σ(u); u for the classifier)."""
+
+    def feedback_map(self, v: torch.Tensor) -> torch.Tensor:
+        """G_l's linear part V_l v (V_l ⋆ᵀ v), without c_l, shaped like h_{l−1}."""
 
 
 class DenseLayer(nn.Module):
@@ -179,9 +208,9 @@ class FeedforwardNet(Network):
     whatever the rule.
     """
 
-    def __init__(self, layers: list[nn.Module], num_classes: int, generator: torch.Generator):
+    def __init__(self, layers: list[FeedbackLayer], num_classes: int, generator: torch.Generator):
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        self.layers = nn.ModuleList(layers)  # each a FeedbackLayer
         self.num_classes = num_classes
         for layer in self.layers[1:]:
             layer.add_feedback(generator)
@@ -252,7 +281,7 @@ class FeedforwardNet(Network):
 
 
 def _dense_chain(in_shape: tuple[int, ...], hidden: list[int], num_classes: int, act: str,
-                 scales: list[float], generator) -> list[nn.Module]:
+                 scales: list[float], generator) -> list[FeedbackLayer]:
     layers, shape = [], tuple(in_shape)
     for j, size in enumerate(list(hidden) + [num_classes]):
         last = j == len(hidden)
