@@ -57,6 +57,26 @@ def restore_torch_threads():
 
 
 @pytest.fixture
+def bundled_fast_dev_run(tmp_path, monkeypatch):
+    """``bundled_fast_dev_run(name, *args)``: ``eprun train <bundled recipe name> --fast-dev-run
+    *args``, run from an empty folder, passes, says so, and writes nothing."""
+    from typer.testing import CliRunner
+
+    from eprun import catalog
+    from eprun.cli import app
+
+    def run(name: str, *args: str) -> None:
+        path = catalog.resolve(name).resolve()
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", *args])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("fast-dev-run ok")
+        assert list(tmp_path.iterdir()) == []
+
+    return run
+
+
+@pytest.fixture
 def native_build(monkeypatch):
     """``native_build(*defines, arch=None)`` loads a variant build of the native kernels (e.g.
     ``"EPRUN_EVERY_STEP"``, ``"EPRUN_NO_BLOCKS"``) in place of the default library, for the rest

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from eprun.nets.conv import ConvConfig, ConvNet
-from eprun.rules.bp import BP, BPConfig
 from eprun.rules.ep import EP, EPConfig
+from tests import net_checks
+from tests.net_checks import bptt_gradient, ep_gradient, relative_error
 
 ACTS = ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 POOLS = [("max", "max"), ("max", "avg"), ("avg", "none"), ("none", "max")]
@@ -33,8 +34,7 @@ def random_batch(net, batch=4, seed=1):
 
 
 def close(got, want, tol=1e-12):
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    net_checks.close(got, want, tol, tol)
 
 
 # --------------------------------------------------------------------------- Φ and its derivatives
@@ -79,15 +79,7 @@ def test_other_geometries_match_autograd_and_relax_matches_step(channels, pools,
 def test_dphi_dtheta_and_its_accumulated_difference_match_autograd(pools, readout, fc):
     net = make_net(pools, readout, fc)
     x, _, state = random_batch(net)
-    expected = torch.autograd.grad(net.phi(x, state).mean(), net.phi_parameters())
-    close(net.dphi_dtheta(x, state), expected)
-    # the in-place accumulation used by EP writes the scaled difference at two states
-    _, _, other = random_batch(net, seed=2)
-    at_other = net.dphi_dtheta(x, other)
-    for p in net.parameters():
-        p.grad = None
-    net.accumulate_dphi_dtheta_difference_(x, state, other, 2.5)
-    close([p.grad for p in net.phi_parameters()], [2.5 * (a - b) for a, b in zip(expected, at_other)])
+    net_checks.assert_dphi_dtheta_matches_autograd(net, x, state, random_batch(net, seed=2)[2])
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -108,17 +100,7 @@ def test_step_is_sigma_of_autograd_of_nudged_phi(activation, readout, fc, beta):
 @pytest.mark.parametrize("pools", POOLS[:3])
 def test_fast_relax_equals_reference_steps(pools, readout, fc, activation):
     net = make_net(pools, readout, fc, activation)
-    x, y, state = random_batch(net)
-    target = net.target(y, x)
-    drive = net.input_drive(x)
-    for beta, steps in [(0.0, 5), (0.4, 3), (-0.3, 3)]:
-        fast = [s.clone() for s in state]
-        net.relax(drive, fast, steps, beta, target)
-        ref = [s.clone() for s in state]
-        with torch.no_grad():
-            for _ in range(steps):
-                ref = net.step(x, ref, beta, target)
-        close(fast, ref)
+    net_checks.assert_relax_equals_steps(net, *random_batch(net), [(0.0, 5), (0.4, 3), (-0.3, 3)])
 
 
 def make_nudged_after(activation="hard_sigmoid", fc=(5, 3), seed=0):
@@ -186,12 +168,7 @@ def test_an_output_below_minus_beta_is_moved_by_the_nudge_only_after_sigma():
 
 
 def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
-    net = make_net()
-    for batch in (4, 3, 4):
-        x, _, state = random_batch(net, batch)
-        ids = [id(s) for s in state]
-        out = net.relax(net.input_drive(x), state, 3)
-        assert [id(s) for s in out] == ids
+    net_checks.assert_relax_updates_the_state_in_place(make_net(), random_batch, (4, 3, 4), 3)
 
 
 def test_feedforward_is_the_torch_cnn_with_the_same_weights():
@@ -259,26 +236,6 @@ def gdu_batch(n=5):
     return torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def bptt_gradient(net, x, y, steps=T):
-    """∂ℓ(s_T)/∂θ by autograd through T steps from s_0 = 0 (the ground truth of the GDU theorem)."""
-    state = net.init_state(len(x), x)
-    for _ in range(steps):
-        state = net.step(x, state)
-    return torch.autograd.grad(net.loss(state, y).mean(), list(net.parameters()))
-
-
-def ep_gradient(net, x, y, beta, estimator="one-sided"):
-    for p in net.parameters():
-        p.grad = None
-    EP(EPConfig(T=T, K=T, beta=beta, estimator=estimator), net, torch.Generator().manual_seed(0)).train_step(x, y)
-    return [p.grad.clone() for p in net.parameters()]
-
-
-def relative_error(got, want):
-    num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
-    return num / math.sqrt(sum((w ** 2).sum().item() for w in want))
-
-
 @pytest.mark.parametrize("pools,readout,fc,activation", [
     (("max", "max"), "mse", [3], "sigmoid"),
     (("max", "avg"), "softmax", [], "tanh"),
@@ -286,24 +243,18 @@ def relative_error(got, want):
 def test_ep_update_approaches_bptt_gradient_as_beta_shrinks(pools, readout, fc, activation):
     net = make_net(pools, readout, fc, activation, scale=0.5)
     x, y = gdu_batch()
-    truth = bptt_gradient(net, x, y)
-    errors = [relative_error(ep_gradient(net, x, y, beta), truth) for beta in (0.1, 0.01, 0.001)]
+    truth = bptt_gradient(net, x, y, T)
+    errors = [relative_error(ep_gradient(net, x, y, beta, T), truth) for beta in (0.1, 0.01, 0.001)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-2
-    one_sided = relative_error(ep_gradient(net, x, y, 0.05), truth)
-    symmetric = relative_error(ep_gradient(net, x, y, 0.05, "symmetric"), truth)
+    one_sided = relative_error(ep_gradient(net, x, y, 0.05, T), truth)
+    symmetric = relative_error(ep_gradient(net, x, y, 0.05, T, "symmetric"), truth)
     assert symmetric < one_sided / 5  # second order in β
 
 
 def test_bp_rule_gives_autograd_gradient_of_the_feedforward_twin():
-    net = make_net(("max", "avg"), "softmax", [5])
-    x, y = gdu_batch()
-    want = torch.autograd.grad(net.loss(net.feedforward(x), y).mean(), list(net.parameters()))
-    for p in net.parameters():
-        p.grad = None
-    BP(BPConfig(), net, torch.Generator()).train_step(x, y)
-    for p, w in zip(net.parameters(), want):
-        torch.testing.assert_close(p.grad, w)
+    net_checks.assert_bp_rule_gives_autograd_of_the_feedforward_twin(make_net(("max", "avg"), "softmax", [5]),
+                                                                      *gdu_batch())
 
 
 def test_ep_training_learns_a_separable_task():
@@ -313,15 +264,9 @@ def test_ep_training_learns_a_separable_task():
     cfg = ConvConfig(channels=[4, 8], kernels=3, paddings=1, pools="max", fc=[3], activation="hard_sigmoid")
     net = ConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(0))
     rule = EP(EPConfig(T=15, K=6, beta=0.2, estimator="symmetric"), net, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    before = rule.evaluate(x, y)[1].mean().item()
-    for _ in range(30):
-        opt.zero_grad()
-        rule.train_step(x, y)
-        opt.step()
-    logits, loss = rule.evaluate(x, y)
-    assert loss.mean().item() < 0.5 * before
-    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+    before, after, accuracy = net_checks.train_on(rule, torch.optim.Adam(net.parameters(), lr=0.01), x, y, 30)
+    assert after < 0.5 * before
+    assert accuracy > 0.9
 
 
 # --------------------------------------------------------------------------- recipes and CLI
@@ -338,17 +283,9 @@ RECIPES = {
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_conv_recipes_pass_a_shrunk_fast_dev_run(name, tmp_path, monkeypatch):
+def test_conv_recipes_pass_a_shrunk_fast_dev_run(name, bundled_fast_dev_run):
     """The paper recipes assemble and run end to end (T, K and batch shrunk: the real ones take minutes on CPU)."""
-    from eprun import catalog
-    from eprun.cli import app
-
-    path = catalog.resolve(name).resolve()
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", *SHRINK, *RECIPES[name]])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("fast-dev-run ok")
-    assert list(tmp_path.iterdir()) == []
+    bundled_fast_dev_run(name, *SHRINK, *RECIPES[name])
 
 
 def test_conv_recipe_errors_name_the_key(tmp_path, monkeypatch):

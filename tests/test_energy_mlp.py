@@ -1,14 +1,13 @@
 """The energy-based EP network: closed forms against autograd of Φ, relax against step, EP against BPTT."""
 
-import math
-
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from eprun.nets.energy_mlp import EnergyMLP, EnergyMLPConfig
-from eprun.rules.bp import BP, BPConfig
 from eprun.rules.ep import EP, EPConfig
+from tests import net_checks
+from tests.net_checks import bptt_gradient, ep_gradient, relative_error
 
 ACTS = ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -49,16 +48,7 @@ def test_dphi_ds_matches_autograd(hidden, input_rho, lateral, activation):
 def test_dphi_dtheta_and_its_accumulated_difference_match_autograd(hidden, lateral):
     net = make_net(hidden, lateral=lateral)
     x, _, state = random_batch(net)
-    expected = torch.autograd.grad(net.phi(x, state).mean(), net.phi_parameters())
-    for got, want in zip(net.dphi_dtheta(x, state), expected):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    _, _, other = random_batch(net, seed=2)
-    at_other = net.dphi_dtheta(x, other)
-    for p in net.parameters():
-        p.grad = None
-    net.accumulate_dphi_dtheta_difference_(x, state, other, 2.5)
-    for p, want, want_other in zip(net.phi_parameters(), expected, at_other):
-        torch.testing.assert_close(p.grad, 2.5 * (want - want_other), rtol=1e-12, atol=1e-12)
+    net_checks.assert_dphi_dtheta_matches_autograd(net, x, state, random_batch(net, seed=2)[2])
     for lat in net.laterals:  # the lateral update keeps L exactly symmetric with a zero diagonal
         assert torch.equal(lat.grad, lat.grad.T) and not lat.grad.diagonal().any()
 
@@ -100,29 +90,14 @@ def test_step_spells_out_the_papers_dynamics():
 @pytest.mark.parametrize("hidden,lateral", [((7,), False), ((7, 5), True), ((6, 5, 4), False)])
 def test_fast_relax_equals_reference_steps(activation, clamp, hidden, lateral):
     net = make_net(hidden, activation, clamp=clamp, lateral=lateral, scale=0.7)
-    x, y, state = random_batch(net)
-    target = net.target(y, x)
-    drive = net.input_drive(x)
-    for beta, steps in [(0.0, 7), (0.4, 4), (-0.3, 3)]:
-        fast = [s.clone() for s in state]
-        net.relax(drive, fast, steps, beta, target)
-        ref = [s.clone() for s in state]
-        with torch.no_grad():
-            for _ in range(steps):
-                ref = net.step(x, ref, beta, target)
-        for got, want in zip(fast, ref):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    fast = net_checks.assert_relax_equals_steps(net, *random_batch(net), [(0.0, 7), (0.4, 4), (-0.3, 3)],
+                                                rtol=1e-10)
     if clamp:
         assert all(0 <= s.min() and s.max() <= 1 for s in fast)
 
 
 def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
-    net = make_net((7, 5))
-    for batch in (6, 3, 6):
-        x, _, state = random_batch(net, batch)
-        ids = [id(s) for s in state]
-        out = net.relax(net.input_drive(x), state, 5)
-        assert [id(s) for s in out] == ids
+    net_checks.assert_relax_updates_the_state_in_place(make_net((7, 5)), random_batch, (6, 3, 6), 5)
 
 
 def test_states_leave_zero_under_hard_sigmoid_with_clamping():
@@ -177,27 +152,6 @@ def gdu_batch(n=5):
     return torch.rand(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def bptt_gradient(net, x, y, steps):
-    """∂ℓ(s_T)/∂θ by autograd through T steps of ``step`` from s_0 = 0."""
-    state = net.init_state(len(x), x)
-    for _ in range(steps):
-        state = net.step(x, state)
-    return torch.autograd.grad(net.loss(state, y).mean(), list(net.parameters()))
-
-
-def ep_gradient(net, x, y, beta, steps, estimator="one-sided"):
-    for p in net.parameters():
-        p.grad = None
-    EP(EPConfig(T=steps, K=steps, beta=beta, estimator=estimator), net,
-       torch.Generator().manual_seed(0)).train_step(x, y)
-    return [p.grad.clone() for p in net.parameters()]
-
-
-def relative_error(got, want):
-    num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
-    return num / math.sqrt(sum((w ** 2).sum().item() for w in want))
-
-
 @pytest.mark.parametrize("activation,lateral", [("sigmoid", False), ("tanh", True)])
 def test_ep_update_approaches_bptt_gradient_as_beta_shrinks(activation, lateral):
     """Same scale, not ε times it: Φ = Φ_ε/ε makes EP's (1/β) estimate the loss gradient."""
@@ -219,26 +173,13 @@ def test_ep_training_learns_a_separable_task():
     cfg = EnergyMLPConfig(hidden=[16], dt=0.5, clamp=True, weight_scale=0.5)
     net = EnergyMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(0))
     rule = EP(EPConfig(T=16, K=6, beta=0.2), net, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(net.parameters(), lr=0.04)
-    before = rule.evaluate(x, y)[1].mean().item()
-    for _ in range(20):
-        opt.zero_grad()
-        rule.train_step(x, y)
-        opt.step()
-    logits, loss = rule.evaluate(x, y)
-    assert loss.mean().item() < 0.5 * before
-    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+    before, after, accuracy = net_checks.train_on(rule, torch.optim.Adam(net.parameters(), lr=0.04), x, y, 20)
+    assert after < 0.5 * before
+    assert accuracy > 0.9
 
 
 def test_bp_rule_gives_autograd_gradient_of_the_feedforward_twin():
-    net = gdu_net("sigmoid", False)
-    x, y = gdu_batch()
-    want = torch.autograd.grad(net.loss(net.feedforward(x), y).mean(), list(net.parameters()))
-    for p in net.parameters():
-        p.grad = None
-    BP(BPConfig(), net, torch.Generator()).train_step(x, y)
-    for p, w in zip(net.parameters(), want):
-        torch.testing.assert_close(p.grad, w)
+    net_checks.assert_bp_rule_gives_autograd_of_the_feedforward_twin(gdu_net("sigmoid", False), *gdu_batch())
 
 
 # --------------------------------------------------------------------------- recipe and CLI

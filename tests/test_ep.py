@@ -1,15 +1,14 @@
 """EP's update approaches the BPTT gradient as β → 0 on a tiny converged net (float64)."""
 
-import math
-
 import pytest
 import torch
 
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
-from eprun.rules.bp import BP, BPConfig
 from eprun.rules.ep import EP, EPConfig
+from tests import net_checks
+from tests.net_checks import bptt_gradient, ep_gradient, relative_error
 
-T, K = 60, 60
+T = 60  # free and nudged steps alike (K = T)
 
 
 def make_net(readout="mse", activation="sigmoid", hidden=(8, 6)):
@@ -22,34 +21,13 @@ def batch(n=5):
     return torch.rand(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-def bptt_gradient(net, x, y, steps=T):
-    """∂ℓ(s_T)/∂θ by autograd through T steps from s_0 = 0 (the ground truth of the GDU theorem)."""
-    state = net.init_state(len(x), x)
-    for _ in range(steps):
-        state = net.step(x, state)
-    loss = net.loss(state, y).mean()
-    return torch.autograd.grad(loss, list(net.parameters()))
-
-
-def ep_gradient(net, x, y, beta, estimator="one-sided"):
-    for p in net.parameters():
-        p.grad = None
-    EP(EPConfig(T=T, K=K, beta=beta, estimator=estimator), net, torch.Generator().manual_seed(0)).train_step(x, y)
-    return [p.grad.clone() for p in net.parameters()]
-
-
-def relative_error(got, want):
-    num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
-    return num / math.sqrt(sum((w ** 2).sum().item() for w in want))
-
-
 @pytest.mark.parametrize("readout", ["mse", "softmax"])
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
 def test_ep_update_approaches_bptt_gradient_as_beta_shrinks(readout, activation):
     net = make_net(readout, activation)
     x, y = batch()
-    truth = bptt_gradient(net, x, y)
-    errors = [relative_error(ep_gradient(net, x, y, beta), truth) for beta in (0.1, 0.01, 0.001)]
+    truth = bptt_gradient(net, x, y, T)
+    errors = [relative_error(ep_gradient(net, x, y, beta, T), truth) for beta in (0.1, 0.01, 0.001)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-2
 
@@ -57,10 +35,10 @@ def test_ep_update_approaches_bptt_gradient_as_beta_shrinks(readout, activation)
 def test_symmetric_estimate_is_second_order_in_beta():
     net = make_net()
     x, y = batch()
-    truth = bptt_gradient(net, x, y)
-    one_sided = relative_error(ep_gradient(net, x, y, 0.05, "one-sided"), truth)
-    symmetric = relative_error(ep_gradient(net, x, y, 0.05, "symmetric"), truth)
-    negative = relative_error(ep_gradient(net, x, y, 0.05, "negative"), truth)
+    truth = bptt_gradient(net, x, y, T)
+    one_sided = relative_error(ep_gradient(net, x, y, 0.05, T, "one-sided"), truth)
+    symmetric = relative_error(ep_gradient(net, x, y, 0.05, T, "symmetric"), truth)
+    negative = relative_error(ep_gradient(net, x, y, 0.05, T, "negative"), truth)
     assert symmetric < one_sided / 5
     assert negative < 0.2 and one_sided < 0.2
 
@@ -75,14 +53,7 @@ def test_random_sign_draws_are_seeded_and_use_both_signs():
 
 
 def test_bp_rule_gives_autograd_gradient_of_feedforward_loss():
-    net = make_net()
-    x, y = batch()
-    want = torch.autograd.grad(net.loss(net.feedforward(x), y).mean(), list(net.parameters()))
-    for p in net.parameters():
-        p.grad = None
-    BP(BPConfig(), net, torch.Generator()).train_step(x, y)
-    for p, w in zip(net.parameters(), want):
-        torch.testing.assert_close(p.grad, w)
+    net_checks.assert_bp_rule_gives_autograd_of_the_feedforward_twin(make_net(), *batch())
 
 
 @pytest.mark.parametrize("estimator", ["one-sided", "random-sign", "symmetric"])
@@ -92,15 +63,9 @@ def test_ep_training_learns_a_separable_task(estimator):
     x, y, _, _ = make_synthetic(60, 1, (1, 4, 4), 3, seed=0)
     net = make_net(hidden=(16,)).float()
     rule = EP(EPConfig(T=20, K=8, beta=0.2, estimator=estimator), net, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    before = rule.evaluate(x, y)[1].mean().item()
-    for _ in range(40):
-        opt.zero_grad()
-        rule.train_step(x, y)
-        opt.step()
-    logits, loss = rule.evaluate(x, y)
-    assert loss.mean().item() < 0.5 * before
-    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+    before, after, accuracy = net_checks.train_on(rule, torch.optim.Adam(net.parameters(), lr=0.02), x, y, 40)
+    assert after < 0.5 * before
+    assert accuracy > 0.9
 
 
 # ----------------------------------------------------------------------------- relaxation schedules

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
+from tests import net_checks
 
 ACTS = ["sigmoid", "hard_sigmoid", "hard_sigmoid_half", "tanh"]
 
@@ -37,17 +38,7 @@ def test_dphi_ds_matches_autograd(hidden, readout):
 def test_dphi_dtheta_matches_autograd(hidden, readout):
     net = make_net(hidden, readout=readout)
     x, _, state = random_batch(net)
-    expected = torch.autograd.grad(net.phi(x, state).mean(), net.phi_parameters())
-    for got, want in zip(net.dphi_dtheta(x, state), expected):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # the in-place accumulation used by EP writes the scaled difference at two states
-    _, _, other = random_batch(net, seed=2)
-    at_other = net.dphi_dtheta(x, other)
-    for p in net.parameters():
-        p.grad = None
-    net.accumulate_dphi_dtheta_difference_(x, state, other, 2.5)
-    for p, want, want_other in zip(net.phi_parameters(), expected, at_other):
-        torch.testing.assert_close(p.grad, 2.5 * (want - want_other), rtol=1e-12, atol=1e-12)
+    net_checks.assert_dphi_dtheta_matches_autograd(net, x, state, random_batch(net, seed=2)[2])
 
 
 @pytest.mark.parametrize("activation", ACTS)
@@ -70,26 +61,11 @@ def test_step_is_sigma_of_autograd_of_nudged_phi(activation, readout, beta):
 @pytest.mark.parametrize("hidden", [(7,), (7, 5), (6, 5, 4)])
 def test_fast_relax_equals_reference_steps(activation, readout, hidden):
     net = make_net(hidden, activation, readout)
-    x, y, state = random_batch(net)
-    target = net.target(y, x)
-    for beta, steps in [(0.0, 7), (0.4, 4), (-0.3, 3)]:
-        fast = [s.clone() for s in state]
-        net.relax(net.input_drive(x), fast, steps, beta, target)
-        ref = [s.clone() for s in state]
-        with torch.no_grad():
-            for _ in range(steps):
-                ref = net.step(x, ref, beta, target)
-        for got, want in zip(fast, ref):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    net_checks.assert_relax_equals_steps(net, *random_batch(net), [(0.0, 7), (0.4, 4), (-0.3, 3)])
 
 
 def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
-    net = make_net((7, 5))
-    for batch in (6, 3, 6):
-        x, _, state = random_batch(net, batch)
-        ids = [id(s) for s in state]
-        out = net.relax(net.input_drive(x), state, 5)
-        assert [id(s) for s in out] == ids
+    net_checks.assert_relax_updates_the_state_in_place(make_net((7, 5)), random_batch, (6, 3, 6), 5)
 
 
 def test_feedforward_is_the_bottom_up_pass():

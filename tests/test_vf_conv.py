@@ -5,15 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-from eprun import catalog
-from eprun.cli import app
 from eprun.nets.conv import ConvConfig, ConvNet
 from eprun.nets.vf_conv import VectorFieldConvNet, VFConvConfig
 from eprun.optim import build_optimizer
 from eprun.recipe import OptimConfig
 from eprun.rules.ep import EP, EPConfig
+from tests import net_checks
+from tests.net_checks import relative_error, zero_grads
+from tests.test_conv import close, random_batch
 
 HEADS = [("mse", [5, 3]), ("softmax", []), ("softmax", [5])]  # (readout, fc)
 POOLS = [("max", "max"), ("max", "avg"), ("avg", "none")]
@@ -34,30 +34,6 @@ def make_conv(pools=("max", "max"), readout="mse", fc=(5, 3), activation="sigmoi
     return ConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(seed)).double()
 
 
-def random_batch(net, batch=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 1, 8, 8, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (batch,), generator=g)
-    state = [torch.rand(batch, *shape, generator=g, dtype=torch.float64) for shape in net.state_shapes]
-    return x, y, state
-
-
-def close(got, want, tol=1e-12):
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-
-
-def zero_grads(*nets):
-    for net in nets:
-        for p in net.parameters():
-            p.grad = None
-
-
-def relative_error(got, want):
-    num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
-    return num / math.sqrt(sum((w ** 2).sum().item() for w in want))
-
-
 # ---------------------------------------------------------------------------- dynamics
 
 
@@ -65,17 +41,7 @@ def relative_error(got, want):
 @pytest.mark.parametrize("pools", POOLS)
 def test_fast_relax_equals_reference_steps(pools, readout, fc):
     net = make_vf(pools, readout, fc, angle=50.0)
-    x, y, state = random_batch(net)
-    target = net.target(y, x)
-    drive = net.input_drive(x)
-    for beta, steps in [(0.0, 5), (0.4, 3), (-0.3, 2)]:
-        fast = [s.clone() for s in state]
-        net.relax(drive, fast, steps, beta, target)
-        ref = [s.clone() for s in state]
-        with torch.no_grad():
-            for _ in range(steps):
-                ref = net.step(x, ref, beta, target)
-        close(fast, ref)
+    net_checks.assert_relax_equals_steps(net, *random_batch(net), [(0.0, 5), (0.4, 3), (-0.3, 2)])
 
 
 def test_step_uses_backward_weights_in_the_top_down_terms_only():
@@ -288,23 +254,12 @@ def test_ep_rule_trains_a_vf_conv_net_on_a_separable_task():
     net = VectorFieldConvNet(cfg, (1, 8, 8), 3, torch.Generator().manual_seed(0))
     rule = EP(EPConfig(T=15, K=6, beta=0.3), net, torch.Generator().manual_seed(0))
     opt = build_optimizer(OptimConfig(kind="adam", lr=[0.02, 0.01]), net.layer_groups())
-    for _ in range(40):
-        opt.zero_grad(set_to_none=False)
-        rule.train_step(x, y)
-        opt.step()
-    logits, _ = rule.evaluate(x, y)
-    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+    assert net_checks.train_on(rule, opt, x, y, 40, set_to_none=False)[2] > 0.9
 
 
 # ---------------------------------------------------------------------------- recipes
 
 
 @pytest.mark.parametrize("recipe", ["laborieux2021/cifar10-vf", "laborieux2021/cifar10-vf-same-update"])
-def test_vf_conv_recipes_pass_fast_dev_run(recipe, tmp_path, monkeypatch):
-    path = catalog.resolve(recipe).resolve()
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", "-s", "device=cpu", "-s", "rule.T=2",
-                                       "-s", "rule.K=1"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("fast-dev-run ok")
-    assert list(tmp_path.iterdir()) == []
+def test_vf_conv_recipes_pass_fast_dev_run(recipe, bundled_fast_dev_run):
+    bundled_fast_dev_run(recipe, "-s", "device=cpu", "-s", "rule.T=2", "-s", "rule.K=1")

@@ -6,13 +6,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eprun import catalog
 from eprun.cli import app
 from eprun.nets.mlp import MLPConfig, PrototypicalMLP
 from eprun.nets.vf_mlp import VectorFieldMLP, VFMLPConfig
 from eprun.optim import build_optimizer
 from eprun.recipe import OptimConfig
 from eprun.rules.ep import EP, EPConfig
+from tests import net_checks
+from tests.net_checks import relative_error, zero_grads
 
 ACTS = ["sigmoid", "hard_sigmoid", "tanh"]
 
@@ -38,17 +39,6 @@ def random_batch(net, batch=6, seed=1):
     return x, y, state
 
 
-def relative_error(got, want):
-    num = math.sqrt(sum(((g - w) ** 2).sum().item() for g, w in zip(got, want)))
-    return num / math.sqrt(sum((w ** 2).sum().item() for w in want))
-
-
-def zero_grads(*nets):
-    for net in nets:
-        for p in net.parameters():
-            p.grad = None
-
-
 # ---------------------------------------------------------------------------- dynamics
 
 
@@ -57,17 +47,7 @@ def zero_grads(*nets):
 @pytest.mark.parametrize("hidden", [(7,), (7, 5), (6, 5, 4)])
 def test_fast_relax_equals_reference_steps(activation, readout, hidden):
     net = make_vf(hidden, angle=40.0, activation=activation, readout=readout)
-    x, y, state = random_batch(net)
-    target = net.target(y, x)
-    for beta, steps in [(0.0, 7), (0.4, 4), (-0.3, 3), (0.2, 1)]:
-        fast = [s.clone() for s in state]
-        net.relax(net.input_drive(x), fast, steps, beta, target)
-        ref = [s.clone() for s in state]
-        with torch.no_grad():
-            for _ in range(steps):
-                ref = net.step(x, ref, beta, target)
-        for got, want in zip(fast, ref):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    net_checks.assert_relax_equals_steps(net, *random_batch(net), [(0.0, 7), (0.4, 4), (-0.3, 3), (0.2, 1)])
 
 
 def test_step_is_the_vector_field_with_backward_weights():
@@ -106,12 +86,7 @@ def test_at_angle_zero_the_dynamics_are_the_prototypical_mlps(readout, activatio
 
 
 def test_relax_updates_the_given_state_in_place_and_handles_batch_sizes():
-    net = make_vf((7, 5), angle=30.0)
-    for batch in (6, 3, 6):
-        x, _, state = random_batch(net, batch)
-        ids = [id(s) for s in state]
-        out = net.relax(net.input_drive(x), state, 5)
-        assert [id(s) for s in out] == ids
+    net_checks.assert_relax_updates_the_state_in_place(make_vf((7, 5), angle=30.0), random_batch, (6, 3, 6), 5)
 
 
 def test_feedforward_uses_the_forward_weights_only():
@@ -300,15 +275,9 @@ def test_ep_rule_trains_a_vf_net_on_a_separable_task(angle):
     cfg = VFMLPConfig(hidden=[16], initial_angle=angle)
     net = VectorFieldMLP(cfg, (1, 4, 4), 3, torch.Generator().manual_seed(0))
     rule = EP(EPConfig(T=20, K=8, beta=0.2), net, torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    before = rule.evaluate(x, y)[1].mean().item()
-    for _ in range(40):
-        opt.zero_grad()
-        rule.train_step(x, y)
-        opt.step()
-    logits, loss = rule.evaluate(x, y)
-    assert loss.mean().item() < 0.5 * before
-    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+    before, after, accuracy = net_checks.train_on(rule, torch.optim.Adam(net.parameters(), lr=0.02), x, y, 40)
+    assert after < 0.5 * before
+    assert accuracy > 0.9
 
 
 def test_two_hidden_layer_vf_net_with_a_large_angle_trains_with_the_ep_rule():
@@ -319,25 +288,16 @@ def test_two_hidden_layer_vf_net_with_a_large_angle_trains_with_the_ep_rule():
                          torch.Generator().manual_seed(0))
     rule = EP(EPConfig(T=25, K=10, beta=0.3), net, torch.Generator().manual_seed(0))
     opt = build_optimizer(OptimConfig(kind="adam", lr=[0.02, 0.01, 0.005]), net.layer_groups())
-    for _ in range(80):  # at 60 steps the accuracy sits at 0.90–0.98 depending on float32 rounding
-        opt.zero_grad(set_to_none=False)
-        rule.train_step(x, y)
-        opt.step()
-    logits, _ = rule.evaluate(x, y)
-    assert (logits.argmax(1) == y).float().mean().item() > 0.9
+    # at 60 steps the accuracy sits at 0.90–0.98 depending on float32 rounding
+    assert net_checks.train_on(rule, opt, x, y, 80, set_to_none=False)[2] > 0.9
 
 
 # ---------------------------------------------------------------------------- recipes
 
 
 @pytest.mark.parametrize("recipe", ["ernoult2020/vf-1h", "ernoult2020/vf-2h"])
-def test_vf_recipes_pass_fast_dev_run(recipe, tmp_path, monkeypatch):
-    path = catalog.resolve(recipe).resolve()
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["train", str(path), "--fast-dev-run", "-s", "device=cpu"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("fast-dev-run ok")
-    assert list(tmp_path.iterdir()) == []
+def test_vf_recipes_pass_fast_dev_run(recipe, bundled_fast_dev_run):
+    bundled_fast_dev_run(recipe, "-s", "device=cpu")
 
 
 # ---------------------------------------------------------------------------- per-step nudged update
