@@ -6,9 +6,14 @@ short training run on a separable task."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from eprun.nets.base import EPNetwork, Network
+from eprun.rules.base import Rule
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]  # inputs, labels, a state
 
 
 def close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], rtol: float = 1e-12,
@@ -30,7 +35,7 @@ def zero_grads(*nets: torch.nn.Module) -> None:
             p.grad = None
 
 
-def assert_relax_equals_steps(net, x: torch.Tensor, y: torch.Tensor, state: list[torch.Tensor],
+def assert_relax_equals_steps(net: EPNetwork, x: torch.Tensor, y: torch.Tensor, state: list[torch.Tensor],
                               phases: Sequence[tuple[float, int]], rtol: float = 1e-12,
                               atol: float = 1e-12) -> list[torch.Tensor]:
     """For each (β, steps): ``net.relax`` from the input drive, in place on a copy of ``state``,
@@ -50,7 +55,8 @@ def assert_relax_equals_steps(net, x: torch.Tensor, y: torch.Tensor, state: list
     return fast
 
 
-def assert_relax_updates_the_state_in_place(net, random_batch, batches: Sequence[int], steps: int) -> None:
+def assert_relax_updates_the_state_in_place(net: EPNetwork, random_batch: Callable[[EPNetwork, int], Batch],
+                                            batches: Sequence[int], steps: int) -> None:
     """``net.relax`` returns the very tensors it was given, batch after batch of the sizes
     ``batches`` (``random_batch(net, batch)`` → inputs, labels, state), its buffers following a
     change of batch size."""
@@ -61,7 +67,7 @@ def assert_relax_updates_the_state_in_place(net, random_batch, batches: Sequence
         assert [id(s) for s in out] == ids
 
 
-def assert_dphi_dtheta_matches_autograd(net, x: torch.Tensor, state: list[torch.Tensor],
+def assert_dphi_dtheta_matches_autograd(net: EPNetwork, x: torch.Tensor, state: list[torch.Tensor],
                                         other: list[torch.Tensor], scale: float = 2.5) -> None:
     """``dphi_dtheta`` equals autograd of mean Φ at ``state``, and the in-place accumulation EP
     uses writes θ.grad = c (∂Φ/∂θ(state) − ∂Φ/∂θ(other)) with c = ``scale``."""
@@ -73,7 +79,7 @@ def assert_dphi_dtheta_matches_autograd(net, x: torch.Tensor, state: list[torch.
     close([p.grad for p in net.phi_parameters()], [scale * (a - b) for a, b in zip(expected, at_other)])
 
 
-def bptt_gradient(net, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
+def bptt_gradient(net: EPNetwork, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
     """∂ℓ(s_T)/∂θ by autograd through T = ``steps`` steps of ``net.step`` from s_0 = 0 (the ground
     truth of the GDU theorem)."""
     state = net.init_state(len(x), x)
@@ -82,7 +88,7 @@ def bptt_gradient(net, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[to
     return torch.autograd.grad(net.loss(state, y).mean(), list(net.parameters()))
 
 
-def ep_gradient(net, x: torch.Tensor, y: torch.Tensor, beta: float, steps: int,
+def ep_gradient(net: EPNetwork, x: torch.Tensor, y: torch.Tensor, beta: float, steps: int,
                 estimator: str = "one-sided") -> list[torch.Tensor]:
     """EP's update of one training step with T = K = ``steps``, as written into the gradients."""
     from eprun.rules.ep import EP, EPConfig
@@ -93,7 +99,8 @@ def ep_gradient(net, x: torch.Tensor, y: torch.Tensor, beta: float, steps: int,
     return [p.grad.clone() for p in net.parameters()]
 
 
-def assert_bp_rule_gives_autograd_of_the_feedforward_twin(net, x: torch.Tensor, y: torch.Tensor) -> None:
+def assert_bp_rule_gives_autograd_of_the_feedforward_twin(net: Network, x: torch.Tensor,
+                                                          y: torch.Tensor) -> None:
     """The BP rule writes ∂ℓ(f(x))/∂θ, f the net's feed-forward twin, as autograd gives it."""
     from eprun.rules.bp import BP, BPConfig
 
@@ -104,7 +111,7 @@ def assert_bp_rule_gives_autograd_of_the_feedforward_twin(net, x: torch.Tensor, 
         torch.testing.assert_close(p.grad, w)  # torch's tolerance for the dtype: BP sums in another order
 
 
-def train_on(rule, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
+def train_on(rule: Rule, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
              set_to_none: bool = True) -> tuple[float, float, float]:
     """``steps`` full-batch training steps of ``rule`` with ``optimizer``; returns the mean loss
     before, the mean loss after and the accuracy after."""
