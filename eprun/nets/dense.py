@@ -1,16 +1,54 @@
-"""The fully connected chain x = s⁰ → s¹ … s^N shared by the prototypical and vector-field MLPs:
-its initialisation, the per-phase constants of its relaxation, and its feed-forward twin."""
+"""The fully connected chain x = s⁰ → s¹ … s^N shared by the prototypical, vector-field and
+energy-based MLPs: the net class of its states, its initialisation, the per-phase constants of its
+relaxation, and its feed-forward twin."""
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, Union
 
 import torch
 
+from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import parameters_in, per_layer, uniform_parameter
 
 
-def init_dense_chain(net, cfg, input_shape: tuple[int, ...], n_layers: int, generator: torch.Generator) -> None:
+class DenseChainConfig(Protocol):
+    """The ``model:`` keys every fully connected chain is built from."""
+
+    hidden: list[int]
+    activation: str
+    readout: str
+    weight_scale: Union[float, list[float]]
+
+
+class DenseChainNetwork(LayeredNetwork):
+    """A layered net on the chain x = s⁰ → s¹ … s^N, ``sizes`` = [|s⁰| … |s^N|]: one weight layer
+    per hidden layer plus the output's, and a state of one (batch, |s^n|) tensor per layer n ≥ 1.
+
+    Built by :func:`init_dense_chain`, so every net of this class from the same seed and shapes
+    starts from the same W and b."""
+
+    sizes: list[int]
+
+    def __init__(self, cfg: DenseChainConfig, input_shape: tuple[int, ...], num_classes: int,
+                 generator: torch.Generator):
+        super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
+        self.cfg = cfg
+        init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)
+
+    @staticmethod
+    def layer_count(cfg: DenseChainConfig) -> int:
+        """Number of weight layers (the length of per-layer lists such as learning rates)."""
+        return len(cfg.hidden) + 1
+
+    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """s_0 = 0 for every layer."""
+        return [like.new_zeros(batch, size) for size in self.sizes[1:]]
+
+
+def init_dense_chain(net: LayeredNetwork, cfg: DenseChainConfig, input_shape: tuple[int, ...], n_layers: int,
+                     generator: torch.Generator) -> None:
     """Give ``net`` (a :class:`~eprun.nets.layered.LayeredNetwork`) the chain of ``cfg.hidden``
     (+ the classes for an MSE read-out), drawn in a fixed order — W_n, b_{n+1} per layer, then the
     softmax read-out — so every net built this way from the same seed has the same W.
@@ -24,6 +62,23 @@ def init_dense_chain(net, cfg, input_shape: tuple[int, ...], n_layers: int, gene
         net.biases.append(uniform_parameter((net.sizes[n + 1],), fan_in, 1.0, generator))
     if net.softmax_readout:
         net.add_readout(net.sizes[-1], scales[-1], generator)
+
+
+def chain_pre_activations(net: LayeredNetwork, layers: list[torch.Tensor], top_down: list[torch.Tensor],
+                          input_term: torch.Tensor | None) -> list[torch.Tensor]:
+    """W_{n−1} u^{n−1} + b_n + u^{n+1} M_n for each layer n ≥ 1 of ``layers`` = [u⁰ … u^N] (the
+    flattened input and the states, or their ρ), with ``top_down[n − 1]`` = M_n and no top-down term
+    into u^N; ``input_term``, if given, stands for W_0 u⁰ + b_1. Out of place, autograd-friendly."""
+    out = []
+    for n in range(1, len(layers)):
+        if n == 1 and input_term is not None:
+            g = input_term
+        else:
+            g = layers[n - 1] @ net.weights[n - 1].T + net.biases[n - 1]
+        if n + 1 < len(layers):
+            g = g + layers[n + 1] @ top_down[n - 1]
+        out.append(g)
+    return out
 
 
 def dense_constants(net, drive: torch.Tensor, n_layers: int, beta: float,

@@ -58,7 +58,6 @@ computed once per batch, every state updated in place, scratch buffers reused ac
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -68,8 +67,7 @@ from torch import nn
 from eprun import stopping
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig, dense_chain_problems
-from eprun.nets.dense import dense_weight_products
-from eprun.nets.layered import LayeredNetwork
+from eprun.nets.dense import DenseChainNetwork, chain_pre_activations, dense_weight_products
 from eprun.nets.parameters import grad_of, per_layer, uniform_parameter
 from eprun.nets.relax_products import RelaxProducts
 from eprun.nets.products import add_outer_, linear
@@ -98,40 +96,24 @@ class EnergyMLPConfig(ModelConfig):
             yield "readout", "the energy-based net supports only the MSE read-out (readout: mse)"
 
 
-class EnergyMLP(LayeredNetwork):
+class EnergyMLP(DenseChainNetwork):
     """Fully connected net with the energy-based EP dynamics and a feed-forward twin (MSE read-out only)."""
 
     Config = EnergyMLPConfig
-
-    @staticmethod
-    def layer_count(cfg: EnergyMLPConfig) -> int:
-        """Number of weight layers (the length of per-layer lists such as learning rates)."""
-        return len(cfg.hidden) + 1
 
     def __init__(self, cfg: EnergyMLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
         if cfg.readout != "mse":
             raise ValueError("energy_mlp supports only readout: mse")
-        super().__init__(cfg.activation, num_classes, softmax_readout=False)
-        self.cfg = cfg
+        super().__init__(cfg, input_shape, num_classes, generator)  # W_n, b_{n+1}: the MLP's draws
         self.eps = float(cfg.dt)
         self.nudge_scale = self.eps  # the nudge is εβ(y − s^N): neural updates are divided by εβ (see eprun.gdu)
-        n_in = math.prod(input_shape)
-        self.sizes = [n_in] + list(cfg.hidden) + [num_classes]  # sizes of s⁰ (= x) … s^N
         scales = per_layer(cfg.weight_scale, self.layer_count(cfg))
-
-        def uniform(shape, fan_in, scale):
-            return uniform_parameter(shape, fan_in, scale, generator).data
-
-        for n in range(len(self.sizes) - 1):
-            fan_in = self.sizes[n]
-            self.weights.append(nn.Parameter(uniform((self.sizes[n + 1], fan_in), fan_in, scales[n])))
-            self.biases.append(nn.Parameter(uniform((self.sizes[n + 1],), fan_in, 1.0)))
-        # lateral L for state layer i (0-based) = hidden layer i+1, i = 0 … N−2
+        # lateral L for state layer i (0-based) = hidden layer i+1, i = 0 … N−2, drawn after the chain
         self.laterals = nn.ParameterList()
         if cfg.lateral:
             for i, size in enumerate(cfg.hidden):
-                upper = torch.triu(uniform((size, size), size, scales[i]), diagonal=1)
+                upper = torch.triu(uniform_parameter((size, size), size, scales[i], generator).data, diagonal=1)
                 self.laterals.append(nn.Parameter(upper + upper.T))
 
     # ------------------------------------------------------------------ structure
@@ -150,10 +132,6 @@ class EnergyMLP(LayeredNetwork):
     def phi_parameters(self) -> list[nn.Parameter]:
         """θ of Φ in the order :meth:`dphi_dtheta` returns: W_0, b_1, W_1, b_2, …, then L_1, L_2, …"""
         return super().phi_parameters() + list(self.laterals)
-
-    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
-        """s_0 = 0 for every layer."""
-        return [like.new_zeros(batch, size) for size in self.sizes[1:]]
 
     # ------------------------------------------------------------------ ρ, ρ' (out of place)
 
@@ -195,18 +173,9 @@ class EnergyMLP(LayeredNetwork):
         """h^n = W_{n−1} ρ(s^{n−1}) + W_nᵀ ρ(s^{n+1}) + b_n [+ L_n ρ(s^n)], out of place; ``input_term``,
         if given, is :meth:`input_term` of x (W_0 x̃ + b_1, computed once)."""
         r = [self.rho_input(x)] + [self.act(s) for s in state]
-        out = []
-        for n in range(1, len(r)):
-            if n == 1 and input_term is not None:
-                h = input_term
-            else:
-                h = r[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
-            if n + 1 < len(r):
-                h = h + r[n + 1] @ self.weights[n]
-            lat = self._lateral(n - 1)
-            if lat is not None:
-                h = h + r[n] @ self._sym_lateral(lat)
-            out.append(h)
+        out = chain_pre_activations(self, r, list(self.weights)[1:], input_term)  # the dense chain's terms
+        for i, lat in enumerate(self.laterals):
+            out[i] = out[i] + r[i + 1] @ self._sym_lateral(lat)  # + L_n ρ(s^n), state layer i = hidden layer i+1
         return out
 
     def input_term(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,10 @@ from torch import nn
 from eprun.native import dense as native_dense
 from eprun.nets.activations import ActivationName
 from eprun.nets.base import ModelConfig, dense_chain_problems
-from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
+from eprun.nets.dense import (DenseChainNetwork, chain_pre_activations, dense_constants, dense_feedforward,
+                              dense_weight_products)
 from eprun.nets.dense_cep import continual_nudged_phase_dense_
 from eprun.nets.dense_relax import ep_phases_dense, relax_dense_
-from eprun.nets.layered import LayeredNetwork
 from eprun.nets.parameters import grad_of, parameters_in
 from eprun.nets.products import add_outer_, linear
 from eprun.nets.relax_products import RelaxProducts
@@ -61,29 +61,16 @@ class MLPConfig(ModelConfig):
             yield "nudge", "post_activation nudges the output layer s^N after σ: it needs readout: mse"
 
 
-class PrototypicalMLP(LayeredNetwork):
+class PrototypicalMLP(DenseChainNetwork):
     """Fully connected net with the prototypical EP dynamics and a feed-forward twin."""
 
     relax_schedules = True  # relax() takes order / tol / check_every / tol_scope
     Config = MLPConfig
 
-    @staticmethod
-    def layer_count(cfg: MLPConfig) -> int:
-        """Number of weight layers (the length of per-layer lists such as learning rates)."""
-        return len(cfg.hidden) + 1
-
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
-        super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
-        self.cfg = cfg
+        super().__init__(cfg, input_shape, num_classes, generator)
         self.nudges_after_activation = cfg.nudge == "post_activation"  # model.nudge: β(y − s^N) after σ
-        init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)
-
-    # ------------------------------------------------------------------ structure
-
-    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
-        """s_0 = 0 for every layer."""
-        return [like.new_zeros(batch, size) for size in self.sizes[1:]]
 
     # ------------------------------------------------------------------ Φ and its closed-form derivatives
 
@@ -104,16 +91,7 @@ class PrototypicalMLP(LayeredNetwork):
         """∂Φ/∂s^n = W_{n−1} s^{n−1} + b_n + W_nᵀ s^{n+1}, per layer (closed form); ``input_term``,
         if given, is :meth:`input_term` of x, computed once instead of at every call."""
         layers = [self.flatten(x)] + list(state)
-        grads = []
-        for n in range(1, len(layers)):
-            if n == 1 and input_term is not None:
-                g = input_term
-            else:
-                g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
-            if n + 1 < len(layers):
-                g = g + layers[n + 1] @ self.weights[n]
-            grads.append(g)
-        return grads
+        return chain_pre_activations(self, layers, list(self.weights)[1:], input_term)  # M_n = W_n
 
     def dphi_dtheta(self, x: torch.Tensor, state: list[torch.Tensor]) -> list[torch.Tensor]:
         """Batch mean of ∂Φ/∂W_n = s^{n+1} s^nᵀ and ∂Φ/∂b_{n+1} = s^{n+1}, in :meth:`phi_parameters` order."""

@@ -59,7 +59,7 @@ from torch import nn
 
 from eprun.nets.conv import ConvConfig, ConvNet
 from eprun.nets.parameters import grad_of
-from eprun.nets.vf_mlp import angle_degrees, backward_at_angle
+from eprun.nets.vf_mlp import FeedbackWeights, angle_degrees, backward_at_angle
 
 
 @dataclass
@@ -76,8 +76,9 @@ class VFConvConfig(ConvConfig):
             yield "initial_angle", f"an angle in degrees in [0, 180], got {self.initial_angle}"
 
 
-class VectorFieldConvNet(ConvNet):
-    """ConvNet's dynamics with backward weights B_n in the top-down terms; trained by the VF update."""
+class VectorFieldConvNet(FeedbackWeights, ConvNet):
+    """ConvNet's dynamics with backward weights B_n (shaped as W_n) in the top-down terms; trained
+    by the VF update."""
 
     Config = VFConvConfig
     has_phi = False  # B ≠ W: a vector field
@@ -96,26 +97,11 @@ class VectorFieldConvNet(ConvNet):
 
     # ------------------------------------------------------------------ structure
 
-    def backward_weight(self, n: int) -> nn.Parameter:
-        """B_n (the top-down weight from s^{n+1} into s^n, shaped as W_n), n = 1 … N−1."""
-        return self.feedback[n - 1]
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Per weight layer n: [W_n, b_{n+1}] and B_n when it exists (n ≥ 1); then the read-out."""
-        groups = super().layer_groups()
-        for n in range(1, len(self.weights)):
-            groups[n].append(self.backward_weight(n))
-        return groups
-
     @torch.no_grad()
     def angles(self) -> dict[str, float]:
         """Angle in degrees between vec(B_n) and vec(W_n), per layer: ``{"B1": …, "B2": …}``."""
         return {f"B{n}": angle_degrees(self.backward_weight(n), self.weights[n])
                 for n in range(1, len(self.weights))}
-
-    def monitor(self) -> dict[str, float]:
-        """The angles of :meth:`angles`, logged as ``vf_angle_deg/B{n}``."""
-        return {f"vf_angle_deg/{k}": v for k, v in self.angles().items()}
 
     def describe(self) -> str:
         return super().describe() + " VF"

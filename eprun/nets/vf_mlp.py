@@ -55,13 +55,15 @@ tied weight, so it is not EP at α = 0; the sum is.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from eprun.nets.dense import dense_constants, dense_feedforward, dense_weight_products, init_dense_chain
+from eprun.nets.dense import (DenseChainNetwork, chain_pre_activations, dense_constants, dense_feedforward,
+                              dense_weight_products)
 from eprun.nets.dense_relax import ep_phases_dense, relax_dense_
 from eprun.nets.layered import LayeredNetwork
 from eprun.nets.mlp import MLPConfig
@@ -113,23 +115,43 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.atan2(float(perp.norm() * nb2.sqrt()), float(dot)))
 
 
-class VectorFieldMLP(LayeredNetwork):
-    """Fully connected net with the prototypical dynamics, forward weights W and backward weights B."""
+class FeedbackWeights(LayeredNetwork):
+    """A vector-field net's backward weights B_n, n = 1 … N−1 (none for the clamped input), held
+    in ``feedback`` (``feedback[n − 1]`` is B_n) and trained at W_n's per-layer rate."""
+
+    feedback: nn.ParameterList
+
+    def backward_weight(self, n: int) -> nn.Parameter:
+        """B_n, the top-down weight from s^{n+1} into s^n, n = 1 … N−1."""
+        return self.feedback[n - 1]
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Per weight layer n: [W_n, b_{n+1}] and B_n when it exists (n ≥ 1); then the read-out."""
+        groups = super().layer_groups()
+        for n in range(1, len(self.weights)):
+            groups[n].append(self.backward_weight(n))
+        return groups
+
+    @abstractmethod
+    def angles(self) -> dict[str, float]:
+        """Angle in degrees between vec(B_n) and W_n's in B_n's layout, per layer: ``{"B1": …, "B2": …}``."""
+
+    def monitor(self) -> dict[str, float]:
+        """The angles of :meth:`angles`, logged as ``vf_angle_deg/B{n}``."""
+        return {f"vf_angle_deg/{k}": v for k, v in self.angles().items()}
+
+
+class VectorFieldMLP(FeedbackWeights, DenseChainNetwork):
+    """Fully connected net with the prototypical dynamics, forward weights W and backward weights B
+    (B_n shaped as W_nᵀ)."""
 
     Config = VFMLPConfig
     has_phi = False  # B ≠ Wᵀ: a vector field
 
-    @staticmethod
-    def layer_count(cfg: VFMLPConfig) -> int:
-        """Number of weight layers (the length of per-layer lists such as learning rates)."""
-        return len(cfg.hidden) + 1
-
     def __init__(self, cfg: VFMLPConfig, input_shape: tuple[int, ...], num_classes: int,
                  generator: torch.Generator):
-        super().__init__(cfg.activation, num_classes, cfg.readout == "softmax")
-        self.cfg = cfg
+        super().__init__(cfg, input_shape, num_classes, generator)  # W, b as the MLP's: same seed, same W
         self.nudges_after_activation = cfg.nudge == "post_activation"  # model.nudge: β(y − s^N) after σ
-        init_dense_chain(self, cfg, input_shape, self.layer_count(cfg), generator)  # as the MLP: same seed, same W
         self.same_update = bool(cfg.same_update)
         self.accumulates_nudged_steps = cfg.nudged_update == "per_step"
         # backward weights: feedback[n − 1] is B_n, n = 1 … N−1
@@ -140,30 +162,11 @@ class VectorFieldMLP(LayeredNetwork):
 
     # ------------------------------------------------------------------ structure
 
-    def backward_weight(self, n: int) -> nn.Parameter:
-        """B_n (layer n+1 → n), n = 1 … N−1."""
-        return self.feedback[n - 1]
-
-    def layer_groups(self) -> list[list[nn.Parameter]]:
-        """Per weight layer n: [W_n, b_{n+1}] and B_n when it exists (n ≥ 1); then the read-out."""
-        groups = super().layer_groups()
-        for n in range(1, len(self.weights)):
-            groups[n].append(self.backward_weight(n))
-        return groups
-
-    def init_state(self, batch: int, like: torch.Tensor) -> list[torch.Tensor]:
-        """s_0 = 0 for every layer."""
-        return [like.new_zeros(batch, size) for size in self.sizes[1:]]
-
     @torch.no_grad()
     def angles(self) -> dict[str, float]:
         """Angle in degrees between vec(B_n) and vec(W_nᵀ), per layer: ``{"B1": …, "B2": …}``."""
         return {f"B{n}": angle_degrees(self.backward_weight(n), self.weights[n].T)
                 for n in range(1, len(self.weights))}
-
-    def monitor(self) -> dict[str, float]:
-        """The angles of :meth:`angles`, logged as ``vf_angle_deg/B{n}``."""
-        return {f"vf_angle_deg/{k}": v for k, v in self.angles().items()}
 
     # ------------------------------------------------------------------ the vector field and the VF update
 
@@ -171,16 +174,7 @@ class VectorFieldMLP(LayeredNetwork):
                         input_term: torch.Tensor | None = None) -> list[torch.Tensor]:
         """W_{n−1} s^{n−1} + B_n s^{n+1} + b_n per layer: the role ∂Φ/∂s plays in the MLP (no Φ here)."""
         layers = [self.flatten(x)] + list(state)
-        out = []
-        for n in range(1, len(layers)):
-            if n == 1 and input_term is not None:
-                g = input_term
-            else:
-                g = layers[n - 1] @ self.weights[n - 1].T + self.biases[n - 1]
-            if n + 1 < len(layers):
-                g = g + layers[n + 1] @ self.backward_weight(n).T
-            out.append(g)
-        return out
+        return chain_pre_activations(self, layers, [b.T for b in self.feedback], input_term)  # M_n = B_nᵀ
 
     def vf_update(self, x: torch.Tensor, state_a: list[torch.Tensor],
                   state_b: list[torch.Tensor]) -> dict[str, torch.Tensor]:
