@@ -17,7 +17,8 @@ epoch's running training error: its training records' accuracy, weighted by thei
 some seed of the row has a run folder; otherwise the recorded plot stays. A seed still training
 or stopped early is reported with the epoch it reached and, at its measured speed (the median of
 its last log windows' speeds where the run logged them, else its mean), the time the remaining
-epochs would take, unless the row was stopped for good (its ``ended`` says why).
+epochs would take, unless the row or that seed was stopped for good (the row's ``ended`` or
+``ended_seeds`` says why; the seed's record keeps it as ``ended``).
 
 Errors are percentages of the test set: ``100 · (1 − test_accuracy)``; the mean and the sample
 standard deviation (n − 1) are over the seeds that finished. For target propagation runs (those
@@ -45,7 +46,8 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "reproductions"
 class Row(NamedTuple):
     """A reproduction row: the paper's row, the recipe and the published length in epochs; the
     settings its runs add to the recipe (``-s KEY=VALUE``…) and their folder prefix under
-    RUNS_ROOT where they differ from the recipe's own; why its runs were stopped for good, if so."""
+    RUNS_ROOT where they differ from the recipe's own; why its runs were stopped for good, if so,
+    and why single seeds were (seed → reason)."""
 
     paper_row: str
     recipe: str
@@ -53,6 +55,7 @@ class Row(NamedTuple):
     settings: str = ""
     folder: str = ""
     ended: str = ""
+    ended_seeds: tuple[tuple[int, str], ...] = ()
 
     def folder_prefix(self) -> str:
         return self.folder or self.recipe.replace("/", "_")
@@ -82,7 +85,20 @@ ROWS = {
     "p-3h": Row("Ernoult et al. 2019, Table 1, P-3h", "ernoult2019/proto-mlp-3h", 100),
     "vf-2h": Row("Ernoult et al. 2020, VF-2h", "ernoult2020/vf-2h", 50),
     "cep-1h": Row("Ernoult et al. 2020, Fig. 4 table, C-EP-1h", "ernoult2020/cep-1h", 100),
+    "cep-1h-nudge-after-sigma": Row("Ernoult et al. 2020, Fig. 4 table, C-EP-1h, nudged after σ", "ernoult2020/cep-1h",
+                                    100, settings="-s model.nudge=post_activation",
+                                    folder="ernoult2020_cep-1h-post_activation"),
     "cvf-1h": Row("Ernoult et al. 2020, Fig. 4 table, C-VF-1h", "ernoult2020/cvf-1h", 100),
+    "cvf-1h-nudge-after-sigma": Row("Ernoult et al. 2020, Fig. 4 table, C-VF-1h, nudged after σ", "ernoult2020/cvf-1h",
+                                    100, settings="-s model.nudge=post_activation",
+                                    folder="ernoult2020_cvf-1h-post_activation",
+                                    ended_seeds=((0, "stopped for good at epoch 55: at chance since epoch 36 "
+                                                     "(validation error 4.30% at 35, 90.74% at 36; recipes/README.md)"),
+                                                 (1, "stopped for good at epoch 33: at chance since epoch 30 "
+                                                     "(validation error 4.00% at 29, 90.00% at 30; recipes/README.md)"),
+                                                 (2, "stopped for good at epoch 40: at chance since epoch 37 "
+                                                     "(validation error 4.20% at 35, 77.00% at 36, 90.20% at 37; "
+                                                     "recipes/README.md)"))),
     "p-conv": Row("Ernoult et al. 2019, Table 1, P-conv", "ernoult2019/proto-conv", 40),
     # the recipe as it was before it took the authors' nudge after σ (model.nudge, eprun/nets/conv.py)
     "p-conv-nudge-before-sigma": Row("Ernoult et al. 2019, Table 1, P-conv, nudged before σ", "ernoult2019/proto-conv",
@@ -223,6 +239,10 @@ def summarise(root: Path) -> list[dict]:
         recorded_file = OUT / f"{row_id}.json"
         recorded = json.loads(recorded_file.read_text())["seeds"] if recorded_file.is_file() else []
         seeds = merge_seeds(recorded, from_runs)
+        for seed in seeds:
+            reason = dict(spec.ended_seeds).get(seed["seed"])
+            if reason and seed["status"] != "finished":
+                seed["ended"] = reason
         if not seeds:
             continue
         done = [s["test_error_pct"] for s in seeds
@@ -251,7 +271,7 @@ def table(rows: list[dict]) -> str:
         per_seed = ", ".join(
             f"seed {s['seed']}: {'—' if s['test_error_pct'] is None else format(s['test_error_pct'], '.2f')}"
             f" ({s['epochs_completed']} ep{'' if s['status'] == 'finished' else ', ' + str(s['status'])}"
-            f"{last_angles(s)}{projection(s, r['published_epochs'], r.get('ended', ''))})"
+            f"{last_angles(s)}{projection(s, r['published_epochs'], r.get('ended', '') or s.get('ended', ''))})"
             for s in r["seeds"])
         lines.append(f"| [{r['row']}]({r['row']}.png) | `{r['recipe']}` | {r['published_epochs']} | "
                      f"{r['n_full_length']} | {mean} | {per_seed} |")

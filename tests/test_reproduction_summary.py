@@ -168,3 +168,30 @@ def test_a_row_of_the_recipe_with_other_settings_reads_its_own_folder_and_says_w
     assert f"h of training to epoch 40 at {speed:,.0f} samples/s (mean)" in table[2]
     assert table[3].endswith("seed 0: — (3 ep, interrupted; stopped: collapsed) |")
     assert "ended" not in json.loads((summary.OUT / "p-conv.json").read_text())
+
+
+def test_a_seed_stopped_for_good_says_why_and_its_row_goes_on_with_the_others(summary, tmp_path, monkeypatch):
+    """One seed of a row stopped for good (``ended_seeds``) shows its reason in place of a
+    projection and keeps it in its record; the row's other seeds are projected and averaged as usual."""
+    reason = "stopped: at chance"  # a made-up reason
+    monkeypatch.setattr(summary, "ROWS", {
+        "cvf-1h": summary.Row("C-VF-1h", "ernoult2020/cvf-1h", 100, ended_seeds=((0, reason),))})
+    for number, status, epochs, test in ((0, "interrupted", 55, None), (1, "finished", 100, 0.97),
+                                         (2, "interrupted", 12, None)):
+        run = tmp_path / "runs" / f"ernoult2020_cvf-1h-seed{number}" / "cvf-1h-20261206-074547"
+        run.mkdir(parents=True)
+        (run / "recipe.yaml").write_text(f"name: cvf-1h\nseed: {number}\n")
+        (run / "summary.json").write_text(json.dumps({"status": status, "epochs_completed": epochs,
+                                                      "samples_per_s": 1000.0, "test_accuracy": test}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"event": "eval", "split": "val", "epoch": e,
+                                                               "accuracy": 0.97}) + "\n" for e in range(1, epochs + 1)))
+
+    [row] = summary.summarise(tmp_path / "runs")
+
+    assert [s.get("ended") for s in row["seeds"]] == [reason, None, None]
+    assert (row["n_full_length"], row["test_error_pct_mean"]) == (1, 3.0)
+    per_seed = summary.table([row]).splitlines()[2]
+    assert f"seed 0: — (55 ep, interrupted; {reason})" in per_seed
+    assert "seed 2: — (12 ep, interrupted; 1.3 h of training to epoch 100" in per_seed
+    recorded = json.loads((summary.OUT / "cvf-1h.json").read_text())
+    assert recorded["seeds"][0]["ended"] == reason
