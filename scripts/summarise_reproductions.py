@@ -99,6 +99,21 @@ ROWS = {
                                                  (2, "stopped for good at epoch 40: at chance since epoch 37 "
                                                      "(validation error 4.20% at 35, 77.00% at 36, 90.20% at 37; "
                                                      "recipes/README.md)"))),
+    # the same with β always positive: whether the random sign's β < 0 phases are what runs away
+    "cvf-1h-nudge-after-sigma-one-sided": Row(
+        "Ernoult et al. 2020, C-VF-1h, nudged after σ, β > 0 only", "ernoult2020/cvf-1h", 100,
+        settings="-s model.nudge=post_activation -s rule.estimator=one-sided",
+        folder="ernoult2020_cvf-1h-post_activation-one-sided",
+        ended_seeds=tuple((seed, f"stopped for good at epoch 12: at chance since epoch 10 (validation error {before}% "
+                                 f"at 9, {after}% at 10; recipes/README.md)")
+                          for seed, before, after in ((0, "9.24", "90.74"), (1, "5.82", "90.00")))),
+    # and β > 0 only with the nudge inside σ: whether the nudge's placement is what makes C-VF-1h fall
+    "cvf-1h-one-sided": Row("Ernoult et al. 2020, C-VF-1h, β > 0 only", "ernoult2020/cvf-1h", 100,
+                            settings="-s rule.estimator=one-sided", folder="ernoult2020_cvf-1h-one-sided",
+                            ended_seeds=((0, "stopped for good at epoch 26: at chance since epoch 19–20 (validation "
+                                             "error 5.56% at 18, 46.60% at 19, 81.16% at 20; recipes/README.md)"),
+                                         (1, "stopped for good at epoch 26: at chance since epoch 20–21 (validation "
+                                             "error 6.38% at 19, 36.38% at 20, 89.66% at 21; recipes/README.md)"))),
     "p-conv": Row("Ernoult et al. 2019, Table 1, P-conv", "ernoult2019/proto-conv", 40),
     # the recipe as it was before it took the authors' nudge after σ (model.nudge, eprun/nets/conv.py)
     "p-conv-nudge-before-sigma": Row("Ernoult et al. 2019, Table 1, P-conv, nudged before σ", "ernoult2019/proto-conv",
