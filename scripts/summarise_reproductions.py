@@ -112,7 +112,7 @@ ROWS = {
         "Ernoult et al. 2020, C-VF-1h, nudged after σ, half the rates", "ernoult2020/cvf-1h", 100,
         settings="-s model.nudge=post_activation -s optim.lr=[0.0025,0.0019]",
         folder="ernoult2020_cvf-1h-post_activation-half-rates",
-        ended_seeds=((0, "stopped for good at epoch 53: at chance since epoch 49–50 (validation error 4.98% at 48, "
+        ended_seeds=((0, "stopped for good at epoch 59: at chance since epoch 49–50 (validation error 4.98% at 48, "
                          "87.26% at 49, 90.74% at 50; recipes/README.md)"),)),
     # and β > 0 only with the nudge inside σ: whether the nudge's placement is what makes C-VF-1h fall
     "cvf-1h-one-sided": Row("Ernoult et al. 2020, C-VF-1h, β > 0 only", "ernoult2020/cvf-1h", 100,
