@@ -16,7 +16,7 @@ B_n ≠ W_n this derives from no primitive function Φ: it is a vector field, no
 dynamics) are ConvNet's; the read-out has no backward weight.
 
 Initial angle. ``initial_angle: α`` (degrees) builds each B_n from W_n exactly as
-:class:`~eprun.nets.vf_mlp.VectorFieldMLP` does (:func:`~eprun.nets.vf_mlp.backward_at_angle`
+:class:`~eprun.nets.vf_mlp.VectorFieldMLP` does (:func:`~eprun.nets.backward_weights.backward_at_angle`
 on vec(W_n))::
 
     R⊥  = R − (⟨R, W_n⟩ / ‖W_n‖²) W_n
@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eprun.nets.backward_weights import FeedbackWeights, angle_degrees, backward_at_angle
 from eprun.nets.conv import ConvConfig, ConvNet
 from eprun.nets.parameters import grad_of
-from eprun.nets.vf_mlp import FeedbackWeights, angle_degrees, backward_at_angle
 
 
 @dataclass
